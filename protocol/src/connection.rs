@@ -1,0 +1,1436 @@
+//! The sans-IO connection driver: one peer, from the first handshake packet to close.
+//!
+//! Inputs are `handle_*`, outputs are `poll_*` (spec §5, §7):
+//!
+//! - [`Connection::handle_input`] with every packet that arrives (one datagram, or one
+//!   length-delimited frame without its prefix in stream mode),
+//! - [`Connection::handle_timeout`] when the time returned by
+//!   [`Connection::poll_timeout`] has come,
+//! - then drain [`Connection::poll_transmit`] (packets to put on the carrier) and
+//!   [`Connection::poll_event`] (things the application must know or decide).
+//!
+//! The connection never reads a clock or draws randomness itself: time is an argument,
+//! and entropy comes from the RNG passed to the constructor (see [`Connection::new`]).
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use bytes::{Bytes, BytesMut};
+use rand_core::{RngCore, SeedableRng};
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::crypto::{Psk, PublicKey};
+use crate::error::{ConnectionError, DecodeError, HandshakeError, SessionError};
+use crate::handshake::{Handshake, HandshakeParams, HANDSHAKE_HASH_LEN};
+use crate::message::{self, CloseReason, Message, Messages};
+use crate::params::{Mode, Pattern};
+use crate::payload::HandshakePayload;
+use crate::session::{Role, Session};
+use crate::time::{Duration, Timestamp};
+use crate::wire::{self, InitHeader, Packet, RejectReason, TransportHeader};
+
+/// What the application decides about a peer (spec §5.5).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Decision {
+    /// Let the handshake go on. An IKpsk2 responder may name the initiator's psk here.
+    Allow {
+        /// Per-peer pre-shared key (IKpsk2 responder only); `None` uses the configured one.
+        psk: Option<Psk>,
+    },
+    /// Refuse the peer: no session, nothing kept.
+    Deny,
+}
+
+impl Decision {
+    /// Allow, with the configured psk if any.
+    #[must_use]
+    pub const fn allow() -> Self {
+        Self::Allow { psk: None }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The reason code (sent or received, spec §9.3).
+    pub reason: CloseReason,
+    /// Whether the peer closed (an authenticated `Close` message).
+    pub by_peer: bool,
+    /// The local error that ended the connection, if any.
+    pub error: Option<ConnectionError>,
+}
+
+/// Something the application must know or decide. Drain with [`Connection::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The peer's static key is known: call [`Connection::authorize`] before anything
+    /// else happens (spec §5.5).
+    AuthorizationRequired {
+        /// The peer's authenticated static key.
+        remote_static: PublicKey,
+        /// The certificate the peer sent, if any (opaque until the trust layer).
+        certificate: Option<Vec<u8>>,
+    },
+    /// The session is established and confirmed (spec §5.7); messages flow.
+    Connected {
+        /// The peer's static key.
+        remote_static: PublicKey,
+        /// The handshake hash, for channel binding.
+        handshake_hash: [u8; HANDSHAKE_HASH_LEN],
+    },
+    /// A data message arrived.
+    Message {
+        /// Channel.
+        channel: u16,
+        /// Sender-assigned id.
+        id: u64,
+        /// Payload, sharing the decrypted packet's buffer.
+        payload: Bytes,
+    },
+    /// A pong answered our ping.
+    Pong {
+        /// The ping id.
+        id: u32,
+    },
+    /// A periodic re-handshake completed (spec §7.3).
+    Rehandshaked {
+        /// The new handshake hash.
+        handshake_hash: [u8; HANDSHAKE_HASH_LEN],
+    },
+    /// The connection is over. No further events follow.
+    Closed(Closed),
+}
+
+/// Traffic counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Data messages queued by the application and sent.
+    pub messages_sent: u64,
+    /// Data messages delivered to the application.
+    pub messages_received: u64,
+    /// Packets put on the carrier (handshake and transport).
+    pub packets_sent: u64,
+    /// Packets accepted.
+    pub packets_received: u64,
+    /// Packets refused (malformed, unauthenticated, replayed…).
+    pub packets_dropped: u64,
+    /// Bytes put on the carrier (packet bytes, without stream length prefixes).
+    pub bytes_sent: u64,
+    /// Bytes of accepted packets.
+    pub bytes_received: u64,
+    /// Epoch changes (symmetric rekeys), both directions.
+    pub rekeys: u64,
+    /// Completed re-handshakes.
+    pub rehandshakes: u64,
+}
+
+/// Timers are data (spec §7.7): each slot holds an optional deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+enum Timer {
+    /// Initial handshake (until confirmed) or re-handshake must finish.
+    Handshake,
+    /// Resend the last handshake packet (datagram mode).
+    Retransmit,
+    /// Send a keepalive.
+    Keepalive,
+    /// Nothing received for too long.
+    Idle,
+    /// Start a re-handshake (initiator).
+    Rehandshake,
+    /// Session passed `REJECT_AFTER_TIME`.
+    Expiry,
+    /// Drop the previous session / previous epoch key.
+    Overlap,
+}
+
+const TIMER_COUNT: usize = 7;
+
+#[derive(Debug, Default)]
+struct Timers([Option<Timestamp>; TIMER_COUNT]);
+
+impl Timers {
+    fn set(&mut self, t: Timer, at: Timestamp) {
+        self.0[t as usize] = Some(at);
+    }
+    fn clear(&mut self, t: Timer) {
+        self.0[t as usize] = None;
+    }
+    fn expired(&self, t: Timer, now: Timestamp) -> bool {
+        matches!(self.0[t as usize], Some(at) if now >= at)
+    }
+    fn next(&self) -> Option<Timestamp> {
+        self.0.iter().flatten().min().copied()
+    }
+}
+
+/// A handshake with its retransmission state (spec §5.7).
+#[derive(Debug)]
+struct Driver {
+    hs: Handshake,
+    /// The authorization decision is pending.
+    awaiting_decision: bool,
+    /// Last handshake packet we wrote (resent on timeout or duplicate).
+    last_sent: Option<Vec<u8>>,
+    /// Last handshake packet we read (to recognise duplicates).
+    last_read: Option<Vec<u8>>,
+    rto: Duration,
+    generation: bool,
+}
+
+#[derive(Debug)]
+struct Established {
+    current: Session,
+    /// Responder: the peer has not yet proven it holds the keys (spec §5.7).
+    confirmed: bool,
+    /// Replaced session, still accepted until the overlap ends (spec §7.3).
+    previous: Option<(Session, Timestamp)>,
+    /// Responder side of a re-handshake: finished, waiting for the first packet.
+    pending: Option<Session>,
+    rehandshake: Option<Box<Driver>>,
+    /// The last handshake packet we sent, resent if the peer repeats its own.
+    last_handshake_sent: Option<Vec<u8>>,
+    last_handshake_read: Option<Vec<u8>>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// A responder before the first packet.
+    AwaitingInit,
+    Handshaking(Box<Driver>),
+    Established(Box<Established>),
+    Closed,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Data {
+        channel: u16,
+        id: u64,
+        payload: Bytes,
+    },
+    Ping(u32),
+    Pong(u32),
+    /// A re-handshake packet; `switch` = move to the new session once it was sealed
+    /// (the XX initiator's FINAL must travel in the old session).
+    Rehandshake(Vec<u8>, bool),
+}
+
+impl Outgoing {
+    fn message(&self) -> Message<'_> {
+        match self {
+            Self::Data { channel, id, payload } => Message::Data { channel: *channel, id: *id, payload },
+            Self::Ping(id) => Message::Ping { id: *id },
+            Self::Pong(id) => Message::Pong { id: *id },
+            Self::Rehandshake(p, _) => Message::Handshake { packet: p },
+        }
+    }
+}
+
+/// One Veil connection (spec §5–§7), sans IO.
+#[derive(Debug)]
+pub struct Connection {
+    config: Arc<Config>,
+    role: Role,
+    /// The peer key the pattern needs in advance (initiator: responder's; KK responder:
+    /// the initiator's).
+    expected_peer: Option<PublicKey>,
+    /// Fast-key-erasure seed for later handshakes and indices (see `next_seed`).
+    seed: Zeroizing<[u8; 32]>,
+    local_index: u32,
+    phase: Phase,
+    events: VecDeque<Event>,
+    /// Raw packets to send first (handshake packets, rejects).
+    control: VecDeque<Vec<u8>>,
+    /// Control messages for the session (pings, pongs, re-handshake packets).
+    priority: VecDeque<Outgoing>,
+    queue: VecDeque<Outgoing>,
+    queued_bytes: usize,
+    next_id: BTreeMap<u16, u64>,
+    close_pending: Option<CloseReason>,
+    /// Send a transport packet even if empty (confirmation or keepalive).
+    empty_packet_due: bool,
+    timers: Timers,
+    remote_static: Option<PublicKey>,
+    handshake_hash: Option<[u8; HANDSHAKE_HASH_LEN]>,
+    stats: ConnectionStats,
+    started: Timestamp,
+    #[cfg(feature = "dangerous-testing")]
+    fixed_ephemeral: Option<[u8; 32]>,
+}
+
+/// A session-less stand-in so that the struct stays small when closed.
+fn closed_event(reason: CloseReason, by_peer: bool, error: Option<ConnectionError>) -> Event {
+    Event::Closed(Closed { reason, by_peer, error })
+}
+
+impl Connection {
+    /// Creates a connection. `role` says whether this side sends the first handshake
+    /// message; `remote_static` is the peer's key when the pattern needs it in advance
+    /// (IK/IKpsk2/KK initiator, KK responder). `rng` is read once, here: 32 bytes seed the
+    /// connection's own generator (fast key erasure) for ephemeral keys and indices.
+    ///
+    /// An initiator queues its first packet immediately: call
+    /// [`Connection::poll_transmit`] next.
+    ///
+    /// # Errors
+    /// [`HandshakeError::Config`] when the configuration cannot run the pattern.
+    pub fn new(
+        config: Arc<Config>,
+        role: Role,
+        remote_static: Option<PublicKey>,
+        now: Timestamp,
+        rng: &mut dyn rand_core::CryptoRngCore,
+    ) -> Result<Self, ConnectionError> {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        let mut c = Self {
+            config,
+            role,
+            expected_peer: remote_static,
+            seed,
+            local_index: 0,
+            phase: Phase::Closed,
+            events: VecDeque::new(),
+            control: VecDeque::new(),
+            priority: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            next_id: BTreeMap::new(),
+            close_pending: None,
+            empty_packet_due: false,
+            timers: Timers::default(),
+            remote_static: None,
+            handshake_hash: None,
+            stats: ConnectionStats::default(),
+            started: now,
+            #[cfg(feature = "dangerous-testing")]
+            fixed_ephemeral: None,
+        };
+        c.local_index = c.next_u32();
+        c.timers.set(Timer::Handshake, now + c.config.limits.handshake_timeout);
+        if role == Role::Initiator {
+            let driver = c.start_initiator(false)?;
+            c.phase = Phase::Handshaking(driver);
+            c.send_handshake_packet(now)?;
+        } else {
+            // A responder waits for HANDSHAKE_INIT; the handshake is built once it arrives.
+            c.phase = Phase::AwaitingInit;
+        }
+        Ok(c)
+    }
+
+    /// Like [`Connection::new`] with a fixed ephemeral key, for test vectors only.
+    ///
+    /// # Errors
+    /// As [`Connection::new`].
+    #[cfg(feature = "dangerous-testing")]
+    pub fn new_with_fixed_ephemeral_for_testing_only(
+        config: Arc<Config>,
+        role: Role,
+        remote_static: Option<PublicKey>,
+        now: Timestamp,
+        rng: &mut dyn rand_core::CryptoRngCore,
+        ephemeral: [u8; 32],
+        local_index: u32,
+    ) -> Result<Self, ConnectionError> {
+        let mut c = Self::new(config, Role::Responder, remote_static, now, rng)?;
+        c.role = role;
+        c.fixed_ephemeral = Some(ephemeral);
+        c.local_index = local_index;
+        if role == Role::Initiator {
+            let driver = c.start_initiator(false)?;
+            c.phase = Phase::Handshaking(driver);
+            c.send_handshake_packet(now)?;
+        }
+        Ok(c)
+    }
+
+    /// 32 fresh bytes from the connection's generator; the seed is replaced first, so a
+    /// later compromise does not reveal earlier outputs.
+    fn next_seed(&mut self) -> Zeroizing<[u8; 32]> {
+        let mut g = rand_chacha::ChaCha20Rng::from_seed(*self.seed);
+        let mut out = Zeroizing::new([0u8; 32]);
+        g.fill_bytes(self.seed.as_mut());
+        g.fill_bytes(out.as_mut());
+        out
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        let s = self.next_seed();
+        u32::from_le_bytes([s[0], s[1], s[2], s[3]])
+    }
+
+    fn handshake_rng(&mut self) -> rand_chacha::ChaCha20Rng {
+        rand_chacha::ChaCha20Rng::from_seed(*self.next_seed())
+    }
+
+    fn fixed_ephemeral(&self) -> Option<[u8; 32]> {
+        #[cfg(feature = "dangerous-testing")]
+        {
+            self.fixed_ephemeral
+        }
+        #[cfg(not(feature = "dangerous-testing"))]
+        {
+            None
+        }
+    }
+
+    fn start_initiator(&mut self, generation: bool) -> Result<Box<Driver>, ConnectionError> {
+        let mut rng = self.handshake_rng();
+        let eph = self.fixed_ephemeral();
+        let config = Arc::clone(&self.config);
+        let remote = self.expected_peer;
+        let p = HandshakeParams {
+            config: &config,
+            pattern: config.pattern,
+            suite: config.suite,
+            local_index: self.local_index,
+            remote_static: remote.as_ref(),
+            psk: config.psk.as_ref(),
+            fixed_ephemeral: eph.as_ref(),
+        };
+        let hs = Handshake::initiator(&p, &mut rng)?;
+        Ok(Box::new(Driver::new(hs, &self.config, generation)))
+    }
+
+    /// This side's session index (datagram mode: peers address packets to it).
+    #[must_use]
+    pub const fn local_index(&self) -> u32 {
+        self.local_index
+    }
+
+    /// Which side sent the first handshake message.
+    #[must_use]
+    pub const fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The peer's authenticated static key, once known.
+    #[must_use]
+    pub const fn remote_static(&self) -> Option<&PublicKey> {
+        self.remote_static.as_ref()
+    }
+
+    /// The handshake hash of the current session (channel binding).
+    #[must_use]
+    pub const fn handshake_hash(&self) -> Option<&[u8; HANDSHAKE_HASH_LEN]> {
+        self.handshake_hash.as_ref()
+    }
+
+    /// Traffic counters.
+    #[must_use]
+    pub fn stats(&self) -> ConnectionStats {
+        let mut s = self.stats;
+        if let Phase::Established(e) = &self.phase {
+            let st = e.current.stats();
+            s.rekeys += st.send_rekeys + st.recv_rekeys;
+        }
+        s
+    }
+
+    /// Whether the session is established and confirmed (messages flow).
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        matches!(&self.phase, Phase::Established(e) if e.confirmed)
+    }
+
+    /// Whether the connection is over.
+    #[must_use]
+    pub const fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// The established session, for diagnostics.
+    #[must_use]
+    pub fn session(&self) -> Option<&Session> {
+        match &self.phase {
+            Phase::Established(e) => Some(&e.current),
+            _ => None,
+        }
+    }
+
+    /// The largest payload one data message can carry to this peer right now.
+    #[must_use]
+    pub fn max_message_payload(&self) -> usize {
+        let plaintext = match &self.phase {
+            Phase::Established(e) => e.current.max_plaintext_len(),
+            _ => self.config.limits.packet_len() - wire::transport_overhead(self.config.mode),
+        };
+        // Data framing: kind, channel (≤ 3), id (≤ 10), length (≤ 3).
+        plaintext.saturating_sub(17)
+    }
+
+    /// Next event, if any. Call until `None` after every `handle_*` call.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Connection::handle_timeout`] must be called next, if ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        if self.is_closed() {
+            return None;
+        }
+        self.timers.next()
+    }
+
+    /// Queues a data message on `channel` and returns its id (spec §9.2). Messages queued
+    /// before the connection is confirmed leave once it is.
+    ///
+    /// # Errors
+    /// [`ConnectionError::QueueFull`] when `send_queue_bytes` would be exceeded (try again
+    /// after draining `poll_transmit`), [`ConnectionError::MessageTooLarge`],
+    /// [`ConnectionError::Closed`].
+    pub fn send(&mut self, channel: u16, payload: Bytes) -> Result<u64, ConnectionError> {
+        if self.is_closed() || self.close_pending.is_some() {
+            return Err(ConnectionError::Closed);
+        }
+        if payload.len() > self.max_message_payload() {
+            return Err(ConnectionError::MessageTooLarge);
+        }
+        if self.queued_bytes + payload.len() > self.config.limits.send_queue_bytes && !self.queue.is_empty() {
+            return Err(ConnectionError::QueueFull);
+        }
+        let next = self.next_id.entry(channel).or_insert(0);
+        let id = *next;
+        *next = next.wrapping_add(1);
+        self.queued_bytes += payload.len();
+        self.queue.push_back(Outgoing::Data { channel, id, payload });
+        Ok(id)
+    }
+
+    /// Bytes queued by [`Connection::send`] and not yet sealed.
+    #[must_use]
+    pub const fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Queues a ping; the peer answers with a pong ([`Event::Pong`]).
+    ///
+    /// # Errors
+    /// [`ConnectionError::NotConnected`] before the session is established.
+    pub fn ping(&mut self, id: u32) -> Result<(), ConnectionError> {
+        if !self.is_connected() {
+            return Err(ConnectionError::NotConnected);
+        }
+        self.priority.push_back(Outgoing::Ping(id));
+        Ok(())
+    }
+
+    /// Closes the connection with `reason` (spec §7.6). Queued data is sent first, then
+    /// an authenticated `Close`; [`Event::Closed`] follows once it was transmitted.
+    pub fn close(&mut self, now: Timestamp, reason: CloseReason) {
+        match &self.phase {
+            Phase::Established(e) if e.confirmed => self.close_pending = Some(reason),
+            Phase::Closed => {}
+            _ => self.finish(now, reason, false, None),
+        }
+    }
+
+    /// Answers [`Event::AuthorizationRequired`] (spec §5.5).
+    ///
+    /// # Errors
+    /// [`ConnectionError::NoDecisionPending`], or the handshake error that followed.
+    pub fn authorize(&mut self, now: Timestamp, decision: Decision) -> Result<(), ConnectionError> {
+        let (pattern, role) = match &self.phase {
+            Phase::Handshaking(d) if d.awaiting_decision => (d.hs.pattern(), d.hs.role()),
+            _ => return Err(ConnectionError::NoDecisionPending),
+        };
+        let psk = match decision {
+            Decision::Deny => {
+                if self.role == Role::Responder && self.config.mode == Mode::Stream {
+                    self.control.push_back(alloc::vec![wire::TYPE_HANDSHAKE_REJECT, RejectReason::Unauthorized.code()]);
+                }
+                let e = ConnectionError::Handshake(HandshakeError::Denied);
+                self.finish(now, CloseReason::Unauthorized, false, Some(e.clone()));
+                return Err(e);
+            }
+            Decision::Allow { psk } => psk,
+        };
+        // spec §5.4: an IKpsk2 responder names the psk now, per initiator or configured.
+        if pattern == Pattern::IKpsk2 && role == Role::Responder {
+            let Some(psk) = psk.or_else(|| self.config.psk.clone()) else {
+                return Err(self.fail(now, HandshakeError::Config("pattern needs a pre-shared key")));
+            };
+            let r = match &mut self.phase {
+                Phase::Handshaking(d) => d.hs.set_psk(&psk),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                return Err(self.fail(now, e));
+            }
+        }
+        if let Phase::Handshaking(d) = &mut self.phase {
+            d.awaiting_decision = false;
+        }
+        self.advance_handshake(now)
+    }
+
+    fn fail(&mut self, now: Timestamp, e: HandshakeError) -> ConnectionError {
+        let err = ConnectionError::Handshake(e);
+        self.finish(now, CloseReason::ProtocolViolation, false, Some(err.clone()));
+        err
+    }
+
+    fn finish(&mut self, _now: Timestamp, reason: CloseReason, by_peer: bool, error: Option<ConnectionError>) {
+        if self.is_closed() {
+            return;
+        }
+        self.phase = Phase::Closed;
+        self.queue.clear();
+        self.priority.clear();
+        self.queued_bytes = 0;
+        self.timers = Timers::default();
+        self.events.push_back(closed_event(reason, by_peer, error));
+    }
+
+    /// After a read or a decision: write our next message, or finish.
+    fn advance_handshake(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
+        let Phase::Handshaking(driver) = &mut self.phase else {
+            return Ok(());
+        };
+        if driver.awaiting_decision {
+            return Ok(());
+        }
+        if driver.hs.is_my_turn() {
+            self.send_handshake_packet(now)?;
+        }
+        let Phase::Handshaking(driver) = &mut self.phase else {
+            return Ok(());
+        };
+        if driver.hs.is_finished() {
+            self.complete_handshake(now)?;
+        }
+        Ok(())
+    }
+
+    fn payload(&self) -> HandshakePayload {
+        let limit = self.config.limits.packet_len();
+        HandshakePayload {
+            max_packet_len: (limit < wire::MAX_PACKET_LEN).then(|| u16::try_from(limit).unwrap_or(u16::MAX)),
+            ..HandshakePayload::default()
+        }
+    }
+
+    fn send_handshake_packet(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
+        let payload = self.payload();
+        let mode = self.config.mode;
+        let rto = self.config.limits.handshake_rto;
+        let Phase::Handshaking(driver) = &mut self.phase else {
+            return Ok(());
+        };
+        let mut buf = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
+        let n = match driver.hs.write(&payload, &mut buf) {
+            Ok(n) => n,
+            Err(e) => return Err(self.fail(now, e)),
+        };
+        buf.truncate(n);
+        driver.last_sent = Some(buf.clone());
+        driver.rto = rto;
+        // spec §5.7: only the initiator retransmits on a timer.
+        if mode == Mode::Datagram && driver.hs.role() == Role::Initiator {
+            self.timers.set(Timer::Retransmit, now + rto);
+        }
+        self.control.push_back(buf);
+        Ok(())
+    }
+
+    fn complete_handshake(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
+        let Phase::Handshaking(driver) = core::mem::replace(&mut self.phase, Phase::Closed) else {
+            return Ok(());
+        };
+        let Driver { hs, last_sent, last_read, generation, .. } = *driver;
+        let role = hs.role();
+        let pattern = hs.pattern();
+        let remote = hs.remote_static();
+        let (session, hash) = match hs.into_session(now, self.config.limits, generation) {
+            Ok(x) => x,
+            Err(e) => return Err(self.fail(now, e)),
+        };
+        self.remote_static = remote;
+        self.handshake_hash = Some(hash);
+        // spec §5.7: who is confirmed when.
+        let confirmed = match (role, pattern.message_count()) {
+            (Role::Initiator, _) => true,
+            (Role::Responder, 2) => false,
+            (Role::Responder, _) => true,
+        };
+        self.timers.clear(Timer::Retransmit);
+        if self.config.mode == Mode::Datagram && role == Role::Initiator && pattern.message_count() == 3 {
+            // Keep resending FINAL until the responder's first packet proves it arrived.
+            self.timers.set(Timer::Retransmit, now + self.config.limits.handshake_rto);
+        }
+        self.phase = Phase::Established(Box::new(Established {
+            current: session,
+            confirmed,
+            previous: None,
+            pending: None,
+            rehandshake: None,
+            last_handshake_sent: last_sent,
+            last_handshake_read: last_read,
+        }));
+        if confirmed {
+            self.on_confirmed(now);
+            // spec §5.7: an initiator of a 2-message pattern and an XX responder send a
+            // transport packet at once, so the peer is confirmed without waiting for data.
+            self.empty_packet_due = role == Role::Initiator && pattern.message_count() == 2
+                || role == Role::Responder && pattern.message_count() == 3;
+        }
+        self.timers.set(Timer::Idle, now + self.config.limits.idle_timeout);
+        Ok(())
+    }
+
+    fn on_confirmed(&mut self, now: Timestamp) {
+        let Phase::Established(e) = &mut self.phase else {
+            return;
+        };
+        e.confirmed = true;
+        self.timers.clear(Timer::Handshake);
+        let limits = self.config.limits;
+        self.timers.set(Timer::Keepalive, now + limits.keepalive_interval);
+        self.timers.set(Timer::Expiry, e.current.established_at() + limits.reject_after_time);
+        if self.role == Role::Initiator {
+            self.timers.set(Timer::Rehandshake, e.current.established_at() + limits.rehandshake_after_time);
+        }
+        if let (Some(remote_static), Some(handshake_hash)) = (self.remote_static, self.handshake_hash) {
+            self.events.push_back(Event::Connected { remote_static, handshake_hash });
+        }
+    }
+
+    /// Feeds one received packet (spec §4). Errors say why a packet was refused; the
+    /// connection's state tells whether it goes on ([`Connection::is_closed`]): in
+    /// datagram mode refused packets are simply dropped; in stream mode a handshake
+    /// failure closes the connection, and the driver should close the stream on any
+    /// transport error (spec §10).
+    ///
+    /// # Errors
+    /// The reason the packet was refused.
+    pub fn handle_input(&mut self, now: Timestamp, packet: &[u8]) -> Result<(), ConnectionError> {
+        let r = self.handle_input_inner(now, packet);
+        match &r {
+            Ok(()) => {
+                self.stats.packets_received += 1;
+                self.stats.bytes_received += packet.len() as u64;
+            }
+            Err(_) => self.stats.packets_dropped += 1,
+        }
+        r
+    }
+
+    fn handle_input_inner(&mut self, now: Timestamp, packet: &[u8]) -> Result<(), ConnectionError> {
+        if self.is_closed() {
+            return Err(ConnectionError::Closed);
+        }
+        let mode = self.config.mode;
+        let parsed = match wire::parse(mode, self.config.limits.packet_len(), packet) {
+            Ok(p) => p,
+            Err(e) => {
+                if matches!(self.phase, Phase::AwaitingInit) {
+                    return Err(self.refuse_init(now, packet, e));
+                }
+                return Err(e.into());
+            }
+        };
+        match parsed {
+            Packet::Init { header, header_bytes, body } => self.on_init(now, packet, &header, header_bytes, body),
+            Packet::Resp { receiver_index, sender_index, body } => {
+                self.check_index(receiver_index)?;
+                self.on_handshake_body(now, packet, body, sender_index, 1)
+            }
+            Packet::Final { receiver_index, body } => {
+                self.check_index(receiver_index)?;
+                self.on_handshake_body(now, packet, body, None, 2)
+            }
+            Packet::Reject { receiver_index, reason } => {
+                self.check_index(receiver_index)?;
+                match &self.phase {
+                    Phase::Handshaking(d) if self.role == Role::Initiator && d.hs.step() == 1 => {
+                        let e = HandshakeError::Rejected(reason);
+                        Err(self.fail(now, e))
+                    }
+                    _ => Err(HandshakeError::UnexpectedPacket.into()),
+                }
+            }
+            Packet::CookieReply { .. } => Err(HandshakeError::UnexpectedPacket.into()),
+            Packet::Transport(header, _) => self.on_transport(now, header, packet),
+        }
+    }
+
+    fn check_index(&self, receiver_index: Option<u32>) -> Result<(), ConnectionError> {
+        match receiver_index {
+            Some(i) if i != self.local_index => Err(HandshakeError::UnknownIndex.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// A first packet that failed to parse: answer with REJECT where the spec says so
+    /// (spec §4.3, §5.8) and fail.
+    fn refuse_init(&mut self, now: Timestamp, packet: &[u8], e: DecodeError) -> ConnectionError {
+        if packet.first() == Some(&wire::TYPE_HANDSHAKE_INIT) {
+            let reason = RejectReason::for_decode_error(e);
+            match self.config.mode {
+                Mode::Stream => self.control.push_back(alloc::vec![wire::TYPE_HANDSHAKE_REJECT, reason.code()]),
+                Mode::Datagram => {
+                    // spec §4.3: bytes 3..7 of a datagram INIT hold the sender index in every version.
+                    if let Some(idx) = packet.get(3..7) {
+                        let mut p = alloc::vec![wire::TYPE_HANDSHAKE_REJECT];
+                        p.extend_from_slice(idx);
+                        p.push(reason.code());
+                        self.control.push_back(p);
+                    }
+                }
+            }
+        }
+        self.fail(now, HandshakeError::Decode(e))
+    }
+
+    fn on_init(
+        &mut self,
+        now: Timestamp,
+        packet: &[u8],
+        header: &InitHeader,
+        header_bytes: &[u8],
+        body: &[u8],
+    ) -> Result<(), ConnectionError> {
+        if !matches!(self.phase, Phase::AwaitingInit) {
+            return self.on_duplicate(packet);
+        }
+        let config = Arc::clone(&self.config);
+        if !config.accept_patterns.contains(&header.pattern) || !config.accept_suites.contains(&header.suite) {
+            let reason = if config.accept_patterns.contains(&header.pattern) {
+                RejectReason::UnsupportedSuite
+            } else {
+                RejectReason::UnsupportedPattern
+            };
+            self.queue_reject(header.sender_index, reason);
+            return Err(self.fail(now, HandshakeError::NotAccepted));
+        }
+        let mut rng = self.handshake_rng();
+        let eph = self.fixed_ephemeral();
+        let remote = self.expected_peer;
+        let p = HandshakeParams {
+            config: &config,
+            pattern: header.pattern,
+            suite: header.suite,
+            local_index: self.local_index,
+            remote_static: remote.as_ref(),
+            psk: config.psk.as_ref(),
+            fixed_ephemeral: eph.as_ref(),
+        };
+        let hs = match Handshake::responder(&p, header, header_bytes, &mut rng) {
+            Ok(hs) => hs,
+            Err(e) => return Err(self.fail(now, e)),
+        };
+        let mut driver = Box::new(Driver::new(hs, &config, false));
+        if let Err(e) = driver.hs.read(body, header.sender_index) {
+            // A responder that could not read message 1 keeps nothing (spec §10).
+            return Err(self.fail(now, e));
+        }
+        driver.last_read = Some(packet.to_vec());
+        self.phase = Phase::Handshaking(driver);
+        self.after_read(now)
+    }
+
+    fn queue_reject(&mut self, sender_index: Option<u32>, reason: RejectReason) {
+        let mut p = alloc::vec![wire::TYPE_HANDSHAKE_REJECT];
+        if let Some(i) = sender_index {
+            p.extend_from_slice(&i.to_be_bytes());
+        }
+        p.push(reason.code());
+        self.control.push_back(p);
+    }
+
+    /// A handshake packet for a step already done: resend our answer if it is an exact
+    /// duplicate of the last packet we read (datagram retransmission, spec §5.7).
+    fn on_duplicate(&mut self, packet: &[u8]) -> Result<(), ConnectionError> {
+        let (last_read, last_sent) = match &self.phase {
+            Phase::Handshaking(d) => (d.last_read.as_deref(), d.last_sent.as_deref()),
+            Phase::Established(e) => (e.last_handshake_read.as_deref(), e.last_handshake_sent.as_deref()),
+            Phase::Closed | Phase::AwaitingInit => (None, None),
+        };
+        if self.config.mode == Mode::Datagram && last_read == Some(packet) {
+            if let Some(s) = last_sent {
+                let s = s.to_vec();
+                self.control.push_back(s);
+                return Ok(());
+            }
+        }
+        Err(HandshakeError::UnexpectedPacket.into())
+    }
+
+    fn on_handshake_body(
+        &mut self,
+        now: Timestamp,
+        packet: &[u8],
+        body: &[u8],
+        sender_index: Option<u32>,
+        step: usize,
+    ) -> Result<(), ConnectionError> {
+        let expected_role = if step == 1 { Role::Initiator } else { Role::Responder };
+        let driver = match &mut self.phase {
+            Phase::Handshaking(d) if d.hs.step() == step && d.hs.role() == expected_role => d,
+            _ => return self.on_duplicate(packet),
+        };
+        if driver.awaiting_decision {
+            return Err(HandshakeError::UnexpectedPacket.into());
+        }
+        if let Err(e) = driver.hs.read(body, sender_index) {
+            return match self.config.mode {
+                // spec §10: in datagram mode an unauthenticated packet is dropped and the
+                // handshake goes on (anyone can inject one).
+                Mode::Datagram => Err(e.into()),
+                Mode::Stream => Err(self.fail(now, e)),
+            };
+        }
+        driver.last_read = Some(packet.to_vec());
+        self.timers.clear(Timer::Retransmit);
+        self.after_read(now)
+    }
+
+    /// After a successful read: ask for a decision if the peer's key just became known.
+    fn after_read(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
+        let Phase::Handshaking(driver) = &mut self.phase else {
+            return Ok(());
+        };
+        let pattern = driver.hs.pattern();
+        let step = driver.hs.step();
+        let decide = match driver.hs.role() {
+            Role::Responder => step == pattern.responder_decision_after() + 1,
+            Role::Initiator => matches!(pattern, Pattern::XX | Pattern::XXpsk3) && step == 2,
+        };
+        if decide {
+            if let Some(remote_static) = driver.hs.remote_static() {
+                driver.awaiting_decision = true;
+                let certificate = driver.hs.peer_payload().and_then(|p| p.certificate.clone());
+                self.events.push_back(Event::AuthorizationRequired { remote_static, certificate });
+                return Ok(());
+            }
+        }
+        self.advance_handshake(now)
+    }
+
+    fn on_transport(&mut self, now: Timestamp, header: TransportHeader, packet: &[u8]) -> Result<(), ConnectionError> {
+        let mode = self.config.mode;
+        let Phase::Established(est) = &mut self.phase else {
+            return Err(HandshakeError::UnexpectedPacket.into());
+        };
+        let mut buf = BytesMut::from(packet);
+        // Route to the session the header names (spec §6.2, §7.3).
+        let which = est.route(mode, &header);
+        let range = match which {
+            Route::Current => est.current.open_parsed(now, header, &mut buf)?,
+            Route::Pending => match est.pending.as_mut() {
+                Some(s) => s.open_parsed(now, header, &mut buf)?,
+                None => return Err(SessionError::WrongSession.into()),
+            },
+            Route::Previous => match est.previous.as_mut() {
+                Some((s, until)) if now < *until => s.open_parsed(now, header, &mut buf)?,
+                _ => return Err(SessionError::WrongSession.into()),
+            },
+        };
+        let plain = buf.freeze().slice(range);
+        // The packet authenticated: everything from here on is the peer's word.
+        self.timers.set(Timer::Idle, now + self.config.limits.idle_timeout);
+        if which == Route::Pending {
+            self.promote_pending(now);
+        }
+        if let Phase::Established(est) = &mut self.phase {
+            if !est.confirmed {
+                self.on_confirmed(now);
+            } else if mode == Mode::Datagram {
+                // Any authenticated packet proves our FINAL arrived (spec §5.7).
+                self.timers.clear(Timer::Retransmit);
+            }
+        }
+        if which == Route::Current {
+            if let Phase::Established(est) = &mut self.phase {
+                if mode == Mode::Stream {
+                    est.previous = None;
+                }
+            }
+        }
+        self.deliver(now, &plain)
+    }
+
+    fn deliver(&mut self, now: Timestamp, plain: &Bytes) -> Result<(), ConnectionError> {
+        // spec §9.1: a packet's messages are taken or refused as a whole.
+        if let Err(e) = message::validate(plain) {
+            self.close_pending = Some(CloseReason::ProtocolViolation);
+            self.queue.clear();
+            self.queued_bytes = 0;
+            return Err(e.into());
+        }
+        for m in Messages::new(plain) {
+            let Ok(m) = m else { break };
+            match m {
+                Message::Data { channel, id, payload } => {
+                    self.stats.messages_received += 1;
+                    self.events.push_back(Event::Message { channel, id, payload: plain.slice_ref(payload) });
+                }
+                Message::Ping { id } => self.priority.push_back(Outgoing::Pong(id)),
+                Message::Pong { id } => self.events.push_back(Event::Pong { id }),
+                Message::Close { reason } => {
+                    self.finish(now, reason, true, None);
+                    return Ok(());
+                }
+                Message::Handshake { packet } => self.on_rehandshake_packet(now, packet)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn promote_pending(&mut self, now: Timestamp) {
+        let overlap = self.config.limits.key_overlap;
+        let Phase::Established(est) = &mut self.phase else {
+            return;
+        };
+        if let Some(new) = est.pending.take() {
+            let old = core::mem::replace(&mut est.current, new);
+            let st = old.stats();
+            self.stats.rekeys += st.send_rekeys + st.recv_rekeys;
+            est.previous = Some((old, now + overlap));
+            self.timers.set(Timer::Overlap, now + overlap);
+            self.after_rehandshake(now);
+        }
+    }
+
+    fn after_rehandshake(&mut self, now: Timestamp) {
+        let limits = self.config.limits;
+        let Phase::Established(est) = &self.phase else {
+            return;
+        };
+        self.stats.rehandshakes += 1;
+        let established = est.current.established_at();
+        self.timers.clear(Timer::Handshake);
+        self.timers.clear(Timer::Retransmit);
+        self.timers.set(Timer::Expiry, established + limits.reject_after_time);
+        if self.role == Role::Initiator {
+            self.timers.set(Timer::Rehandshake, established + limits.rehandshake_after_time);
+        }
+        if let Some(h) = self.handshake_hash {
+            self.events.push_back(Event::Rehandshaked { handshake_hash: h });
+        }
+        let _ = now;
+    }
+
+    /// spec §5.9, §7.3: re-handshake packets travel inside the current session.
+    fn on_rehandshake_packet(&mut self, now: Timestamp, packet: &[u8]) -> Result<(), ConnectionError> {
+        let config = Arc::clone(&self.config);
+        let parsed = wire::parse(config.mode, config.limits.packet_len(), packet)?;
+        let generation = match &self.phase {
+            Phase::Established(e) => !e.current.generation(),
+            _ => return Err(HandshakeError::UnexpectedPacket.into()),
+        };
+        match parsed {
+            Packet::Init { header, header_bytes, body } if self.role == Role::Responder => {
+                if let Phase::Established(est) = &self.phase {
+                    if est.rehandshake.is_some() || est.pending.is_some() {
+                        // A repeat of the INIT we answered: send the cached answer again.
+                        if est.last_handshake_read.as_deref() == Some(packet) {
+                            if let Some(s) = est.last_handshake_sent.clone() {
+                                self.priority.push_back(Outgoing::Rehandshake(s, false));
+                            }
+                            return Ok(());
+                        }
+                        return Err(HandshakeError::UnexpectedPacket.into());
+                    }
+                }
+                if header.pattern != config.pattern && !config.accept_patterns.contains(&header.pattern) {
+                    return Err(HandshakeError::NotAccepted.into());
+                }
+                let mut rng = self.handshake_rng();
+                let remote = self.remote_static;
+                let p = HandshakeParams {
+                    config: &config,
+                    pattern: header.pattern,
+                    suite: header.suite,
+                    local_index: self.local_index,
+                    remote_static: if header.pattern.responder_knows_initiator() { remote.as_ref() } else { None },
+                    psk: config.psk.as_ref(),
+                    fixed_ephemeral: None,
+                };
+                let mut hs = Handshake::responder(&p, &header, header_bytes, &mut rng)?;
+                hs.read(body, header.sender_index)?;
+                self.check_same_peer(&hs)?;
+                if hs.pattern() == Pattern::IKpsk2 {
+                    if let Some(psk) = config.psk.as_ref() {
+                        hs.set_psk(psk)?;
+                    }
+                }
+                let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
+                let n = hs.write(&self.payload(), &mut out)?;
+                out.truncate(n);
+                self.priority.push_back(Outgoing::Rehandshake(out.clone(), false));
+                let Phase::Established(est) = &mut self.phase else {
+                    return Ok(());
+                };
+                est.last_handshake_sent = Some(out);
+                est.last_handshake_read = Some(packet.to_vec());
+                if hs.is_finished() {
+                    let (session, hash) = hs.into_session(now, config.limits, generation)?;
+                    est.pending = Some(session);
+                    self.handshake_hash = Some(hash);
+                } else {
+                    est.rehandshake = Some(Box::new(Driver::new(hs, &config, generation)));
+                }
+                Ok(())
+            }
+            Packet::Resp { body, sender_index, .. } if self.role == Role::Initiator => {
+                let Phase::Established(est) = &mut self.phase else {
+                    return Ok(());
+                };
+                let Some(driver) = est.rehandshake.as_mut() else {
+                    return Err(HandshakeError::UnexpectedPacket.into());
+                };
+                if driver.hs.step() != 1 {
+                    return Err(HandshakeError::UnexpectedPacket.into());
+                }
+                driver.hs.read(body, sender_index)?;
+                if let Some(rs) = driver.hs.remote_static() {
+                    if !self.remote_static.is_some_and(|k| k.ct_eq(&rs)) {
+                        return Err(HandshakeError::PeerKeyChanged.into());
+                    }
+                }
+                if driver.hs.is_my_turn() {
+                    let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
+                    let payload = {
+                        let limit = config.limits.packet_len();
+                        HandshakePayload {
+                            max_packet_len: (limit < wire::MAX_PACKET_LEN)
+                                .then(|| u16::try_from(limit).unwrap_or(u16::MAX)),
+                            ..HandshakePayload::default()
+                        }
+                    };
+                    let n = driver.hs.write(&payload, &mut out)?;
+                    out.truncate(n);
+                    self.priority.push_back(Outgoing::Rehandshake(out, true));
+                    return Ok(());
+                }
+                self.switch_to_new_session(now)
+            }
+            Packet::Final { body, .. } if self.role == Role::Responder => {
+                let Phase::Established(est) = &mut self.phase else {
+                    return Ok(());
+                };
+                let Some(driver) = est.rehandshake.as_mut() else {
+                    return Err(HandshakeError::UnexpectedPacket.into());
+                };
+                driver.hs.read(body, None)?;
+                if let Some(rs) = driver.hs.remote_static() {
+                    if !self.remote_static.is_some_and(|k| k.ct_eq(&rs)) {
+                        return Err(HandshakeError::PeerKeyChanged.into());
+                    }
+                }
+                self.switch_to_new_session(now)
+            }
+            _ => Err(HandshakeError::UnexpectedPacket.into()),
+        }
+    }
+
+    fn check_same_peer(&self, hs: &Handshake) -> Result<(), ConnectionError> {
+        match (hs.remote_static(), self.remote_static) {
+            (Some(new), Some(old)) if new.ct_eq(&old) => Ok(()),
+            (None, _) => Ok(()),
+            _ => Err(HandshakeError::PeerKeyChanged.into()),
+        }
+    }
+
+    /// The re-handshake finished on this side with the peer proven: send on the new session.
+    fn switch_to_new_session(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
+        let config = Arc::clone(&self.config);
+        let Phase::Established(est) = &mut self.phase else {
+            return Ok(());
+        };
+        let Some(driver) = est.rehandshake.take() else {
+            return Ok(());
+        };
+        let generation = driver.generation;
+        let (session, hash) = driver.hs.into_session(now, config.limits, generation)?;
+        let old = core::mem::replace(&mut est.current, session);
+        let st = old.stats();
+        self.stats.rekeys += st.send_rekeys + st.recv_rekeys;
+        est.previous = Some((old, now + config.limits.key_overlap));
+        self.timers.set(Timer::Overlap, now + config.limits.key_overlap);
+        self.handshake_hash = Some(hash);
+        self.empty_packet_due = true;
+        self.after_rehandshake(now);
+        Ok(())
+    }
+
+    /// Starts a re-handshake now (normally driven by the timer, spec §7.3). Only the
+    /// connection's initiator may.
+    ///
+    /// # Errors
+    /// [`ConnectionError::NotConnected`] without an established session.
+    pub fn start_rehandshake(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
+        if self.role != Role::Initiator || !self.is_connected() {
+            return Err(ConnectionError::NotConnected);
+        }
+        if let Phase::Established(est) = &self.phase {
+            if est.rehandshake.is_some() {
+                return Ok(());
+            }
+        }
+        let generation = match &self.phase {
+            Phase::Established(e) => !e.current.generation(),
+            _ => return Err(ConnectionError::NotConnected),
+        };
+        let mut driver = self.start_initiator(generation)?;
+        let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
+        let n = driver.hs.write(&self.payload(), &mut out)?;
+        out.truncate(n);
+        driver.last_sent = Some(out.clone());
+        self.priority.push_back(Outgoing::Rehandshake(out, false));
+        if let Phase::Established(est) = &mut self.phase {
+            est.rehandshake = Some(driver);
+        }
+        self.timers.set(Timer::Handshake, now + self.config.limits.handshake_timeout);
+        if self.config.mode == Mode::Datagram {
+            self.timers.set(Timer::Retransmit, now + self.config.limits.handshake_rto);
+        }
+        Ok(())
+    }
+
+    /// Runs every timer that has expired by `now` (spec §5.7, §7).
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.is_closed() {
+            return;
+        }
+        let limits = self.config.limits;
+        if self.timers.expired(Timer::Handshake, now) {
+            self.timers.clear(Timer::Handshake);
+            match &mut self.phase {
+                Phase::Established(est) if est.confirmed => {
+                    // A re-handshake that did not finish: forget it, the current session
+                    // carries on until it expires (spec §7.3).
+                    est.rehandshake = None;
+                    est.pending = None;
+                    self.timers.clear(Timer::Retransmit);
+                    if self.role == Role::Initiator {
+                        self.timers.set(Timer::Rehandshake, now + limits.handshake_timeout);
+                    }
+                }
+                _ => {
+                    let _ = self.fail(now, HandshakeError::Timeout);
+                    return;
+                }
+            }
+        }
+        if self.timers.expired(Timer::Expiry, now) {
+            self.finish(now, CloseReason::SessionExpired, false, Some(SessionError::Expired.into()));
+            return;
+        }
+        if self.timers.expired(Timer::Idle, now) {
+            self.finish(now, CloseReason::IdleTimeout, false, None);
+            return;
+        }
+        if self.timers.expired(Timer::Retransmit, now) {
+            self.retransmit(now);
+        }
+        if self.timers.expired(Timer::Rehandshake, now) {
+            self.timers.clear(Timer::Rehandshake);
+            let _ = self.start_rehandshake(now);
+        }
+        if self.timers.expired(Timer::Overlap, now) {
+            self.timers.clear(Timer::Overlap);
+            if let Phase::Established(est) = &mut self.phase {
+                est.previous = None;
+            }
+        }
+        if let Phase::Established(est) = &mut self.phase {
+            est.current.handle_timeout(now);
+            if let Some(t) = est.current.next_timeout() {
+                let at = self.timers.0[Timer::Overlap as usize].map_or(t, |o| o.min(t));
+                self.timers.set(Timer::Overlap, at);
+            }
+        }
+        if self.timers.expired(Timer::Keepalive, now) {
+            self.timers.set(Timer::Keepalive, now + limits.keepalive_interval);
+            if self.is_connected() {
+                self.empty_packet_due = true;
+            }
+        }
+    }
+
+    fn retransmit(&mut self, now: Timestamp) {
+        let cap = self.config.limits.handshake_rto_max;
+        let packet = match &mut self.phase {
+            Phase::Handshaking(d) => {
+                d.rto = d.rto.doubled().min(cap);
+                let at = now + d.rto;
+                self.timers.set(Timer::Retransmit, at);
+                d.last_sent.clone().map(|p| (p, false))
+            }
+            Phase::Established(e) => {
+                if let Some(d) = e.rehandshake.as_mut() {
+                    d.rto = d.rto.doubled().min(cap);
+                    let at = now + d.rto;
+                    self.timers.set(Timer::Retransmit, at);
+                    d.last_sent.clone().map(|p| (p, true))
+                } else if self.role == Role::Initiator && e.last_handshake_sent.is_some() {
+                    // Resending FINAL until the responder's first packet arrives.
+                    let at = now + cap;
+                    self.timers.set(Timer::Retransmit, at);
+                    e.last_handshake_sent.clone().map(|p| (p, false))
+                } else {
+                    self.timers.clear(Timer::Retransmit);
+                    None
+                }
+            }
+            Phase::Closed | Phase::AwaitingInit => None,
+        };
+        match packet {
+            Some((p, true)) => self.priority.push_back(Outgoing::Rehandshake(p, false)),
+            Some((p, false)) => self.control.push_back(p),
+            None => {}
+        }
+    }
+
+    /// Writes the next packet to send into `buf` and returns its length, or `None` when
+    /// there is nothing to send. Call repeatedly until `None` after every `handle_*` and
+    /// `send` call. Several queued messages share one packet (spec §6.4).
+    ///
+    /// # Errors
+    /// [`ConnectionError::BufferTooSmall`] if `buf` cannot hold the next packet (use a
+    /// buffer of the configured `max_packet_len`); nothing is lost, retry with a larger one.
+    pub fn poll_transmit(&mut self, now: Timestamp, buf: &mut [u8]) -> Result<Option<usize>, ConnectionError> {
+        if let Some(p) = self.control.front() {
+            let n = p.len();
+            let dst = buf.get_mut(..n).ok_or(ConnectionError::BufferTooSmall)?;
+            dst.copy_from_slice(p);
+            self.control.pop_front();
+            self.count_sent(n);
+            return Ok(Some(n));
+        }
+        let Phase::Established(est) = &mut self.phase else {
+            return Ok(None);
+        };
+        if !est.confirmed {
+            return Ok(None);
+        }
+        let has_work = !self.priority.is_empty() || !self.queue.is_empty() || self.close_pending.is_some();
+        if !has_work && !self.empty_packet_due {
+            return Ok(None);
+        }
+        let session = &mut est.current;
+        let hlen = session.header_len();
+        let room = session.max_plaintext_len().min(buf.len().saturating_sub(hlen + wire::TAG_LEN));
+        let mut at = hlen;
+        let mut taken_data = 0u64;
+        let mut taken_bytes = 0usize;
+        let mut switch = false;
+        // Control messages first, then application data, packed until the packet is full.
+        for q in [&mut self.priority, &mut self.queue] {
+            while let Some(m) = q.front() {
+                if switch {
+                    break;
+                }
+                let msg = m.message();
+                let len = msg.encoded_len();
+                if at - hlen + len > room {
+                    break;
+                }
+                // Invariant: the length was checked against the buffer just above.
+                let n = msg.encode(&mut buf[at..]).map_err(|_| ConnectionError::BufferTooSmall)?;
+                at += n;
+                match q.pop_front() {
+                    Some(Outgoing::Data { payload, .. }) => {
+                        taken_data += 1;
+                        taken_bytes += payload.len();
+                    }
+                    Some(Outgoing::Rehandshake(_, true)) => switch = true,
+                    _ => {}
+                }
+            }
+        }
+        let mut closing = None;
+        if let Some(reason) = self.close_pending.filter(|_| !switch) {
+            let msg = Message::Close { reason };
+            if self.queue.is_empty() && self.priority.is_empty() && at - hlen + msg.encoded_len() <= room {
+                at += msg.encode(&mut buf[at..]).map_err(|_| ConnectionError::BufferTooSmall)?;
+                closing = Some(reason);
+            }
+        }
+        if at == hlen && !self.empty_packet_due && closing.is_none() {
+            // The front message does not fit in `buf`.
+            return Err(ConnectionError::BufferTooSmall);
+        }
+        let n = match session.seal(now, buf, at - hlen) {
+            Ok(n) => n,
+            Err(SessionError::BufferTooSmall) => return Err(ConnectionError::BufferTooSmall),
+            Err(e) => {
+                let reason = match e {
+                    SessionError::CounterExhausted => CloseReason::TooManyMessages,
+                    SessionError::Expired => CloseReason::SessionExpired,
+                    _ => CloseReason::InternalError,
+                };
+                self.finish(now, reason, false, Some(e.into()));
+                return Ok(None);
+            }
+        };
+        self.empty_packet_due = false;
+        self.queued_bytes -= taken_bytes;
+        self.stats.messages_sent += taken_data;
+        self.timers.set(Timer::Keepalive, now + self.config.limits.keepalive_interval);
+        self.count_sent(n);
+        if let Some(reason) = closing {
+            self.finish(now, reason, false, None);
+        }
+        if switch {
+            self.switch_to_new_session(now)?;
+        }
+        Ok(Some(n))
+    }
+
+    fn count_sent(&mut self, n: usize) {
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += n as u64;
+    }
+
+    /// How long the connection has existed.
+    #[must_use]
+    pub fn age(&self, now: Timestamp) -> Duration {
+        now.saturating_since(self.started)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Current,
+    Pending,
+    Previous,
+}
+
+impl Established {
+    fn route(&self, mode: Mode, header: &TransportHeader) -> Route {
+        // Stream mode tells sessions apart by the generation bit; datagram mode keeps one
+        // index per connection and uses the same bit (spec §6.2, §7.3).
+        let _ = mode;
+        if header.generation == self.current.generation() {
+            Route::Current
+        } else if self.pending.is_some() {
+            Route::Pending
+        } else {
+            Route::Previous
+        }
+    }
+}
+
+impl Driver {
+    fn new(hs: Handshake, config: &Config, generation: bool) -> Self {
+        Self {
+            hs,
+            awaiting_decision: false,
+            last_sent: None,
+            last_read: None,
+            rto: config.limits.handshake_rto,
+            generation,
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Error types, one `#[non_exhaustive]` enum per layer, linked upward with `From`.
+//!
+//! Errors are detailed here, for local logs. What goes on the wire is coarse
+//! (spec §10): a peer learns at most a [`RejectReason`](crate::wire::RejectReason)
+//! or a [`CloseReason`](crate::message::CloseReason), never why a decryption failed.
+
+use core::fmt;
+
+use crate::replay::ReplayError;
+use crate::wire::RejectReason;
+
+/// A packet, payload or message could not be parsed (spec §4.4, §5.3, §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The input was empty.
+    Empty,
+    /// The input ended before a complete header or body.
+    Truncated,
+    /// The input is longer than the configured maximum packet length.
+    TooLong,
+    /// The first byte names no packet type of this version.
+    UnknownPacketType(u8),
+    /// The packet type is not valid in this carrier mode (for example transport flags in
+    /// datagram mode).
+    WrongMode,
+    /// The handshake names a protocol version this implementation does not speak.
+    UnsupportedVersion(u8),
+    /// The handshake names an unknown Noise pattern code.
+    UnsupportedPattern(u8),
+    /// The handshake names an unknown cipher suite code.
+    UnsupportedSuite(u8),
+    /// A handshake payload did not decode, or violated a rule of spec §5.3.
+    MalformedPayload,
+    /// A message inside a transport frame did not decode (spec §9).
+    MalformedMessage,
+    /// A message kind that is reserved or unknown in this version (spec §9.2).
+    UnknownMessageKind(u8),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("empty packet"),
+            Self::Truncated => f.write_str("truncated packet"),
+            Self::TooLong => f.write_str("packet longer than the configured maximum"),
+            Self::UnknownPacketType(t) => write!(f, "unknown packet type {t:#04x}"),
+            Self::WrongMode => f.write_str("packet type not valid in this carrier mode"),
+            Self::UnsupportedVersion(v) => write!(f, "unsupported protocol version {v}"),
+            Self::UnsupportedPattern(p) => write!(f, "unsupported handshake pattern code {p}"),
+            Self::UnsupportedSuite(s) => write!(f, "unsupported cipher suite code {s}"),
+            Self::MalformedPayload => f.write_str("malformed handshake payload"),
+            Self::MalformedMessage => f.write_str("malformed message"),
+            Self::UnknownMessageKind(k) => write!(f, "unknown or reserved message kind {k:#04x}"),
+        }
+    }
+}
+
+impl core::error::Error for DecodeError {}
+
+/// A handshake failed (spec §5, §10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The packet did not parse.
+    Decode(DecodeError),
+    /// A handshake message failed authentication or key agreement. Coarse on purpose.
+    Crypto,
+    /// A packet arrived that the handshake does not expect in its current state.
+    UnexpectedPacket,
+    /// The peer's index does not match this handshake (datagram mode).
+    UnknownIndex,
+    /// The peer refused the handshake with an (unauthenticated) reason.
+    Rejected(RejectReason),
+    /// The local authorization decision denied the peer (spec §5.5).
+    Denied,
+    /// The handshake did not complete in time (spec §5.7).
+    Timeout,
+    /// A re-handshake presented a different static key than the established peer (spec §5.9).
+    PeerKeyChanged,
+    /// The pattern or suite offered by the peer is not enabled locally.
+    NotAccepted,
+    /// The local configuration cannot run this handshake (missing key or psk).
+    Config(&'static str),
+    /// A caller-provided buffer is too small.
+    BufferTooSmall,
+    /// A handshake payload exceeded `HANDSHAKE_PAYLOAD_MAX` (spec §3.3).
+    PayloadTooLarge,
+    /// The random number generator failed.
+    Rng,
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Decode(e) => write!(f, "handshake decode error: {e}"),
+            Self::Crypto => f.write_str("handshake message failed authentication"),
+            Self::UnexpectedPacket => f.write_str("unexpected packet during handshake"),
+            Self::UnknownIndex => f.write_str("handshake packet for an unknown session index"),
+            Self::Rejected(r) => write!(f, "handshake rejected by peer (unauthenticated): {r}"),
+            Self::Denied => f.write_str("peer denied by local authorization"),
+            Self::Timeout => f.write_str("handshake timed out"),
+            Self::PeerKeyChanged => f.write_str("peer static key changed on re-handshake"),
+            Self::NotAccepted => f.write_str("pattern or suite not accepted by local policy"),
+            Self::Config(what) => write!(f, "handshake configuration error: {what}"),
+            Self::BufferTooSmall => f.write_str("buffer too small"),
+            Self::PayloadTooLarge => f.write_str("handshake payload too large"),
+            Self::Rng => f.write_str("random number generator failed"),
+        }
+    }
+}
+
+impl core::error::Error for HandshakeError {}
+
+impl From<DecodeError> for HandshakeError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
+}
+
+/// A transport packet was refused, or could not be produced (spec §6–§8, §10).
+///
+/// Every receive-side error leaves the session exactly as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The packet did not parse.
+    Decode(DecodeError),
+    /// The counter was already received or is older than the replay window (spec §8).
+    Replay(ReplayError),
+    /// The packet failed authentication. Coarse on purpose.
+    Authentication,
+    /// The counter lies too many epochs ahead (spec §6.3, `MAX_EPOCH_JUMP`).
+    EpochJumpTooLarge,
+    /// The session is older than `REJECT_AFTER_TIME` (spec §7.4).
+    Expired,
+    /// The send counter reached `REJECT_AFTER_MESSAGES` (spec §7.4).
+    CounterExhausted,
+    /// A caller-provided buffer is too small.
+    BufferTooSmall,
+    /// The plaintext does not fit in one packet of the negotiated maximum size.
+    TooLarge,
+    /// The packet belongs to a different session index or generation.
+    WrongSession,
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Decode(e) => write!(f, "transport decode error: {e}"),
+            Self::Replay(e) => write!(f, "replay protection: {e}"),
+            Self::Authentication => f.write_str("transport packet failed authentication"),
+            Self::EpochJumpTooLarge => f.write_str("counter too far ahead"),
+            Self::Expired => f.write_str("session expired"),
+            Self::CounterExhausted => f.write_str("message counter exhausted"),
+            Self::BufferTooSmall => f.write_str("buffer too small"),
+            Self::TooLarge => f.write_str("plaintext larger than the maximum packet"),
+            Self::WrongSession => f.write_str("packet for another session"),
+        }
+    }
+}
+
+impl core::error::Error for SessionError {}
+
+impl From<DecodeError> for SessionError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
+}
+
+impl From<ReplayError> for SessionError {
+    fn from(e: ReplayError) -> Self {
+        Self::Replay(e)
+    }
+}
+
+/// An error from the [`Connection`](crate::Connection) driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The input did not parse.
+    Decode(DecodeError),
+    /// The handshake failed; the connection is closed.
+    Handshake(HandshakeError),
+    /// A transport packet was refused; the session is unchanged.
+    Session(SessionError),
+    /// The operation needs an established session.
+    NotConnected,
+    /// The connection is closed.
+    Closed,
+    /// The send queue is full; retry after `poll_transmit` drained it (backpressure).
+    QueueFull,
+    /// The message is larger than one packet can carry.
+    MessageTooLarge,
+    /// `authorize` was called while no decision was pending.
+    NoDecisionPending,
+    /// A caller-provided buffer is too small for the next packet.
+    BufferTooSmall,
+}
+
+impl fmt::Display for ConnectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Decode(e) => write!(f, "{e}"),
+            Self::Handshake(e) => write!(f, "{e}"),
+            Self::Session(e) => write!(f, "{e}"),
+            Self::NotConnected => f.write_str("connection not established"),
+            Self::Closed => f.write_str("connection closed"),
+            Self::QueueFull => f.write_str("send queue full"),
+            Self::MessageTooLarge => f.write_str("message larger than one packet"),
+            Self::NoDecisionPending => f.write_str("no authorization decision pending"),
+            Self::BufferTooSmall => f.write_str("buffer too small for the next packet"),
+        }
+    }
+}
+
+impl core::error::Error for ConnectionError {}
+
+impl From<DecodeError> for ConnectionError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
+}
+
+impl From<HandshakeError> for ConnectionError {
+    fn from(e: HandshakeError) -> Self {
+        Self::Handshake(e)
+    }
+}
+
+impl From<SessionError> for ConnectionError {
+    fn from(e: SessionError) -> Self {
+        Self::Session(e)
+    }
+}

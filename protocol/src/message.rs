@@ -1,0 +1,332 @@
+//! Messages inside transport packets (spec §9): each is a kind byte followed by a
+//! postcard body; a packet's plaintext is zero or more of them.
+
+use core::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::DecodeError;
+
+/// spec §9.2: application data.
+pub const KIND_DATA: u8 = 0x01;
+/// spec §9.2: reserved for acknowledgements (delivery layer).
+pub const KIND_ACK: u8 = 0x02;
+/// spec §9.2: liveness probe.
+pub const KIND_PING: u8 = 0x03;
+/// spec §9.2: answer to a ping.
+pub const KIND_PONG: u8 = 0x04;
+/// spec §9.2: authenticated close.
+pub const KIND_CLOSE: u8 = 0x05;
+/// spec §9.2: reserved for routing (`Forward`).
+pub const KIND_FORWARD: u8 = 0x06;
+/// spec §9.2: reserved for routing (`Deliver`).
+pub const KIND_DELIVER: u8 = 0x07;
+/// spec §9.2: reserved for revocation-list pushes.
+pub const KIND_REVOCATION_PUSH: u8 = 0x08;
+/// spec §9.2: reserved for flow reports.
+pub const KIND_FLOW_REPORT: u8 = 0x09;
+/// spec §9.2: reserved for time synchronisation.
+pub const KIND_TIME_SYNC: u8 = 0x0A;
+/// spec §9.2: a re-handshake packet carried inside the current session (spec §7.3).
+pub const KIND_HANDSHAKE: u8 = 0x0B;
+
+/// Why a connection closed (spec §9.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// Orderly close by the application.
+    Normal,
+    /// The peer broke a protocol rule.
+    ProtocolViolation,
+    /// Nothing authenticated arrived for `IDLE_TIMEOUT`.
+    IdleTimeout,
+    /// The peer is not (or no longer) authorized.
+    Unauthorized,
+    /// The peer's credentials were revoked (trust layer).
+    Revoked,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// The session passed `REJECT_AFTER_TIME` without a successful re-handshake.
+    SessionExpired,
+    /// A message counter reached its limit.
+    TooManyMessages,
+    /// An internal failure.
+    InternalError,
+    /// A code this version does not define.
+    Unknown(u16),
+}
+
+impl CloseReason {
+    /// The wire code.
+    #[must_use]
+    pub const fn code(self) -> u16 {
+        match self {
+            Self::Normal => 0,
+            Self::ProtocolViolation => 1,
+            Self::IdleTimeout => 2,
+            Self::Unauthorized => 3,
+            Self::Revoked => 4,
+            Self::ShuttingDown => 5,
+            Self::SessionExpired => 6,
+            Self::TooManyMessages => 7,
+            Self::InternalError => 8,
+            Self::Unknown(c) => c,
+        }
+    }
+
+    /// Parses a wire code; unknown codes are kept as [`CloseReason::Unknown`].
+    #[must_use]
+    pub const fn from_code(code: u16) -> Self {
+        match code {
+            0 => Self::Normal,
+            1 => Self::ProtocolViolation,
+            2 => Self::IdleTimeout,
+            3 => Self::Unauthorized,
+            4 => Self::Revoked,
+            5 => Self::ShuttingDown,
+            6 => Self::SessionExpired,
+            7 => Self::TooManyMessages,
+            8 => Self::InternalError,
+            c => Self::Unknown(c),
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unknown(c) => write!(f, "unknown reason {c}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// One message (spec §9.2), borrowing its payload from the decrypted packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Message<'a> {
+    /// Application data on a channel, with a sender-assigned id.
+    Data {
+        /// Application channel.
+        channel: u16,
+        /// Sender-assigned id, increasing per channel.
+        id: u64,
+        /// The application bytes.
+        payload: &'a [u8],
+    },
+    /// Asks the peer for a [`Message::Pong`] with the same id.
+    Ping {
+        /// Echoed id.
+        id: u32,
+    },
+    /// Answers a ping.
+    Pong {
+        /// The ping's id.
+        id: u32,
+    },
+    /// The sender closes the connection.
+    Close {
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A re-handshake packet (spec §7.3), carried inside the current session.
+    Handshake {
+        /// The complete handshake packet, header included.
+        packet: &'a [u8],
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct DataBody<'a> {
+    channel: u16,
+    id: u64,
+    #[serde(borrow)]
+    payload: &'a [u8],
+}
+
+/// A byte string encoded as postcard bytes (length prefix, then the bytes).
+#[derive(Serialize, Deserialize)]
+struct Bytes<'a>(#[serde(borrow)] &'a [u8]);
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+impl<'a> Message<'a> {
+    /// Encoded length in bytes (kind byte included).
+    #[must_use]
+    pub fn encoded_len(&self) -> usize {
+        1 + match *self {
+            Self::Data { channel, id, payload } => {
+                varint_len(u64::from(channel)) + varint_len(id) + varint_len(payload.len() as u64) + payload.len()
+            }
+            Self::Ping { id } | Self::Pong { id } => varint_len(u64::from(id)),
+            Self::Close { reason } => varint_len(u64::from(reason.code())),
+            Self::Handshake { packet } => varint_len(packet.len() as u64) + packet.len(),
+        }
+    }
+
+    /// Writes the message into `out`, returning its length.
+    ///
+    /// # Errors
+    /// [`DecodeError::Truncated`] if `out` is too short.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, DecodeError> {
+        let (kind, body) = out.split_first_mut().ok_or(DecodeError::Truncated)?;
+        let n = match *self {
+            Self::Data { channel, id, payload } => {
+                *kind = KIND_DATA;
+                postcard::to_slice(&DataBody { channel, id, payload }, body)
+            }
+            Self::Ping { id } => {
+                *kind = KIND_PING;
+                postcard::to_slice(&id, body)
+            }
+            Self::Pong { id } => {
+                *kind = KIND_PONG;
+                postcard::to_slice(&id, body)
+            }
+            Self::Close { reason } => {
+                *kind = KIND_CLOSE;
+                postcard::to_slice(&reason.code(), body)
+            }
+            Self::Handshake { packet } => {
+                *kind = KIND_HANDSHAKE;
+                postcard::to_slice(&Bytes(packet), body)
+            }
+        }
+        .map_err(|_| DecodeError::Truncated)?
+        .len();
+        Ok(1 + n)
+    }
+
+    /// Decodes the first message of `bytes`, returning it and the rest (spec §9.1).
+    ///
+    /// # Errors
+    /// [`DecodeError::UnknownMessageKind`] for reserved or unknown kinds (spec §9.2),
+    /// [`DecodeError::MalformedMessage`] for a body that does not decode.
+    pub fn decode(bytes: &'a [u8]) -> Result<(Self, &'a [u8]), DecodeError> {
+        let (&kind, body) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+        let bad = |_| DecodeError::MalformedMessage;
+        match kind {
+            KIND_DATA => {
+                let (d, rest): (DataBody<'a>, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Data { channel: d.channel, id: d.id, payload: d.payload }, rest))
+            }
+            KIND_PING => {
+                let (id, rest) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Ping { id }, rest))
+            }
+            KIND_PONG => {
+                let (id, rest) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Pong { id }, rest))
+            }
+            KIND_CLOSE => {
+                let (code, rest): (u16, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Close { reason: CloseReason::from_code(code) }, rest))
+            }
+            KIND_HANDSHAKE => {
+                let (b, rest): (Bytes<'a>, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Handshake { packet: b.0 }, rest))
+            }
+            other => Err(DecodeError::UnknownMessageKind(other)),
+        }
+    }
+}
+
+/// Iterates over the messages of a decrypted packet (spec §6.4). Stops at the first
+/// error, which it yields once.
+#[derive(Debug, Clone)]
+pub struct Messages<'a> {
+    rest: &'a [u8],
+    failed: bool,
+}
+
+impl<'a> Messages<'a> {
+    /// Iterates over `plaintext`.
+    #[must_use]
+    pub const fn new(plaintext: &'a [u8]) -> Self {
+        Self { rest: plaintext, failed: false }
+    }
+}
+
+impl<'a> Iterator for Messages<'a> {
+    type Item = Result<Message<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() || self.failed {
+            return None;
+        }
+        match Message::decode(self.rest) {
+            Ok((m, rest)) => {
+                self.rest = rest;
+                Some(Ok(m))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Checks a whole plaintext before any of it is acted on, so that a packet is taken
+/// or refused as a unit (spec §9.1).
+///
+/// # Errors
+/// The first message's decode error.
+pub fn validate(plaintext: &[u8]) -> Result<usize, DecodeError> {
+    let mut n = 0;
+    for m in Messages::new(plaintext) {
+        m?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_exact_lengths() {
+        let msgs = [
+            Message::Data { channel: 3, id: 300, payload: b"hello" },
+            Message::Data { channel: 0, id: 0, payload: &[] },
+            Message::Ping { id: 7 },
+            Message::Pong { id: u32::MAX },
+            Message::Close { reason: CloseReason::Unknown(999) },
+        ];
+        let mut buf = [0u8; 128];
+        let mut at = 0;
+        for m in &msgs {
+            let n = m.encode(&mut buf[at..]).unwrap();
+            assert_eq!(n, m.encoded_len(), "{m:?}");
+            at += n;
+        }
+        let decoded: alloc::vec::Vec<_> = Messages::new(&buf[..at]).map(Result::unwrap).collect();
+        assert_eq!(decoded, msgs);
+        assert_eq!(validate(&buf[..at]), Ok(5));
+    }
+
+    #[test]
+    fn small_data_message_costs_four_bytes_of_framing() {
+        let m = Message::Data { channel: 1, id: 5, payload: &[0u8; 32] };
+        assert_eq!(m.encoded_len(), 36);
+    }
+
+    #[test]
+    fn reserved_and_malformed_kinds_are_errors() {
+        for k in
+            [0u8, KIND_ACK, KIND_FORWARD, KIND_DELIVER, KIND_REVOCATION_PUSH, KIND_FLOW_REPORT, KIND_TIME_SYNC, 0x80]
+        {
+            assert_eq!(Message::decode(&[k, 0]), Err(DecodeError::UnknownMessageKind(k)));
+        }
+        assert_eq!(Message::decode(&[KIND_DATA, 1, 1, 9, 0]), Err(DecodeError::MalformedMessage));
+        assert_eq!(validate(&[KIND_PING, 1, KIND_PING]), Err(DecodeError::MalformedMessage));
+    }
+}

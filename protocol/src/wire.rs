@@ -1,0 +1,432 @@
+//! Packet layouts (spec §4): the cleartext headers in front of every Noise message
+//! and transport ciphertext, parsed once at the edge into typed views.
+
+use core::fmt;
+
+use crate::error::DecodeError;
+use crate::params::{Mode, Pattern, Suite, PROTOCOL_VERSION};
+
+/// spec §3.3: the largest packet Noise allows, and the ceiling of `max_packet_len`.
+pub const MAX_PACKET_LEN: usize = 65_535;
+/// spec §3.3: the smallest `max_packet_len` a peer may announce or configure.
+pub const MIN_PACKET_LEN: usize = 128;
+/// spec §3.3: largest handshake payload plaintext.
+pub const HANDSHAKE_PAYLOAD_MAX: usize = 1_024;
+/// AEAD tag length for both suites.
+pub const TAG_LEN: usize = 16;
+/// X25519 public key length.
+pub const DH_LEN: usize = 32;
+
+/// spec §4.1: packet type of the first handshake message.
+pub const TYPE_HANDSHAKE_INIT: u8 = 0x01;
+/// spec §4.1: packet type of the second handshake message.
+pub const TYPE_HANDSHAKE_RESP: u8 = 0x02;
+/// spec §4.1: packet type of the third handshake message (XX patterns).
+pub const TYPE_HANDSHAKE_FINAL: u8 = 0x03;
+/// spec §4.1: unauthenticated refusal of a handshake.
+pub const TYPE_HANDSHAKE_REJECT: u8 = 0x04;
+/// spec §4.1: reserved for the transports' cookie challenge.
+pub const TYPE_COOKIE_REPLY: u8 = 0x05;
+/// spec §4.1: transport packets use 0x10..=0x13, the low two bits being flags.
+pub const TYPE_TRANSPORT: u8 = 0x10;
+/// spec §6.2: transport flag bit 0, the session generation parity (stream mode only).
+pub const FLAG_GENERATION: u8 = 0x01;
+/// spec §6.2: transport flag bit 1, "this packet starts the next epoch" (stream mode only).
+pub const FLAG_EPOCH_ADVANCE: u8 = 0x02;
+
+/// spec §4.2: transport header length in stream mode.
+pub const STREAM_TRANSPORT_HEADER_LEN: usize = 1;
+/// spec §4.2: transport header length in datagram mode.
+pub const DATAGRAM_TRANSPORT_HEADER_LEN: usize = 8;
+
+/// Transport header length for a mode.
+#[must_use]
+pub const fn transport_header_len(mode: Mode) -> usize {
+    match mode {
+        Mode::Stream => STREAM_TRANSPORT_HEADER_LEN,
+        Mode::Datagram => DATAGRAM_TRANSPORT_HEADER_LEN,
+    }
+}
+
+/// Bytes a transport packet adds around its plaintext in a mode (header + tag).
+#[must_use]
+pub const fn transport_overhead(mode: Mode) -> usize {
+    transport_header_len(mode) + TAG_LEN
+}
+
+/// Why a responder refused a handshake (spec §5.8). Sent in cleartext, so unauthenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The first message did not parse.
+    Malformed,
+    /// The protocol version is not supported.
+    UnsupportedVersion,
+    /// The pattern is unknown or not enabled.
+    UnsupportedPattern,
+    /// The suite is unknown or not enabled.
+    UnsupportedSuite,
+    /// The responder is shedding load (reserved for the transports).
+    Busy,
+    /// The authorization decision denied the initiator (stream mode only).
+    Unauthorized,
+    /// A code this version does not know.
+    Unknown(u8),
+}
+
+impl RejectReason {
+    /// The wire code.
+    #[must_use]
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::Malformed => 0x01,
+            Self::UnsupportedVersion => 0x02,
+            Self::UnsupportedPattern => 0x03,
+            Self::UnsupportedSuite => 0x04,
+            Self::Busy => 0x05,
+            Self::Unauthorized => 0x06,
+            Self::Unknown(c) => c,
+        }
+    }
+
+    /// Parses a wire code (unknown codes are kept, never guessed).
+    #[must_use]
+    pub const fn from_code(code: u8) -> Self {
+        match code {
+            0x01 => Self::Malformed,
+            0x02 => Self::UnsupportedVersion,
+            0x03 => Self::UnsupportedPattern,
+            0x04 => Self::UnsupportedSuite,
+            0x05 => Self::Busy,
+            0x06 => Self::Unauthorized,
+            c => Self::Unknown(c),
+        }
+    }
+
+    /// The reason to answer a first message that failed to decode with.
+    #[must_use]
+    pub const fn for_decode_error(e: DecodeError) -> Self {
+        match e {
+            DecodeError::UnsupportedVersion(_) => Self::UnsupportedVersion,
+            DecodeError::UnsupportedPattern(_) => Self::UnsupportedPattern,
+            DecodeError::UnsupportedSuite(_) => Self::UnsupportedSuite,
+            _ => Self::Malformed,
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed => f.write_str("malformed"),
+            Self::UnsupportedVersion => f.write_str("unsupported version"),
+            Self::UnsupportedPattern => f.write_str("unsupported pattern"),
+            Self::UnsupportedSuite => f.write_str("unsupported suite"),
+            Self::Busy => f.write_str("busy"),
+            Self::Unauthorized => f.write_str("unauthorized"),
+            Self::Unknown(c) => write!(f, "unknown reason {c:#04x}"),
+        }
+    }
+}
+
+/// The parsed `HANDSHAKE_INIT` header (spec §4.2). Version, pattern and suite are
+/// validated; the raw header bytes are kept for the prologue (spec §5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitHeader {
+    /// Protocol version (always [`PROTOCOL_VERSION`] once parsed).
+    pub version: u8,
+    /// Noise pattern.
+    pub pattern: Pattern,
+    /// Cipher suite.
+    pub suite: Suite,
+    /// The initiator's session index (datagram mode only).
+    pub sender_index: Option<u32>,
+}
+
+impl InitHeader {
+    /// Header length in a mode.
+    #[must_use]
+    pub const fn len(mode: Mode) -> usize {
+        match mode {
+            Mode::Stream => 3,
+            Mode::Datagram => 7,
+        }
+    }
+
+    /// Writes the header into `out`, returning its length.
+    ///
+    /// # Errors
+    /// [`DecodeError::Truncated`] if `out` is too short.
+    pub fn encode(&self, mode: Mode, out: &mut [u8]) -> Result<usize, DecodeError> {
+        let len = Self::len(mode);
+        let out = out.get_mut(..len).ok_or(DecodeError::Truncated)?;
+        out[0] = TYPE_HANDSHAKE_INIT;
+        out[1] = self.version;
+        out[2] = (self.pattern.code() << 4) | self.suite.code();
+        if let Mode::Datagram = mode {
+            out[3..7].copy_from_slice(&self.sender_index.unwrap_or(0).to_be_bytes());
+        }
+        Ok(len)
+    }
+}
+
+/// One parsed packet: a typed header and borrowed body (spec §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Packet<'a> {
+    /// First handshake message.
+    Init {
+        /// The validated header.
+        header: InitHeader,
+        /// The header bytes as received (bound into the prologue).
+        header_bytes: &'a [u8],
+        /// The Noise message.
+        body: &'a [u8],
+    },
+    /// Second handshake message.
+    Resp {
+        /// Index of the initiator's session (datagram mode).
+        receiver_index: Option<u32>,
+        /// The responder's index for later packets (datagram mode).
+        sender_index: Option<u32>,
+        /// The Noise message.
+        body: &'a [u8],
+    },
+    /// Third handshake message (XX patterns).
+    Final {
+        /// Index of the responder's session (datagram mode).
+        receiver_index: Option<u32>,
+        /// The Noise message.
+        body: &'a [u8],
+    },
+    /// Unauthenticated handshake refusal.
+    Reject {
+        /// Index of the initiator's session (datagram mode).
+        receiver_index: Option<u32>,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// Reserved for the transports' cookie mechanism; carried through unparsed.
+    CookieReply {
+        /// Everything after the type byte.
+        body: &'a [u8],
+    },
+    /// A transport packet.
+    Transport(TransportHeader, &'a [u8]),
+}
+
+/// The parsed header of a transport packet (spec §4.2, §6.2, §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportHeader {
+    /// Generation parity (spec §6.2, §7.3).
+    pub generation: bool,
+    /// Epoch-advance flag (stream mode only).
+    pub epoch_advance: bool,
+    /// Receiver's session index (datagram mode).
+    pub receiver_index: Option<u32>,
+    /// Low 24 bits of the counter (datagram mode).
+    pub counter_lo: Option<u32>,
+}
+
+impl TransportHeader {
+    /// Writes a transport header, returning its length.
+    ///
+    /// # Errors
+    /// [`DecodeError::Truncated`] if `out` is too short.
+    pub fn encode(&self, mode: Mode, out: &mut [u8]) -> Result<usize, DecodeError> {
+        let len = transport_header_len(mode);
+        let out = out.get_mut(..len).ok_or(DecodeError::Truncated)?;
+        match mode {
+            Mode::Stream => {
+                let mut t = TYPE_TRANSPORT;
+                if self.generation {
+                    t |= FLAG_GENERATION;
+                }
+                if self.epoch_advance {
+                    t |= FLAG_EPOCH_ADVANCE;
+                }
+                out[0] = t;
+            }
+            Mode::Datagram => {
+                out[0] = if self.generation { TYPE_TRANSPORT | FLAG_GENERATION } else { TYPE_TRANSPORT };
+                out[1..5].copy_from_slice(&self.receiver_index.unwrap_or(0).to_be_bytes());
+                let c = self.counter_lo.unwrap_or(0).to_be_bytes();
+                out[5..8].copy_from_slice(&c[1..4]);
+            }
+        }
+        Ok(len)
+    }
+}
+
+fn be_u32(b: &[u8]) -> Result<u32, DecodeError> {
+    let arr: [u8; 4] = b.get(..4).ok_or(DecodeError::Truncated)?.try_into().map_err(|_| DecodeError::Truncated)?;
+    Ok(u32::from_be_bytes(arr))
+}
+
+/// Parses one packet received in `mode` (spec §4.4). Lengths are checked before
+/// anything else; no allocation happens here.
+///
+/// # Errors
+/// A [`DecodeError`] naming the first rule the packet breaks.
+pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'_>, DecodeError> {
+    let (&ty, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if bytes.len() > max_packet_len.min(MAX_PACKET_LEN) {
+        return Err(DecodeError::TooLong);
+    }
+    let datagram = matches!(mode, Mode::Datagram);
+    match ty {
+        TYPE_HANDSHAKE_INIT => {
+            let hlen = InitHeader::len(mode);
+            if bytes.len() < hlen {
+                return Err(DecodeError::Truncated);
+            }
+            // spec §4.3: checked in this order; nothing is guessed.
+            let version = rest[0];
+            if version != PROTOCOL_VERSION {
+                return Err(DecodeError::UnsupportedVersion(version));
+            }
+            let ps = rest[1];
+            let pattern = Pattern::from_code(ps >> 4).ok_or(DecodeError::UnsupportedPattern(ps >> 4))?;
+            let suite = Suite::from_code(ps & 0x0f).ok_or(DecodeError::UnsupportedSuite(ps & 0x0f))?;
+            let sender_index = if datagram { Some(be_u32(&rest[2..])?) } else { None };
+            Ok(Packet::Init {
+                header: InitHeader { version, pattern, suite, sender_index },
+                header_bytes: &bytes[..hlen],
+                body: &bytes[hlen..],
+            })
+        }
+        TYPE_HANDSHAKE_RESP => {
+            if datagram {
+                if rest.len() < 8 {
+                    return Err(DecodeError::Truncated);
+                }
+                Ok(Packet::Resp {
+                    receiver_index: Some(be_u32(rest)?),
+                    sender_index: Some(be_u32(&rest[4..])?),
+                    body: &rest[8..],
+                })
+            } else {
+                Ok(Packet::Resp { receiver_index: None, sender_index: None, body: rest })
+            }
+        }
+        TYPE_HANDSHAKE_FINAL => {
+            if datagram {
+                Ok(Packet::Final { receiver_index: Some(be_u32(rest)?), body: &rest[4..] })
+            } else {
+                Ok(Packet::Final { receiver_index: None, body: rest })
+            }
+        }
+        TYPE_HANDSHAKE_REJECT => {
+            let (receiver_index, rest) = if datagram { (Some(be_u32(rest)?), &rest[4..]) } else { (None, rest) };
+            match rest {
+                [code] => Ok(Packet::Reject { receiver_index, reason: RejectReason::from_code(*code) }),
+                [] => Err(DecodeError::Truncated),
+                _ => Err(DecodeError::TooLong),
+            }
+        }
+        TYPE_COOKIE_REPLY => Ok(Packet::CookieReply { body: rest }),
+        t if t & !(FLAG_GENERATION | FLAG_EPOCH_ADVANCE) == TYPE_TRANSPORT => {
+            let hlen = transport_header_len(mode);
+            if bytes.len() < hlen + TAG_LEN {
+                return Err(DecodeError::Truncated);
+            }
+            let header = if datagram {
+                // spec §6.2: the epoch-advance flag exists only in stream mode.
+                if t & FLAG_EPOCH_ADVANCE != 0 {
+                    return Err(DecodeError::WrongMode);
+                }
+                let c = u32::from_be_bytes([0, rest[4], rest[5], rest[6]]);
+                TransportHeader {
+                    generation: t & FLAG_GENERATION != 0,
+                    epoch_advance: false,
+                    receiver_index: Some(be_u32(rest)?),
+                    counter_lo: Some(c),
+                }
+            } else {
+                TransportHeader {
+                    generation: t & FLAG_GENERATION != 0,
+                    epoch_advance: t & FLAG_EPOCH_ADVANCE != 0,
+                    receiver_index: None,
+                    counter_lo: None,
+                }
+            };
+            Ok(Packet::Transport(header, bytes))
+        }
+        t => Err(DecodeError::UnknownPacketType(t)),
+    }
+}
+
+/// Reads the session index a datagram is addressed to, without parsing the rest.
+/// Used by endpoints to demultiplex (spec §4.2); `None` for `HANDSHAKE_INIT` (which
+/// names the sender's index only) and for unknown types.
+#[must_use]
+pub fn datagram_receiver_index(bytes: &[u8]) -> Option<u32> {
+    match bytes.first()? {
+        &TYPE_HANDSHAKE_RESP | &TYPE_HANDSHAKE_FINAL | &TYPE_HANDSHAKE_REJECT | &TYPE_TRANSPORT | &0x11 => {
+            be_u32(bytes.get(1..)?).ok()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_header_round_trips() {
+        for mode in [Mode::Stream, Mode::Datagram] {
+            let h = InitHeader {
+                version: PROTOCOL_VERSION,
+                pattern: Pattern::XXpsk3,
+                suite: Suite::AesGcmSha256,
+                sender_index: matches!(mode, Mode::Datagram).then_some(0xdead_beef),
+            };
+            let mut buf = [0u8; 16];
+            let n = h.encode(mode, &mut buf).unwrap();
+            buf[n] = 0xaa;
+            match parse(mode, MAX_PACKET_LEN, &buf[..n + 1]).unwrap() {
+                Packet::Init { header, header_bytes, body } => {
+                    assert_eq!(header, h);
+                    assert_eq!(header_bytes, &buf[..n]);
+                    assert_eq!(body, &[0xaa]);
+                }
+                p => panic!("{p:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_codes_are_typed_errors() {
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[1, 2, 0x11]), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[1, 1, 0x61]), Err(DecodeError::UnsupportedPattern(6)));
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[1, 1, 0x13]), Err(DecodeError::UnsupportedSuite(3)));
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[0x42]), Err(DecodeError::UnknownPacketType(0x42)));
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[]), Err(DecodeError::Empty));
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &[1, 1, 0x11, 0, 0]), Err(DecodeError::Truncated));
+        let mut t = [0u8; 40];
+        t[0] = 0x12;
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &t), Err(DecodeError::WrongMode));
+        assert_eq!(parse(Mode::Stream, 20, &t), Err(DecodeError::TooLong));
+    }
+
+    #[test]
+    fn transport_header_round_trips() {
+        let h = TransportHeader {
+            generation: false,
+            epoch_advance: false,
+            receiver_index: Some(7),
+            counter_lo: Some(0x00ab_cdef),
+        };
+        let mut buf = [0u8; 8 + TAG_LEN];
+        h.encode(Mode::Datagram, &mut buf).unwrap();
+        assert_eq!(&buf[..8], &[0x10, 0, 0, 0, 7, 0xab, 0xcd, 0xef]);
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &buf), Ok(Packet::Transport(h, &buf[..])));
+        assert_eq!(datagram_receiver_index(&buf), Some(7));
+        let s = TransportHeader { generation: true, epoch_advance: true, receiver_index: None, counter_lo: None };
+        let mut buf = [0u8; 1 + TAG_LEN];
+        s.encode(Mode::Stream, &mut buf).unwrap();
+        assert_eq!(buf[0], 0x13);
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &buf), Ok(Packet::Transport(s, &buf[..])));
+    }
+}
