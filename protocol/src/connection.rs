@@ -455,6 +455,15 @@ impl Connection {
         }
     }
 
+    /// The established session, mutably: for benchmarks and drivers that seal and open
+    /// transport packets directly. Bypasses the connection's queues and counters.
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        match &mut self.phase {
+            Phase::Established(e) => Some(&mut e.current),
+            _ => None,
+        }
+    }
+
     /// The largest payload one data message can carry to this peer right now.
     #[must_use]
     pub fn max_message_payload(&self) -> usize {
