@@ -177,8 +177,12 @@ struct Driver {
     awaiting_decision: bool,
     /// Last handshake packet we wrote (resent on timeout or duplicate).
     last_sent: Option<Vec<u8>>,
-    /// Last handshake packet we read (to recognise duplicates).
+    /// Last handshake packet we read and have not answered yet.
     last_read: Option<Vec<u8>>,
+    /// A packet we read and our answer to it: a byte-identical repeat of the former is
+    /// answered with the latter (spec §5.7). Never set for a packet we sent first, so
+    /// duplicates cannot make two peers ping-pong.
+    reply: Option<(Vec<u8>, Vec<u8>)>,
     rto: Duration,
     generation: bool,
 }
@@ -193,9 +197,11 @@ struct Established {
     /// Responder side of a re-handshake: finished, waiting for the first packet.
     pending: Option<Session>,
     rehandshake: Option<Box<Driver>>,
-    /// The last handshake packet we sent, resent if the peer repeats its own.
-    last_handshake_sent: Option<Vec<u8>>,
-    last_handshake_read: Option<Vec<u8>>,
+    /// Initiator of a 3-message pattern (datagram): FINAL, resent until the responder's
+    /// first packet arrives (spec §5.7).
+    final_sent: Option<Vec<u8>>,
+    /// See [`Driver::reply`]; dropped once the session is confirmed both ways.
+    reply: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -641,6 +647,9 @@ impl Connection {
         };
         buf.truncate(n);
         driver.last_sent = Some(buf.clone());
+        if let Some(read) = driver.last_read.take() {
+            driver.reply = Some((read, buf.clone()));
+        }
         driver.rto = rto;
         // spec §5.7: only the initiator retransmits on a timer.
         if mode == Mode::Datagram && driver.hs.role() == Role::Initiator {
@@ -654,7 +663,7 @@ impl Connection {
         let Phase::Handshaking(driver) = core::mem::replace(&mut self.phase, Phase::Closed) else {
             return Ok(());
         };
-        let Driver { hs, last_sent, last_read, generation, .. } = *driver;
+        let Driver { hs, last_sent, reply, generation, .. } = *driver;
         let role = hs.role();
         let pattern = hs.pattern();
         let remote = hs.remote_static();
@@ -681,8 +690,12 @@ impl Connection {
             previous: None,
             pending: None,
             rehandshake: None,
-            last_handshake_sent: last_sent,
-            last_handshake_read: last_read,
+            final_sent: if self.config.mode == Mode::Datagram && role == Role::Initiator && pattern.message_count() == 3 {
+                last_sent
+            } else {
+                None
+            },
+            reply: if self.config.mode == Mode::Datagram { reply } else { None },
         }));
         if confirmed {
             self.on_confirmed(now);
@@ -858,15 +871,15 @@ impl Connection {
     /// A handshake packet for a step already done: resend our answer if it is an exact
     /// duplicate of the last packet we read (datagram retransmission, spec §5.7).
     fn on_duplicate(&mut self, packet: &[u8]) -> Result<(), ConnectionError> {
-        let (last_read, last_sent) = match &self.phase {
-            Phase::Handshaking(d) => (d.last_read.as_deref(), d.last_sent.as_deref()),
-            Phase::Established(e) => (e.last_handshake_read.as_deref(), e.last_handshake_sent.as_deref()),
-            Phase::Closed | Phase::AwaitingInit => (None, None),
+        let reply = match &self.phase {
+            Phase::Handshaking(d) => d.reply.as_ref(),
+            Phase::Established(e) => e.reply.as_ref(),
+            Phase::Closed | Phase::AwaitingInit => None,
         };
-        if self.config.mode == Mode::Datagram && last_read == Some(packet) {
-            if let Some(s) = last_sent {
-                let s = s.to_vec();
-                self.control.push_back(s);
+        if let Some((read, answer)) = reply {
+            if self.config.mode == Mode::Datagram && read.as_slice() == packet {
+                let answer = answer.clone();
+                self.control.push_back(answer);
                 return Ok(());
             }
         }
@@ -951,8 +964,10 @@ impl Connection {
         }
         if let Phase::Established(est) = &mut self.phase {
             if !est.confirmed {
+                // The initiator proved it holds the keys: our cached answer is not needed.
+                est.reply = None;
                 self.on_confirmed(now);
-            } else if mode == Mode::Datagram {
+            } else if est.final_sent.take().is_some() {
                 // Any authenticated packet proves our FINAL arrived (spec §5.7).
                 self.timers.clear(Timer::Retransmit);
             }
@@ -1000,6 +1015,7 @@ impl Connection {
             return;
         };
         if let Some(new) = est.pending.take() {
+            est.reply = None;
             let old = core::mem::replace(&mut est.current, new);
             let st = old.stats();
             self.stats.rekeys += st.send_rekeys + st.recv_rekeys;
@@ -1041,8 +1057,9 @@ impl Connection {
                 if let Phase::Established(est) = &self.phase {
                     if est.rehandshake.is_some() || est.pending.is_some() {
                         // A repeat of the INIT we answered: send the cached answer again.
-                        if est.last_handshake_read.as_deref() == Some(packet) {
-                            if let Some(s) = est.last_handshake_sent.clone() {
+                        if let Some((read, answer)) = est.reply.as_ref().filter(|(r, _)| r.as_slice() == packet) {
+                            let _ = read;
+                            if let Some(s) = Some(answer.clone()) {
                                 self.priority.push_back(Outgoing::Rehandshake(s, false));
                             }
                             return Ok(());
@@ -1079,8 +1096,7 @@ impl Connection {
                 let Phase::Established(est) = &mut self.phase else {
                     return Ok(());
                 };
-                est.last_handshake_sent = Some(out);
-                est.last_handshake_read = Some(packet.to_vec());
+                est.reply = Some((packet.to_vec(), out));
                 if hs.is_finished() {
                     let (session, hash) = hs.into_session(now, config.limits, generation)?;
                     est.pending = Some(session);
@@ -1282,11 +1298,11 @@ impl Connection {
                     let at = now + d.rto;
                     self.timers.set(Timer::Retransmit, at);
                     d.last_sent.clone().map(|p| (p, true))
-                } else if self.role == Role::Initiator && e.last_handshake_sent.is_some() {
+                } else if e.final_sent.is_some() {
                     // Resending FINAL until the responder's first packet arrives.
                     let at = now + cap;
                     self.timers.set(Timer::Retransmit, at);
-                    e.last_handshake_sent.clone().map(|p| (p, false))
+                    e.final_sent.clone().map(|p| (p, false))
                 } else {
                     self.timers.clear(Timer::Retransmit);
                     None
@@ -1438,6 +1454,7 @@ impl Driver {
             awaiting_decision: false,
             last_sent: None,
             last_read: None,
+            reply: None,
             rto: config.limits.handshake_rto,
             generation,
         }

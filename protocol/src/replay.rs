@@ -30,7 +30,7 @@ const WORDS: usize = WINDOW_BITS / WORD_BITS;
 
 // The ring indexing below masks with `WINDOW_BITS - 1` and splits into whole words.
 const _: () = assert!(REPLAY_WINDOW.is_power_of_two());
-const _: () = assert!(WINDOW_BITS % WORD_BITS == 0);
+const _: () = assert!(WINDOW_BITS.is_multiple_of(WORD_BITS));
 const _: () = assert!(WINDOW_BITS as u64 == REPLAY_WINDOW);
 
 /// Why a counter was refused by the replay window (spec §8).
