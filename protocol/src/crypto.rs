@@ -292,7 +292,10 @@ impl snow::resolvers::CryptoResolver for Resolver {
     }
 
     fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
-        snow::resolvers::DefaultResolver.resolve_dh(choice)
+        match choice {
+            snow::params::DHChoice::Curve25519 => Some(Box::new(Dh25519::default())),
+            _ => None,
+        }
     }
 
     fn resolve_hash(&self, choice: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
@@ -304,11 +307,108 @@ impl snow::resolvers::CryptoResolver for Resolver {
     }
 
     fn resolve_cipher(&self, choice: &snow::params::CipherChoice) -> Option<Box<dyn snow::types::Cipher>> {
-        #[cfg(feature = "ring")]
-        if let Some(c) = snow::resolvers::RingResolver.resolve_cipher(choice) {
-            return Some(c);
+        let suite = match choice {
+            snow::params::CipherChoice::ChaChaPoly => Suite::ChaChaPolyBlake2s,
+            snow::params::CipherChoice::AESGCM => Suite::AesGcmSha256,
+            // Other ciphers exist only behind snow features Veil does not enable.
+            #[allow(unreachable_patterns)]
+            _ => return None,
+        };
+        Some(Box::new(HandshakeCipher { suite, key: CipherKey([0u8; KEY_LEN]) }))
+    }
+}
+
+/// X25519 for snow whose private key is zeroized on drop (snow's own does not zeroize).
+#[derive(Default, Zeroize, ZeroizeOnDrop)]
+struct Dh25519 {
+    secret: [u8; 32],
+    public: [u8; 32],
+}
+
+impl Dh25519 {
+    fn derive_public(&mut self) {
+        let secret = x25519_dalek::StaticSecret::from(self.secret);
+        self.public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+    }
+}
+
+impl snow::types::Dh for Dh25519 {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+
+    fn pub_len(&self) -> usize {
+        32
+    }
+
+    fn priv_len(&self) -> usize {
+        32
+    }
+
+    fn set(&mut self, privkey: &[u8]) {
+        let n = privkey.len().min(32);
+        self.secret[..n].copy_from_slice(&privkey[..n]);
+        self.derive_public();
+    }
+
+    fn generate(&mut self, rng: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
+        rng.try_fill_bytes(&mut self.secret)?;
+        self.derive_public();
+        Ok(())
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn privkey(&self) -> &[u8] {
+        &self.secret
+    }
+
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        // snow passes its fixed-size key buffer; the key is its first 32 bytes.
+        let theirs: [u8; 32] = pubkey.get(..32).and_then(|k| k.try_into().ok()).ok_or(snow::Error::Dh)?;
+        let shared = x25519_dalek::StaticSecret::from(self.secret).diffie_hellman(&x25519_dalek::PublicKey::from(theirs));
+        let dst = out.get_mut(..32).ok_or(snow::Error::Dh)?;
+        dst.copy_from_slice(shared.as_bytes());
+        Ok(())
+    }
+}
+
+/// The handshake's AEAD for snow, on Veil's own [`Aead`], with the key zeroized on drop.
+struct HandshakeCipher {
+    suite: Suite,
+    key: CipherKey,
+}
+
+impl snow::types::Cipher for HandshakeCipher {
+    fn name(&self) -> &'static str {
+        match self.suite {
+            Suite::ChaChaPolyBlake2s => "ChaChaPoly",
+            Suite::AesGcmSha256 => "AESGCM",
         }
-        snow::resolvers::DefaultResolver.resolve_cipher(choice)
+    }
+
+    fn set(&mut self, key: &[u8; KEY_LEN]) {
+        self.key.0 = *key;
+    }
+
+    fn encrypt(&self, nonce: u64, authtext: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
+        let n = plaintext.len();
+        // snow sizes `out` for plaintext plus tag; a shorter one is a snow bug, not input.
+        let Some(dst) = out.get_mut(..n + TAG_LEN) else { return 0 };
+        dst[..n].copy_from_slice(plaintext);
+        let tag = Aead::new(self.suite, &self.key).seal(self.suite, nonce, authtext, &mut dst[..n]);
+        dst[n..].copy_from_slice(&tag);
+        n + TAG_LEN
+    }
+
+    fn decrypt(&self, nonce: u64, authtext: &[u8], ciphertext: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
+        let n = ciphertext.len().checked_sub(TAG_LEN).ok_or(snow::Error::Decrypt)?;
+        let mut buf = Zeroizing::new(ciphertext.to_vec());
+        Aead::new(self.suite, &self.key).open(self.suite, nonce, authtext, &mut buf).map_err(|_| snow::Error::Decrypt)?;
+        out.get_mut(..n).ok_or(snow::Error::Decrypt)?.copy_from_slice(&buf[..n]);
+        Ok(n)
     }
 }
 
