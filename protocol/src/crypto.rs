@@ -148,7 +148,7 @@ pub(crate) struct OpenError;
 /// An AEAD keyed for one direction and epoch, sealing and opening in place.
 pub(crate) enum Aead {
     #[cfg(feature = "ring")]
-    Ring(ring::aead::LessSafeKey),
+    Ring(Box<ring::aead::LessSafeKey>),
     ChaCha(Box<chacha20poly1305::ChaCha20Poly1305>),
     AesGcm(Box<aes_gcm::Aes256Gcm>),
 }
@@ -169,7 +169,7 @@ impl Aead {
             };
             // Invariant: both algorithms take 32-byte keys, so construction cannot fail.
             if let Ok(k) = ring::aead::UnboundKey::new(alg, &key.0) {
-                return Self::Ring(ring::aead::LessSafeKey::new(k));
+                return Self::Ring(Box::new(ring::aead::LessSafeKey::new(k)));
             }
         }
         use aes_gcm::KeyInit;
