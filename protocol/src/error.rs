@@ -1,7 +1,7 @@
 //! Error types, one `#[non_exhaustive]` enum per layer, linked upward with `From`.
 //!
 //! Errors are detailed here, for local logs. What goes on the wire is coarse
-//! (spec §10): a peer learns at most a [`RejectReason`](crate::wire::RejectReason)
+//! (spec §10): a peer learns at most a [`RejectReason`]
 //! or a [`CloseReason`](crate::message::CloseReason), never why a decryption failed.
 
 use core::fmt;

@@ -1,5 +1,5 @@
 //! One Noise handshake (spec §5): snow's `HandshakeState` plus Veil's headers,
-//! prologue, payloads and indices. [`Handshake::into_session`] consumes it and yields
+//! prologue, payloads and indices. `Handshake::into_session` consumes it and yields
 //! the transport [`Session`].
 
 use core::fmt;
