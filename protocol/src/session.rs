@@ -39,7 +39,7 @@ pub fn reconstruct_counter(lo: u32, expected: u64) -> u64 {
     let base = expected & !COUNTER_LO_MASK;
     let candidate = base | lo;
     // Choose among candidate - 2^24, candidate, candidate + 2^24 the one in the window.
-    if candidate.saturating_add(HALF_COUNTER_SPACE) <= expected {
+    if candidate.saturating_add(HALF_COUNTER_SPACE) < expected {
         candidate.saturating_add(1 << COUNTER_LO_BITS)
     } else if candidate >= expected.saturating_add(HALF_COUNTER_SPACE) && candidate >= (1 << COUNTER_LO_BITS) {
         candidate - (1 << COUNTER_LO_BITS)
