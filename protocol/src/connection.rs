@@ -492,7 +492,11 @@ impl Connection {
         if self.is_closed() {
             return None;
         }
-        self.timers.next()
+        let overlap = match &self.phase {
+            Phase::Established(est) => est.overlap_deadline(),
+            _ => None,
+        };
+        [self.timers.next(), overlap].into_iter().flatten().min()
     }
 
     /// Queues a data message on `channel` and returns its id (spec §9.2). Messages queued
@@ -1262,17 +1266,15 @@ impl Connection {
             self.timers.clear(Timer::Rehandshake);
             let _ = self.start_rehandshake(now);
         }
-        if self.timers.expired(Timer::Overlap, now) {
-            self.timers.clear(Timer::Overlap);
-            if let Phase::Established(est) = &mut self.phase {
+        // spec §7.2, §7.3: replaced sessions and epoch keys live for KEY_OVERLAP only.
+        if let Phase::Established(est) = &mut self.phase {
+            if matches!(&est.previous, Some((_, until)) if now >= *until) {
                 est.previous = None;
             }
-        }
-        if let Phase::Established(est) = &mut self.phase {
             est.current.handle_timeout(now);
-            if let Some(t) = est.current.next_timeout() {
-                let at = self.timers.0[Timer::Overlap as usize].map_or(t, |o| o.min(t));
-                self.timers.set(Timer::Overlap, at);
+            match est.overlap_deadline() {
+                Some(t) => self.timers.set(Timer::Overlap, t),
+                None => self.timers.clear(Timer::Overlap),
             }
         }
         if self.timers.expired(Timer::Keepalive, now) {
@@ -1433,6 +1435,11 @@ enum Route {
 }
 
 impl Established {
+    /// When a replaced session or epoch key must next be dropped.
+    fn overlap_deadline(&self) -> Option<Timestamp> {
+        [self.previous.as_ref().map(|p| p.1), self.current.next_timeout()].into_iter().flatten().min()
+    }
+
     fn route(&self, mode: Mode, header: &TransportHeader) -> Route {
         // Stream mode tells sessions apart by the generation bit; datagram mode keeps one
         // index per connection and uses the same bit (spec §6.2, §7.3).
