@@ -202,6 +202,9 @@ struct Established {
     final_sent: Option<Vec<u8>>,
     /// See [`Driver::reply`]; dropped once the session is confirmed both ways.
     reply: Option<(Vec<u8>, Vec<u8>)>,
+    /// Initiator in datagram mode: no authenticated packet from the responder yet, so the
+    /// confirmation (or FINAL) may have been lost and is repeated (spec §5.7.2).
+    awaiting_peer: bool,
 }
 
 #[derive(Debug)]
@@ -684,8 +687,10 @@ impl Connection {
             (Role::Responder, _) => true,
         };
         self.timers.clear(Timer::Retransmit);
-        if self.config.mode == Mode::Datagram && role == Role::Initiator && pattern.message_count() == 3 {
-            // Keep resending FINAL until the responder's first packet proves it arrived.
+        let awaiting_peer = self.config.mode == Mode::Datagram && role == Role::Initiator;
+        if awaiting_peer {
+            // spec §5.7.2: repeat FINAL (XX) or the confirmation packet (IK, KK) until the
+            // responder's first authenticated packet proves it arrived.
             self.timers.set(Timer::Retransmit, now + self.config.limits.handshake_rto);
         }
         self.phase = Phase::Established(Box::new(Established {
@@ -694,12 +699,14 @@ impl Connection {
             previous: None,
             pending: None,
             rehandshake: None,
-            final_sent: if self.config.mode == Mode::Datagram && role == Role::Initiator && pattern.message_count() == 3 {
+            final_sent: if self.config.mode == Mode::Datagram && role == Role::Initiator && pattern.message_count() == 3
+            {
                 last_sent
             } else {
                 None
             },
             reply: if self.config.mode == Mode::Datagram { reply } else { None },
+            awaiting_peer,
         }));
         if confirmed {
             self.on_confirmed(now);
@@ -971,9 +978,18 @@ impl Connection {
                 // The initiator proved it holds the keys: our cached answer is not needed.
                 est.reply = None;
                 self.on_confirmed(now);
-            } else if est.final_sent.take().is_some() {
-                // Any authenticated packet proves our FINAL arrived (spec §5.7).
-                self.timers.clear(Timer::Retransmit);
+                // spec §5.7.2: in datagram mode the responder answers at once, so that the
+                // initiator stops repeating its confirmation.
+                if mode == Mode::Datagram {
+                    self.empty_packet_due = true;
+                }
+            } else if est.awaiting_peer {
+                // Any authenticated packet proves our FINAL or confirmation arrived (spec §5.7).
+                est.awaiting_peer = false;
+                est.final_sent = None;
+                if est.rehandshake.is_none() {
+                    self.timers.clear(Timer::Retransmit);
+                }
             }
         }
         if which == Route::Current {
@@ -1300,10 +1316,14 @@ impl Connection {
                     let at = now + d.rto;
                     self.timers.set(Timer::Retransmit, at);
                     d.last_sent.clone().map(|p| (p, true))
-                } else if e.final_sent.is_some() {
-                    // Resending FINAL until the responder's first packet arrives.
+                } else if e.awaiting_peer {
+                    // Resending FINAL, or the confirmation, until the responder's first
+                    // packet arrives (spec §5.7.2).
                     let at = now + cap;
                     self.timers.set(Timer::Retransmit, at);
+                    if e.final_sent.is_none() {
+                        self.empty_packet_due = true;
+                    }
                     e.final_sent.clone().map(|p| (p, false))
                 } else {
                     self.timers.clear(Timer::Retransmit);

@@ -31,7 +31,9 @@ pub const HANDSHAKE_HASH_LEN: usize = 32;
 const fn min_body_len(pattern: Pattern, index: usize) -> usize {
     match (pattern, index) {
         (Pattern::IK | Pattern::IKpsk2, 0) => DH_LEN + DH_LEN + TAG_LEN + TAG_LEN,
-        (Pattern::XX | Pattern::XXpsk3, 0) => DH_LEN,
+        (Pattern::XX, 0) => DH_LEN,
+        // With a psk, `e` also runs MixKey (Noise §9.2): message 1's payload gets a tag.
+        (Pattern::XXpsk3, 0) => DH_LEN + TAG_LEN,
         (Pattern::XX | Pattern::XXpsk3, 1) => DH_LEN + DH_LEN + TAG_LEN + TAG_LEN,
         (Pattern::XX | Pattern::XXpsk3, _) => DH_LEN + TAG_LEN + TAG_LEN,
         // IK/IKpsk2 message 1 and both KK messages: e and an encrypted payload.

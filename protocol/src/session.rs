@@ -12,7 +12,7 @@ use crate::config::Limits;
 use crate::crypto::{rekey_aead, Aead, CipherKey};
 use crate::error::{DecodeError, SessionError};
 use crate::params::{Mode, Suite};
-use crate::replay::{ReplayWindow, REPLAY_WINDOW};
+use crate::replay::ReplayWindow;
 use crate::time::Timestamp;
 use crate::wire::{self, Packet, TransportHeader, TAG_LEN};
 
@@ -66,6 +66,15 @@ impl EpochKey {
 }
 
 #[derive(Debug)]
+struct PreviousEpoch {
+    key: EpochKey,
+    until: Timestamp,
+    /// spec §8: every epoch has its own window, so packets of the old epoch still in
+    /// flight are accepted exactly once even after a time-based counter jump.
+    window: Box<ReplayWindow>,
+}
+
+#[derive(Debug)]
 struct SendHalf {
     /// Next counter to use.
     counter: u64,
@@ -76,8 +85,9 @@ struct SendHalf {
 #[derive(Debug)]
 struct RecvHalf {
     key: EpochKey,
-    /// spec §7.2: the previous epoch's key and when it stops being accepted (datagram only).
-    previous: Option<(EpochKey, Timestamp)>,
+    /// spec §7.2: the previous epoch's key, its replay window and when it stops being
+    /// accepted (datagram only).
+    previous: Option<PreviousEpoch>,
     /// Stream mode: the next expected counter.
     expected: u64,
     /// Datagram mode: the replay window (spec §8). Boxed: 1 KiB, absent in stream mode.
@@ -234,12 +244,12 @@ impl Session {
     /// The earliest time at which [`Session::handle_timeout`] has work.
     #[must_use]
     pub fn next_timeout(&self) -> Option<Timestamp> {
-        self.recv.previous.as_ref().map(|(_, until)| *until)
+        self.recv.previous.as_ref().map(|p| p.until)
     }
 
     /// Drops the previous epoch key once its overlap has passed (spec §7.2).
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if matches!(&self.recv.previous, Some((_, until)) if now >= *until) {
+        if matches!(&self.recv.previous, Some(p) if now >= p.until) {
             self.recv.previous = None;
         }
     }
@@ -336,7 +346,11 @@ impl Session {
                 }
                 let window = self.recv.window.as_deref().ok_or(SessionError::WrongSession)?;
                 let c = reconstruct_counter(header.counter_lo.unwrap_or(0), window.expected());
-                window.check(c)?;
+                // spec §8: a packet is checked against its own epoch's window.
+                match &self.recv.previous {
+                    Some(p) if epoch_of(c) == p.key.epoch => p.window.check(c)?,
+                    _ => window.check(c)?,
+                }
                 c
             }
         };
@@ -350,9 +364,13 @@ impl Session {
         if epoch == current {
             self.recv.key.aead.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
         } else if epoch < current {
-            match &self.recv.previous {
-                Some((prev, until)) if prev.epoch == epoch && now < *until => {
-                    prev.aead.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
+            match &mut self.recv.previous {
+                Some(prev) if prev.key.epoch == epoch && now < prev.until => {
+                    prev.key.aead.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
+                    // Invariant: checked against this window before decrypting.
+                    let _ = prev.window.commit(counter);
+                    self.stats.packets_received += 1;
+                    return Ok(hlen + plain.start..hlen + plain.end);
                 }
                 _ => return Err(SessionError::Replay(crate::replay::ReplayError::TooOld)),
             }
@@ -372,7 +390,14 @@ impl Session {
             let old = core::mem::replace(&mut self.recv.key, key);
             let prev = before.unwrap_or(old);
             self.recv.previous = match self.mode {
-                Mode::Datagram => Some((prev, now + self.limits.key_overlap)),
+                Mode::Datagram => {
+                    // The old window goes with the old key when the epochs are adjacent;
+                    // an epoch that was skipped entirely starts with an empty one.
+                    let fresh = Box::new(ReplayWindow::new());
+                    let old_window = self.recv.window.replace(fresh).unwrap_or_default();
+                    let window = if jump == 1 { old_window } else { Box::new(ReplayWindow::new()) };
+                    Some(PreviousEpoch { key: prev, until: now + self.limits.key_overlap, window })
+                }
                 Mode::Stream => None,
             };
             self.stats.recv_rekeys += jump;
@@ -381,16 +406,9 @@ impl Session {
             Mode::Stream => self.recv.expected = counter + 1,
             Mode::Datagram => {
                 if let Some(w) = self.recv.window.as_deref_mut() {
-                    // Invariant: check() passed above and nothing else touched the window.
+                    // Invariant: check() passed above (or the window is new for this
+                    // epoch) and nothing else touched it.
                     let _ = w.commit(counter);
-                    // spec §7.2: once the window has passed the epoch boundary, the
-                    // previous key can open nothing acceptable any more.
-                    if let (Some(high), Some((prev, _))) = (w.highest(), &self.recv.previous) {
-                        let boundary = (prev.epoch + 1) << EPOCH_BITS;
-                        if high >= boundary.saturating_add(REPLAY_WINDOW) {
-                            self.recv.previous = None;
-                        }
-                    }
                 }
             }
         }
