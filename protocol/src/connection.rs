@@ -127,6 +127,9 @@ pub struct ConnectionStats {
     pub rekeys: u64,
     /// Completed re-handshakes.
     pub rehandshakes: u64,
+    /// Re-handshake messages that arrived in an authenticated packet but were not usable
+    /// (stale, duplicate or failed); the packet itself was accepted (spec §7.3).
+    pub handshake_messages_ignored: u64,
 }
 
 /// Timers are data (spec §7.7): each slot holds an optional deadline.
@@ -183,6 +186,9 @@ struct Driver {
     /// answered with the latter (spec §5.7). Never set for a packet we sent first, so
     /// duplicates cannot make two peers ping-pong.
     reply: Option<(Vec<u8>, Vec<u8>)>,
+    /// Datagram XX/XXpsk3 responder: the seed of its handshake RNG, to rebuild the
+    /// handshake after a FINAL that failed half-way (see `restore_responder`).
+    replay_seed: Option<Zeroizing<[u8; 32]>>,
     rto: Duration,
     generation: bool,
 }
@@ -192,10 +198,12 @@ struct Established {
     current: Session,
     /// Responder: the peer has not yet proven it holds the keys (spec §5.7).
     confirmed: bool,
-    /// Replaced session, still accepted until the overlap ends (spec §7.3).
-    previous: Option<(Session, Timestamp)>,
+    /// Replaced session, still accepted until the overlap ends (spec §7.3). Boxed, like
+    /// `pending`: both exist only around a re-handshake, and inline they would triple the
+    /// size of every idle connection (spec §13).
+    previous: Option<(Box<Session>, Timestamp)>,
     /// Responder side of a re-handshake: finished, waiting for the first packet.
-    pending: Option<Session>,
+    pending: Option<Box<Session>>,
     rehandshake: Option<Box<Driver>>,
     /// Initiator of a 3-message pattern (datagram): FINAL, resent until the responder's
     /// first packet arrives (spec §5.7).
@@ -205,6 +213,12 @@ struct Established {
     /// Initiator in datagram mode: no authenticated packet from the responder yet, so the
     /// confirmation (or FINAL) may have been lost and is repeated (spec §5.7.2).
     awaiting_peer: bool,
+    /// XX re-handshake initiator: FINAL, repeated inside the old session until the new
+    /// session is confirmed (datagram mode, spec §7.3).
+    rehandshake_final: Option<Vec<u8>>,
+    /// Digest of the last re-handshake INIT or FINAL this responder answered, so that a late
+    /// repeat of it is recognised instead of starting a new re-handshake (spec §7.3).
+    answered: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -266,6 +280,8 @@ pub struct Connection {
     empty_packet_due: bool,
     timers: Timers,
     remote_static: Option<PublicKey>,
+    /// IKpsk2 responder: the psk the authorization decision named, reused by re-handshakes.
+    peer_psk: Option<Psk>,
     handshake_hash: Option<[u8; HANDSHAKE_HASH_LEN]>,
     stats: ConnectionStats,
     started: Timestamp,
@@ -315,6 +331,7 @@ impl Connection {
             empty_packet_due: false,
             timers: Timers::default(),
             remote_static: None,
+            peer_psk: None,
             handshake_hash: None,
             stats: ConnectionStats::default(),
             started: now,
@@ -580,6 +597,7 @@ impl Connection {
             let Some(psk) = psk.or_else(|| self.config.psk.clone()) else {
                 return Err(self.fail(now, HandshakeError::Config("pattern needs a pre-shared key")));
             };
+            self.peer_psk = Some(psk.clone());
             let r = match &mut self.phase {
                 Phase::Handshaking(d) => d.hs.set_psk(&psk),
                 _ => Ok(()),
@@ -653,6 +671,9 @@ impl Connection {
             Err(e) => return Err(self.fail(now, e)),
         };
         buf.truncate(n);
+        // Queued and cached packets take their own size, not the scratch buffer's ~1.2 KiB
+        // (spec §13: handshake peak and per-connection heap).
+        buf.shrink_to_fit();
         driver.last_sent = Some(buf.clone());
         if let Some(read) = driver.last_read.take() {
             driver.reply = Some((read, buf.clone()));
@@ -705,9 +726,21 @@ impl Connection {
             } else {
                 None
             },
-            reply: if self.config.mode == Mode::Datagram { reply } else { None },
+            // A repeated packet can only still come before the peer proved it has our answer:
+            // an XX responder that read FINAL has nothing left to answer.
+            reply: if self.config.mode == Mode::Datagram && !(role == Role::Responder && pattern.message_count() == 3) {
+                reply
+            } else {
+                None
+            },
             awaiting_peer,
+            rehandshake_final: None,
+            answered: None,
         }));
+        if self.control.is_empty() {
+            // As in `poll_transmit`: no buffer for handshake packets is kept for the session.
+            self.control = VecDeque::new();
+        }
         if confirmed {
             self.on_confirmed(now);
             // spec §5.7: an initiator of a 2-message pattern and an XX responder send a
@@ -719,12 +752,33 @@ impl Connection {
         Ok(())
     }
 
+    /// An XX/XXpsk3 initiator that wrote FINAL of its first handshake but has not yet
+    /// authenticated a packet from the responder: Connected, but its handshake is not
+    /// complete (spec §5.7.1).
+    fn awaiting_xx_confirmation(&self) -> bool {
+        match &self.phase {
+            Phase::Established(e) => {
+                self.role == Role::Initiator
+                    && self.config.pattern.message_count() == 3
+                    && self.stats.rehandshakes == 0
+                    && e.rehandshake.is_none()
+                    && e.previous.is_none()
+                    && e.current.stats().packets_received == 0
+            }
+            _ => false,
+        }
+    }
+
     fn on_confirmed(&mut self, now: Timestamp) {
+        // spec §5.7.1, §5.7.3: the XX initiator's handshake completes, and its timeout stops,
+        // only with the responder's first authenticated packet (see `on_transport`).
+        if !self.awaiting_xx_confirmation() {
+            self.timers.clear(Timer::Handshake);
+        }
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
         e.confirmed = true;
-        self.timers.clear(Timer::Handshake);
         let limits = self.config.limits;
         self.timers.set(Timer::Keepalive, now + limits.keepalive_interval);
         self.timers.set(Timer::Expiry, e.current.established_at() + limits.reject_after_time);
@@ -787,6 +841,11 @@ impl Connection {
                         let e = HandshakeError::Rejected(reason);
                         Err(self.fail(now, e))
                     }
+                    // spec §5.7.1, §5.8: a stream XX initiator accepts REJECT in place of the
+                    // responder's confirmation.
+                    Phase::Established(_) if self.config.mode == Mode::Stream && self.awaiting_xx_confirmation() => {
+                        Err(self.fail(now, HandshakeError::Rejected(reason)))
+                    }
                     _ => Err(HandshakeError::UnexpectedPacket.into()),
                 }
             }
@@ -844,7 +903,8 @@ impl Connection {
             self.queue_reject(header.sender_index, reason);
             return Err(self.fail(now, HandshakeError::NotAccepted));
         }
-        let mut rng = self.handshake_rng();
+        let seed = self.next_seed();
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(*seed);
         let eph = self.fixed_ephemeral();
         let remote = self.expected_peer;
         let p = HandshakeParams {
@@ -861,8 +921,15 @@ impl Connection {
             Err(e) => return Err(self.fail(now, e)),
         };
         let mut driver = Box::new(Driver::new(hs, &config, false));
+        if config.mode == Mode::Datagram && header.pattern.message_count() == 3 {
+            driver.replay_seed = Some(seed);
+        }
         if let Err(e) = driver.hs.read(body, header.sender_index) {
-            // A responder that could not read message 1 keeps nothing (spec §10).
+            // A responder that could not read message 1 keeps nothing (spec §10); in stream
+            // mode it says Malformed, whatever the check that failed (spec §10 #8, #9, §10.3).
+            if config.mode == Mode::Stream {
+                self.queue_reject(None, RejectReason::Malformed);
+            }
             return Err(self.fail(now, e));
         }
         driver.last_read = Some(packet.to_vec());
@@ -914,16 +981,77 @@ impl Connection {
             return Err(HandshakeError::UnexpectedPacket.into());
         }
         if let Err(e) = driver.hs.read(body, sender_index) {
+            // The initiator's `s` decrypted, so the handshake cipher moved on (see
+            // `restore_responder`); anything else failed before it changed state.
+            let half_read = driver.replay_seed.is_some() && driver.hs.remote_static().is_some();
             return match self.config.mode {
                 // spec §10: in datagram mode an unauthenticated packet is dropped and the
                 // handshake goes on (anyone can inject one).
-                Mode::Datagram => Err(e.into()),
-                Mode::Stream => Err(self.fail(now, e)),
+                Mode::Datagram => {
+                    if half_read {
+                        self.restore_responder();
+                    }
+                    Err(e.into())
+                }
+                Mode::Stream => {
+                    if self.role == Role::Responder {
+                        // spec §10 #8, #9: a stream responder that cannot read FINAL says Malformed.
+                        self.queue_reject(None, RejectReason::Malformed);
+                    }
+                    Err(self.fail(now, e))
+                }
             };
         }
         driver.last_read = Some(packet.to_vec());
         self.timers.clear(Timer::Retransmit);
         self.after_read(now)
+    }
+
+    /// Rebuilds a datagram XX/XXpsk3 responder's handshake as it was after writing RESP, from
+    /// the INIT it read and its RNG seed. snow rolls back only the hash and chaining key of a
+    /// failed read, not the handshake cipher: a FINAL whose `s` decrypted but whose payload
+    /// did not (a genuine FINAL altered in flight) leaves that cipher re-keyed, and every
+    /// later FINAL, the genuine one included, would fail. spec §5.4.3, §10.1: a failed read
+    /// changes no state.
+    fn restore_responder(&mut self) {
+        let config = Arc::clone(&self.config);
+        let payload = self.payload();
+        let eph = self.fixed_ephemeral();
+        let remote = self.expected_peer;
+        let local_index = self.local_index;
+        let Phase::Handshaking(driver) = &mut self.phase else {
+            return;
+        };
+        let (Some(seed), Some((init, resp))) = (driver.replay_seed.clone(), driver.reply.clone()) else {
+            return;
+        };
+        let Ok(Packet::Init { header, header_bytes, body }) =
+            wire::parse(config.mode, config.limits.packet_len(), &init)
+        else {
+            return;
+        };
+        let p = HandshakeParams {
+            config: &config,
+            pattern: header.pattern,
+            suite: header.suite,
+            local_index,
+            remote_static: remote.as_ref(),
+            psk: config.psk.as_ref(),
+            fixed_ephemeral: eph.as_ref(),
+        };
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(*seed);
+        let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
+        let rebuilt = Handshake::responder(&p, &header, header_bytes, &mut rng).and_then(|mut hs| {
+            hs.read(body, header.sender_index)?;
+            let n = hs.write(&payload, &mut out)?;
+            Ok((hs, n))
+        });
+        // The same seed gives the same ephemeral key, so the same RESP: the state is the old one.
+        if let Ok((hs, n)) = rebuilt {
+            if out[..n] == resp[..] {
+                driver.hs = hs;
+            }
+        }
     }
 
     /// After a successful read: ask for a decision if the peer's key just became known.
@@ -950,6 +1078,7 @@ impl Connection {
 
     fn on_transport(&mut self, now: Timestamp, header: TransportHeader, packet: &[u8]) -> Result<(), ConnectionError> {
         let mode = self.config.mode;
+        let completes_xx = self.awaiting_xx_confirmation();
         let Phase::Established(est) = &mut self.phase else {
             return Err(HandshakeError::UnexpectedPacket.into());
         };
@@ -970,6 +1099,9 @@ impl Connection {
         let plain = buf.freeze().slice(range);
         // The packet authenticated: everything from here on is the peer's word.
         self.timers.set(Timer::Idle, now + self.config.limits.idle_timeout);
+        if completes_xx {
+            self.timers.clear(Timer::Handshake);
+        }
         if which == Route::Pending {
             self.promote_pending(now);
         }
@@ -983,10 +1115,15 @@ impl Connection {
                 if mode == Mode::Datagram {
                     self.empty_packet_due = true;
                 }
-            } else if est.awaiting_peer {
+            } else if est.awaiting_peer && which == Route::Current {
                 // Any authenticated packet proves our FINAL or confirmation arrived (spec §5.7).
                 est.awaiting_peer = false;
+                if let Some((_, until)) = est.previous.as_mut() {
+                    // Old-session packets may still be in flight behind it (spec §7.3).
+                    *until = now + self.config.limits.key_overlap;
+                }
                 est.final_sent = None;
+                est.reply = None;
                 if est.rehandshake.is_none() {
                     self.timers.clear(Timer::Retransmit);
                 }
@@ -1023,7 +1160,13 @@ impl Connection {
                     self.finish(now, reason, true, None);
                     return Ok(());
                 }
-                Message::Handshake { packet } => self.on_rehandshake_packet(now, packet)?,
+                Message::Handshake { packet } => {
+                    // spec §7.3: an unusable re-handshake message is ignored; the packet and
+                    // the other messages in it stand.
+                    if self.on_rehandshake_packet(now, packet).is_err() {
+                        self.stats.handshake_messages_ignored += 1;
+                    }
+                }
             }
         }
         Ok(())
@@ -1036,11 +1179,16 @@ impl Connection {
         };
         if let Some(new) = est.pending.take() {
             est.reply = None;
-            let old = core::mem::replace(&mut est.current, new);
+            est.rehandshake_final = None;
+            let old = Box::new(core::mem::replace(&mut est.current, *new));
             let st = old.stats();
             self.stats.rekeys += st.send_rekeys + st.recv_rekeys;
             est.previous = Some((old, now + overlap));
             self.timers.set(Timer::Overlap, now + overlap);
+            // spec §7.3: answer at once, so that the peer stops repeating its confirmation.
+            if self.config.mode == Mode::Datagram {
+                self.empty_packet_due = true;
+            }
             self.after_rehandshake(now);
         }
     }
@@ -1068,58 +1216,67 @@ impl Connection {
     fn on_rehandshake_packet(&mut self, now: Timestamp, packet: &[u8]) -> Result<(), ConnectionError> {
         let config = Arc::clone(&self.config);
         let parsed = wire::parse(config.mode, config.limits.packet_len(), packet)?;
-        let generation = match &self.phase {
-            Phase::Established(e) => !e.current.generation(),
-            _ => return Err(HandshakeError::UnexpectedPacket.into()),
+        let Phase::Established(est) = &mut self.phase else {
+            return Err(HandshakeError::UnexpectedPacket.into());
         };
+        let generation = !est.current.generation();
+        let digest = fnv64(packet);
         match parsed {
             Packet::Init { header, header_bytes, body } if self.role == Role::Responder => {
-                if let Phase::Established(est) = &self.phase {
-                    if est.rehandshake.is_some() || est.pending.is_some() {
-                        // A repeat of the INIT we answered: send the cached answer again.
-                        if let Some((read, answer)) = est.reply.as_ref().filter(|(r, _)| r.as_slice() == packet) {
-                            let _ = read;
-                            if let Some(s) = Some(answer.clone()) {
-                                self.priority.push_back(Outgoing::Rehandshake(s, false));
-                            }
-                            return Ok(());
-                        }
-                        return Err(HandshakeError::UnexpectedPacket.into());
+                if let Some((read, answer)) = est.reply.as_ref() {
+                    if read.as_slice() == packet {
+                        // A repeat of the INIT we are answering: the answer again (spec §5.7).
+                        let answer = answer.clone();
+                        self.priority.push_back(Outgoing::Rehandshake(answer, false));
+                        return Ok(());
                     }
                 }
-                if header.pattern != config.pattern && !config.accept_patterns.contains(&header.pattern) {
+                if est.answered == Some(digest) {
+                    // A late repeat of an INIT whose re-handshake is over.
+                    return Err(HandshakeError::UnexpectedPacket.into());
+                }
+                if !config.accept_patterns.contains(&header.pattern) || !config.accept_suites.contains(&header.suite) {
                     return Err(HandshakeError::NotAccepted.into());
                 }
+                // The initiator runs one re-handshake at a time: a new INIT means it gave up
+                // on any earlier one (spec §7.3).
+                est.rehandshake = None;
+                est.pending = None;
+                est.reply = None;
                 let mut rng = self.handshake_rng();
                 let remote = self.remote_static;
+                let psk = self.peer_psk.clone().or_else(|| config.psk.clone());
                 let p = HandshakeParams {
                     config: &config,
                     pattern: header.pattern,
                     suite: header.suite,
                     local_index: self.local_index,
                     remote_static: if header.pattern.responder_knows_initiator() { remote.as_ref() } else { None },
-                    psk: config.psk.as_ref(),
+                    psk: psk.as_ref(),
                     fixed_ephemeral: None,
                 };
                 let mut hs = Handshake::responder(&p, &header, header_bytes, &mut rng)?;
                 hs.read(body, header.sender_index)?;
                 self.check_same_peer(&hs)?;
                 if hs.pattern() == Pattern::IKpsk2 {
-                    if let Some(psk) = config.psk.as_ref() {
-                        hs.set_psk(psk)?;
-                    }
+                    let psk = psk.ok_or(HandshakeError::Config("pattern needs a pre-shared key"))?;
+                    hs.set_psk(&psk)?;
                 }
                 let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
                 let n = hs.write(&self.payload(), &mut out)?;
                 out.truncate(n);
+                out.shrink_to_fit();
                 self.priority.push_back(Outgoing::Rehandshake(out.clone(), false));
+                self.timers.set(Timer::Handshake, now + config.limits.handshake_timeout);
                 let Phase::Established(est) = &mut self.phase else {
                     return Ok(());
                 };
                 est.reply = Some((packet.to_vec(), out));
+                est.answered = Some(digest);
                 if hs.is_finished() {
+                    // 2-message patterns: pending until the initiator's first new packet.
                     let (session, hash) = hs.into_session(now, config.limits, generation)?;
-                    est.pending = Some(session);
+                    est.pending = Some(Box::new(session));
                     self.handshake_hash = Some(hash);
                 } else {
                     est.rehandshake = Some(Box::new(Driver::new(hs, &config, generation)));
@@ -1127,9 +1284,6 @@ impl Connection {
                 Ok(())
             }
             Packet::Resp { body, sender_index, .. } if self.role == Role::Initiator => {
-                let Phase::Established(est) = &mut self.phase else {
-                    return Ok(());
-                };
                 let Some(driver) = est.rehandshake.as_mut() else {
                     return Err(HandshakeError::UnexpectedPacket.into());
                 };
@@ -1139,39 +1293,54 @@ impl Connection {
                 driver.hs.read(body, sender_index)?;
                 if let Some(rs) = driver.hs.remote_static() {
                     if !self.remote_static.is_some_and(|k| k.ct_eq(&rs)) {
+                        est.rehandshake = None;
                         return Err(HandshakeError::PeerKeyChanged.into());
                     }
                 }
-                if driver.hs.is_my_turn() {
-                    let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
-                    let payload = {
-                        let limit = config.limits.packet_len();
-                        HandshakePayload {
-                            max_packet_len: (limit < wire::MAX_PACKET_LEN)
-                                .then(|| u16::try_from(limit).unwrap_or(u16::MAX)),
-                            ..HandshakePayload::default()
-                        }
-                    };
-                    let n = driver.hs.write(&payload, &mut out)?;
-                    out.truncate(n);
-                    self.priority.push_back(Outgoing::Rehandshake(out, true));
-                    return Ok(());
+                if !driver.hs.is_my_turn() {
+                    // 2-message patterns: RESP proves the responder holds the new keys.
+                    return self.switch_to_new_session(now);
                 }
-                self.switch_to_new_session(now)
-            }
-            Packet::Final { body, .. } if self.role == Role::Responder => {
+                // XX: FINAL travels in the old session; the new one stays pending until the
+                // responder's first packet on it (spec §7.3).
+                let payload = self.payload();
                 let Phase::Established(est) = &mut self.phase else {
                     return Ok(());
                 };
+                let Some(mut driver) = est.rehandshake.take() else {
+                    return Ok(());
+                };
+                let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
+                let n = driver.hs.write(&payload, &mut out)?;
+                out.truncate(n);
+                out.shrink_to_fit();
+                let (session, hash) = driver.hs.into_session(now, config.limits, driver.generation)?;
+                est.pending = Some(Box::new(session));
+                est.rehandshake_final = (config.mode == Mode::Datagram).then(|| out.clone());
+                self.handshake_hash = Some(hash);
+                self.priority.push_back(Outgoing::Rehandshake(out, false));
+                if config.mode == Mode::Datagram {
+                    self.timers.set(Timer::Retransmit, now + config.limits.handshake_rto);
+                }
+                Ok(())
+            }
+            Packet::Final { body, .. } if self.role == Role::Responder => {
                 let Some(driver) = est.rehandshake.as_mut() else {
+                    if est.answered == Some(digest) && config.mode == Mode::Datagram {
+                        // Our confirmation was lost: confirm again on the new session.
+                        self.empty_packet_due = true;
+                        return Ok(());
+                    }
                     return Err(HandshakeError::UnexpectedPacket.into());
                 };
                 driver.hs.read(body, None)?;
                 if let Some(rs) = driver.hs.remote_static() {
                     if !self.remote_static.is_some_and(|k| k.ct_eq(&rs)) {
+                        est.rehandshake = None;
                         return Err(HandshakeError::PeerKeyChanged.into());
                     }
                 }
+                est.answered = Some(digest);
                 self.switch_to_new_session(now)
             }
             _ => Err(HandshakeError::UnexpectedPacket.into()),
@@ -1197,14 +1366,22 @@ impl Connection {
         };
         let generation = driver.generation;
         let (session, hash) = driver.hs.into_session(now, config.limits, generation)?;
-        let old = core::mem::replace(&mut est.current, session);
+        let old = Box::new(core::mem::replace(&mut est.current, session));
         let st = old.stats();
         self.stats.rekeys += st.send_rekeys + st.recv_rekeys;
         est.previous = Some((old, now + config.limits.key_overlap));
+        // The peer's FINAL or RESP arrived: a repeat of its INIT needs no answer any more.
+        est.reply = None;
         self.timers.set(Timer::Overlap, now + config.limits.key_overlap);
         self.handshake_hash = Some(hash);
         self.empty_packet_due = true;
+        let repeat = config.mode == Mode::Datagram && self.role == Role::Initiator;
+        est.awaiting_peer = repeat;
         self.after_rehandshake(now);
+        if repeat {
+            // spec §7.3: repeat the confirmation until the responder answers on the new session.
+            self.timers.set(Timer::Retransmit, now + config.limits.handshake_rto);
+        }
         Ok(())
     }
 
@@ -1230,6 +1407,7 @@ impl Connection {
         let mut out = alloc::vec![0u8; wire::HANDSHAKE_PAYLOAD_MAX + 160];
         let n = driver.hs.write(&self.payload(), &mut out)?;
         out.truncate(n);
+        out.shrink_to_fit();
         driver.last_sent = Some(out.clone());
         self.priority.push_back(Outgoing::Rehandshake(out, false));
         if let Phase::Established(est) = &mut self.phase {
@@ -1250,8 +1428,9 @@ impl Connection {
         let limits = self.config.limits;
         if self.timers.expired(Timer::Handshake, now) {
             self.timers.clear(Timer::Handshake);
+            let first_handshake_open = self.awaiting_xx_confirmation();
             match &mut self.phase {
-                Phase::Established(est) if est.confirmed => {
+                Phase::Established(est) if est.confirmed && !first_handshake_open => {
                     // A re-handshake that did not finish: forget it, the current session
                     // carries on until it expires (spec §7.3).
                     est.rehandshake = None;
@@ -1284,7 +1463,9 @@ impl Connection {
         }
         // spec §7.2, §7.3: replaced sessions and epoch keys live for KEY_OVERLAP only.
         if let Phase::Established(est) = &mut self.phase {
-            if matches!(&est.previous, Some((_, until)) if now >= *until) {
+            // An initiator still repeating its confirmation keeps the old session: the
+            // responder sends on it until it has seen the new one (spec §7.3).
+            if !est.awaiting_peer && matches!(&est.previous, Some((_, until)) if now >= *until) {
                 est.previous = None;
             }
             est.current.handle_timeout(now);
@@ -1316,6 +1497,10 @@ impl Connection {
                     let at = now + d.rto;
                     self.timers.set(Timer::Retransmit, at);
                     d.last_sent.clone().map(|p| (p, true))
+                } else if let Some(f) = e.rehandshake_final.clone() {
+                    // XX re-handshake: FINAL again, inside the old session (spec §7.3).
+                    self.timers.set(Timer::Retransmit, now + cap);
+                    Some((f, true))
                 } else if e.awaiting_peer {
                     // Resending FINAL, or the confirmation, until the responder's first
                     // packet arrives (spec §5.7.2).
@@ -1352,6 +1537,11 @@ impl Connection {
             let dst = buf.get_mut(..n).ok_or(ConnectionError::BufferTooSmall)?;
             dst.copy_from_slice(p);
             self.control.pop_front();
+            if self.control.is_empty() && matches!(self.phase, Phase::Established(_)) {
+                // Handshake packets and rejects are done: an idle session keeps no buffer
+                // for them (spec §13). Only a lost-FINAL resend refills it.
+                self.control = VecDeque::new();
+            }
             self.count_sent(n);
             return Ok(Some(n));
         }
@@ -1367,8 +1557,20 @@ impl Connection {
         }
         let session = &mut est.current;
         let hlen = session.header_len();
-        let room = session.max_plaintext_len().min(buf.len().saturating_sub(hlen + wire::TAG_LEN));
+        let limit = session.max_plaintext_len();
+        let room = limit.min(buf.len().saturating_sub(hlen + wire::TAG_LEN));
         let mut at = hlen;
+        let mut abandon = false;
+        // A control message that can never fit the peer's packet limit would block the queue:
+        // drop it; for a re-handshake message that abandons the re-handshake (spec §3.3).
+        while self.priority.front().is_some_and(|m| m.message().encoded_len() > limit) {
+            abandon |= matches!(self.priority.pop_front(), Some(Outgoing::Rehandshake(..)));
+        }
+        if abandon {
+            est.rehandshake = None;
+            est.pending = None;
+            est.rehandshake_final = None;
+        }
         let mut taken_data = 0u64;
         let mut taken_bytes = 0usize;
         let mut switch = false;
@@ -1405,6 +1607,10 @@ impl Connection {
             }
         }
         if at == hlen && !self.empty_packet_due && closing.is_none() {
+            if self.priority.is_empty() && self.queue.is_empty() {
+                // Only an oversized control message was pending, and it was dropped.
+                return Ok(None);
+            }
             // The front message does not fit in `buf`.
             return Err(ConnectionError::BufferTooSmall);
         }
@@ -1447,6 +1653,12 @@ impl Connection {
     }
 }
 
+/// FNV-1a: recognises repeats of our own peer's handshake packets (not a security check:
+/// the packets already authenticated inside the session).
+fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Current,
@@ -1482,6 +1694,7 @@ impl Driver {
             last_sent: None,
             last_read: None,
             reply: None,
+            replay_seed: None,
             rto: config.limits.handshake_rto,
             generation,
         }

@@ -265,13 +265,22 @@ impl snow::types::Random for SeededRandom {
 /// from a seed drawn from the caller's RNG.
 pub(crate) struct Resolver {
     seed: Zeroizing<[u8; 32]>,
+    /// This node's identity, so that snow's X25519 reuses its public key (see [`Dh25519`]).
+    identity: Option<KnownStatic>,
 }
 
 impl Resolver {
     pub(crate) fn new(rng: &mut dyn CryptoRngCore) -> Self {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
-        Self { seed }
+        Self { seed, identity: None }
+    }
+
+    /// Lets the X25519 objects handed to snow take `identity`'s public key as it is
+    /// instead of recomputing it for every handshake.
+    pub(crate) fn with_identity(mut self, identity: &StaticKeypair) -> Self {
+        self.identity = Some(KnownStatic { secret: identity.secret.to_bytes(), public: identity.public.0 });
+        self
     }
 
     pub(crate) fn boxed(self) -> snow::resolvers::BoxedCryptoResolver {
@@ -293,7 +302,9 @@ impl snow::resolvers::CryptoResolver for Resolver {
 
     fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
         match choice {
-            snow::params::DHChoice::Curve25519 => Some(Box::new(Dh25519::default())),
+            snow::params::DHChoice::Curve25519 => {
+                Some(Box::new(Dh25519 { known: self.identity.clone(), ..Dh25519::default() }))
+            }
             _ => None,
         }
     }
@@ -318,15 +329,34 @@ impl snow::resolvers::CryptoResolver for Resolver {
     }
 }
 
-/// X25519 for snow whose private key is zeroized on drop (snow's own does not zeroize).
-#[derive(Default, Zeroize, ZeroizeOnDrop)]
-struct Dh25519 {
+/// A key pair whose public half is already known: the node's identity.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+struct KnownStatic {
     secret: [u8; 32],
     public: [u8; 32],
 }
 
+/// X25519 for snow whose private key is zeroized on drop (snow's own does not zeroize).
+///
+/// snow sets the static private key on every handshake it builds, and deriving the public
+/// key is a fixed-base scalar multiplication; when the key is the node's identity, whose
+/// public key [`StaticKeypair`] already holds, that work is skipped (one multiplication
+/// per side and handshake; see `benches/RESULTS.md`).
+#[derive(Default, Zeroize, ZeroizeOnDrop)]
+struct Dh25519 {
+    secret: [u8; 32],
+    public: [u8; 32],
+    known: Option<KnownStatic>,
+}
+
 impl Dh25519 {
     fn derive_public(&mut self) {
+        if let Some(k) = &self.known {
+            if bool::from(k.secret.ct_eq(&self.secret)) {
+                self.public = k.public;
+                return;
+            }
+        }
         let secret = x25519_dalek::StaticSecret::from(self.secret);
         self.public = x25519_dalek::PublicKey::from(&secret).to_bytes();
     }
@@ -368,7 +398,8 @@ impl snow::types::Dh for Dh25519 {
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
         // snow passes its fixed-size key buffer; the key is its first 32 bytes.
         let theirs: [u8; 32] = pubkey.get(..32).and_then(|k| k.try_into().ok()).ok_or(snow::Error::Dh)?;
-        let shared = x25519_dalek::StaticSecret::from(self.secret).diffie_hellman(&x25519_dalek::PublicKey::from(theirs));
+        let shared =
+            x25519_dalek::StaticSecret::from(self.secret).diffie_hellman(&x25519_dalek::PublicKey::from(theirs));
         let dst = out.get_mut(..32).ok_or(snow::Error::Dh)?;
         dst.copy_from_slice(shared.as_bytes());
         Ok(())
@@ -406,7 +437,9 @@ impl snow::types::Cipher for HandshakeCipher {
     fn decrypt(&self, nonce: u64, authtext: &[u8], ciphertext: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
         let n = ciphertext.len().checked_sub(TAG_LEN).ok_or(snow::Error::Decrypt)?;
         let mut buf = Zeroizing::new(ciphertext.to_vec());
-        Aead::new(self.suite, &self.key).open(self.suite, nonce, authtext, &mut buf).map_err(|_| snow::Error::Decrypt)?;
+        Aead::new(self.suite, &self.key)
+            .open(self.suite, nonce, authtext, &mut buf)
+            .map_err(|_| snow::Error::Decrypt)?;
         out.get_mut(..n).ok_or(snow::Error::Decrypt)?.copy_from_slice(&buf[..n]);
         Ok(n)
     }
@@ -458,6 +491,22 @@ mod tests {
             assert!(aead.open(suite, 9, b"hdR", &mut wrong_ad).is_err());
             assert!(aead.open(suite, 9, b"hdr", &mut [0u8; 5]).is_err());
         }
+    }
+
+    #[test]
+    fn a_known_identity_gives_the_same_public_key_as_deriving_it() {
+        use snow::types::Dh;
+        let id = StaticKeypair::from_secret_bytes([5u8; 32]);
+        let known = KnownStatic { secret: id.secret.to_bytes(), public: id.public.0 };
+        let mut cached = Dh25519 { known: Some(known.clone()), ..Dh25519::default() };
+        cached.set(&[5u8; 32]);
+        let mut derived = Dh25519::default();
+        derived.set(&[5u8; 32]);
+        assert_eq!(cached.pubkey(), derived.pubkey());
+        // Any other key is derived, never taken from the cache.
+        let mut other = Dh25519 { known: Some(known), ..Dh25519::default() };
+        other.set(&[6u8; 32]);
+        assert_eq!(other.pubkey(), StaticKeypair::from_secret_bytes([6u8; 32]).public().as_bytes());
     }
 
     #[test]

@@ -110,7 +110,8 @@ impl Handshake {
         let mut pro = [0u8; PROLOGUE_MAX];
         let pro_len = prologue(p.config.mode, init_header, &mut pro);
         let secret = p.config.identity.secret_bytes();
-        let mut b = snow::Builder::with_resolver(params, Resolver::new(rng).boxed())
+        let resolver = Resolver::new(rng).with_identity(&p.config.identity);
+        let mut b = snow::Builder::with_resolver(params, resolver.boxed())
             .prologue(&pro[..pro_len])
             .map_err(snow_error)?
             .local_private_key(secret.as_ref())

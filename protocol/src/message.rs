@@ -140,13 +140,20 @@ pub enum Message<'a> {
 struct DataBody<'a> {
     channel: u16,
     id: u64,
-    #[serde(borrow)]
+    #[serde(borrow, serialize_with = "as_bytes")]
     payload: &'a [u8],
 }
 
 /// A byte string encoded as postcard bytes (length prefix, then the bytes).
 #[derive(Serialize, Deserialize)]
-struct Bytes<'a>(#[serde(borrow)] &'a [u8]);
+struct Bytes<'a>(#[serde(borrow, serialize_with = "as_bytes")] &'a [u8]);
+
+/// Serializes a byte slice as serde bytes. serde's default for `&[u8]` is a sequence of
+/// `u8`, which postcard writes one byte at a time; as bytes it is one copy. postcard
+/// encodes both the same way (varint length, then the raw bytes), so the wire is unchanged.
+fn as_bytes<S: serde::Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(bytes)
+}
 
 fn varint_len(mut v: u64) -> usize {
     let mut n = 1;
@@ -291,6 +298,22 @@ pub fn validate(plaintext: &[u8]) -> Result<usize, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_strings_encode_as_a_postcard_sequence_of_u8() {
+        // The bulk-copy encoding must stay byte-for-byte what serde's default `&[u8]`
+        // (a sequence of u8) gave, the format spec §9.2 describes.
+        let payload: alloc::vec::Vec<u8> = (0..300u16).map(|i| (i % 251) as u8).collect();
+        let mut ours = [0u8; 400];
+        let n = Message::Data { channel: 3, id: 200, payload: &payload }.encode(&mut ours).unwrap();
+        let mut seq = [0u8; 400];
+        let m = postcard::to_slice(&(3u16, 200u64, payload.clone()), &mut seq).unwrap().len();
+        assert_eq!(ours[0], KIND_DATA);
+        assert_eq!(&ours[1..n], &seq[..m]);
+        let n = Message::Handshake { packet: &payload }.encode(&mut ours).unwrap();
+        let m = postcard::to_slice(&payload, &mut seq).unwrap().len();
+        assert_eq!(&ours[1..n], &seq[..m]);
+    }
 
     #[test]
     fn messages_round_trip_with_exact_lengths() {

@@ -29,7 +29,7 @@ pub const TYPE_HANDSHAKE_REJECT: u8 = 0x04;
 pub const TYPE_COOKIE_REPLY: u8 = 0x05;
 /// spec §4.1: transport packets use 0x10..=0x13, the low two bits being flags.
 pub const TYPE_TRANSPORT: u8 = 0x10;
-/// spec §6.2: transport flag bit 0, the session generation parity (stream mode only).
+/// spec §6.2: transport flag bit 0, the session generation parity (both modes, spec §7.3).
 pub const FLAG_GENERATION: u8 = 0x01;
 /// spec §6.2: transport flag bit 1, "this packet starts the next epoch" (stream mode only).
 pub const FLAG_EPOCH_ADVANCE: u8 = 0x02;

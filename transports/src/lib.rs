@@ -1,17 +1,97 @@
-//! Veil transports: the tokio drivers around the sans-IO [`veil-protocol`] core.
+//! # veil-transports
 //!
-//! **Status: empty placeholder.** Nothing here works yet, so nothing is exported. The drivers land
-//! with the transports issue:
+//! The tokio drivers around the sans-IO [`veil_protocol`] core: the only part of Veil
+//! that owns sockets and reads the clock (spec §3).
 //!
-//! - **TCP**: one frame = `u16` big-endian length + bytes (Noise's 65 535-byte limit), framed with
-//!   tokio-util's `LengthDelimitedCodec`.
-//! - **UDP**: one Veil packet per datagram; one socket serves every peer.
-//! - **In-memory** pipes for tests and examples.
+//! An [`Endpoint`] listens on TCP and/or UDP and connects out. [`Endpoint::accept`]
+//! yields a [`Connection`] only once its handshake has completed, the peer's static key
+//! has passed the [`Authorizer`] (spec §5.5) and the session is confirmed (spec §5.7).
+//! A `Connection` sends and receives messages ([`Connection::send`],
+//! [`Connection::recv`]) concurrently, closes with a reason ([`Connection::close`]) and
+//! exposes the peer's key, the handshake hash and traffic counters.
 //!
-//! This crate will be the only place in Veil that owns sockets and reads the clock: it converts
-//! `tokio::time::Instant` into the protocol's `Timestamp` and feeds the core through its
-//! `handle_*` / `poll_*` methods. Until then, drive `veil-protocol` directly (see its
-//! `pair` example).
+//! ```
+//! use bytes::Bytes;
+//! use veil_protocol::{CloseReason, StaticKeypair};
+//! use veil_transports::{Authorizer, Endpoint};
 //!
-//! [`veil-protocol`]: https://example.invalid/veil
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut rng = rand::rngs::OsRng;
+//! let server_id = StaticKeypair::generate(&mut rng);
+//! let client_id = StaticKeypair::generate(&mut rng);
+//! let client_key = *client_id.public();
+//!
+//! // The server accepts only the client it knows.
+//! let server = Endpoint::builder(server_id)
+//!     .authorizer(Authorizer::allowlist([client_key]))
+//!     .listen_tcp("127.0.0.1:0".parse()?)
+//!     .bind()
+//!     .await?;
+//! let client = Endpoint::builder(client_id).bind().await?;
+//!
+//! // IK (the default): the client knows the server's static key in advance.
+//! let addr = server.local_tcp_addr().expect("listening");
+//! let (to_server, from_client) =
+//!     tokio::try_join!(client.connect_tcp(addr, Some(server.public_key())), server.accept())?;
+//! assert_eq!(from_client.remote_static(), client_key);
+//! assert_eq!(to_server.handshake_hash(), from_client.handshake_hash());
+//!
+//! to_server.send(Bytes::from_static(b"temperature=21.5")).await?;
+//! let msg = from_client.recv().await?;
+//! assert_eq!(msg.payload, "temperature=21.5");
+//!
+//! to_server.close(CloseReason::Normal).await?;
+//! assert!(from_client.recv().await.unwrap_err().is_closed());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Carriers
+//!
+//! - **TCP** (stream mode, spec §3.1): frames are a `u16` big-endian length and the
+//!   packet, read with tokio-util's `LengthDelimitedCodec`; a frame longer than
+//!   `max_packet_len` is refused before anything is allocated for it. Each connection is
+//!   one task; reads and writes proceed concurrently, and under load queued messages share
+//!   one frame (spec §6.4) and frames share one write.
+//! - **UDP** (datagram mode, spec §3.2): one socket per endpoint. A socket task
+//!   demultiplexes datagrams by the receiver's session index; `HANDSHAKE_INIT` creates a
+//!   responder. The core retransmits handshake packets with backoff and keeps the replay
+//!   window. A peer that moves is followed once a packet from its new address
+//!   authenticates, never before. Messages larger than one datagram
+//!   ([`EndpointLimits::datagram_size`]) are refused with [`Error::MessageTooLarge`].
+//!
+//! ## Limits
+//!
+//! [`EndpointLimits`]: maximum connections, maximum concurrent inbound handshakes, a
+//! per-address handshake rate (token bucket), bounded queues everywhere (a slow peer
+//! makes `send` wait, it never grows a buffer). From the protocol's [`veil_protocol::Limits`]:
+//! the maximum packet (= frame) length and the handshake timeout that drops a silent peer.
+//! Inbound peers that never become a `Connection` are counted in [`Endpoint::stats`] and
+//! reported with a typed error through [`Endpoint::handshake_failures`].
+//!
+//! ## Time
+//!
+//! Each endpoint reads `tokio::time::Instant` and hands the core
+//! [`Timestamp`](veil_protocol::Timestamp)s in microseconds since the endpoint started;
+//! the core's `poll_timeout` deadlines become `tokio::time::sleep_until`. Nothing else in
+//! Veil reads a clock.
+//!
+//! Each connection logs in its own `tracing` span (`veil_conn`: id, transport, peer
+//! address, role). Keys, hashes and payloads are never logged.
 #![forbid(unsafe_code)]
+
+mod clock;
+mod config;
+mod connection;
+mod driver;
+mod endpoint;
+mod error;
+mod limiter;
+mod tcp;
+mod udp;
+
+pub use config::{AuthRequest, Authorizer, EndpointLimits, Transport, DEFAULT_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE};
+pub use connection::{Connection, Message};
+pub use endpoint::{Endpoint, EndpointBuilder, EndpointStats, HandshakeFailure};
+pub use error::Error;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use veil_protocol::{
-    Config, Connection, ConnectionError, Decision, Duration, Event, Mode, Pattern, Psk, PublicKey, Role, StaticKeypair,
-    Suite, Timestamp,
+    Closed, Config, Connection, ConnectionError, Decision, Duration, Event, Mode, Pattern, Psk, PublicKey, Role,
+    StaticKeypair, Suite, Timestamp,
 };
 
 /// Which way a packet travels.
@@ -43,6 +43,9 @@ pub struct Pair {
     pub a_key: PublicKey,
     pub b_key: PublicKey,
     pub buf: Vec<u8>,
+    /// The configurations the two sides were built with (see [`Pair::fresh_responder`]).
+    pub a_config: Arc<Config>,
+    pub b_config: Arc<Config>,
 }
 
 pub fn keypair(seed: u8) -> StaticKeypair {
@@ -78,6 +81,12 @@ impl Pair {
     }
 
     pub fn with(s: Setup) -> Self {
+        Self::with_configs(s, |_| {}, |_| {})
+    }
+
+    /// Like [`Pair::with`], letting the caller edit each side's configuration (accept
+    /// lists, limits…) before the connections are built.
+    pub fn with_configs(s: Setup, edit_a: impl FnOnce(&mut Config), edit_b: impl FnOnce(&mut Config)) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
         let a_id = keypair(1);
         let b_id = keypair(2);
@@ -91,11 +100,14 @@ impl Pair {
         let mut cb = Config::new(b_id, s.mode);
         cb.psk = s.b_psk.map(Psk::new);
         cb.limits = s.limits;
+        edit_a(&mut ca);
+        edit_b(&mut cb);
+        let (ca, cb) = (Arc::new(ca), Arc::new(cb));
         let now = Timestamp::from_millis(1_000);
         let a_remote = if s.pattern.initiator_knows_responder() { Some(s.a_expects.unwrap_or(b_key)) } else { None };
         let b_remote = if s.pattern.responder_knows_initiator() { Some(a_key) } else { None };
-        let a = Connection::new(Arc::new(ca), Role::Initiator, a_remote, now, &mut rng).unwrap();
-        let b = Connection::new(Arc::new(cb), Role::Responder, b_remote, now, &mut rng).unwrap();
+        let a = Connection::new(Arc::clone(&ca), Role::Initiator, a_remote, now, &mut rng).unwrap();
+        let b = Connection::new(Arc::clone(&cb), Role::Responder, b_remote, now, &mut rng).unwrap();
         Self {
             a,
             b,
@@ -113,7 +125,19 @@ impl Pair {
             a_key,
             b_key,
             buf: vec![0u8; 65_535],
+            a_config: ca,
+            b_config: cb,
         }
+    }
+
+    /// Replaces the responder by a fresh one with the same configuration, as a datagram
+    /// endpoint does for the next INIT once a broken one failed its connection (spec §10.3).
+    /// Events and errors recorded so far are kept.
+    pub fn fresh_responder(&mut self) {
+        let pattern = self.a_config.pattern;
+        let b_remote = if pattern.responder_knows_initiator() { Some(self.a_key) } else { None };
+        self.b =
+            Connection::new(Arc::clone(&self.b_config), Role::Responder, b_remote, self.now, &mut self.rng).unwrap();
     }
 
     /// Moves everything each side wants to send into flight (through the hook).
@@ -258,4 +282,30 @@ pub fn all_combinations() -> Vec<(Pattern, Suite, Mode)> {
         }
     }
     v
+}
+
+/// The `Closed` event among `events`, if any.
+pub fn closed(events: &[Event]) -> Option<&Closed> {
+    events.iter().find_map(|e| match e {
+        Event::Closed(c) => Some(c),
+        _ => None,
+    })
+}
+
+/// The handshake hashes of the `Connected` events among `events`, in order.
+pub fn connected_hashes(events: &[Event]) -> Vec<[u8; 32]> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connected { handshake_hash, .. } => Some(*handshake_hash),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `p` with bit `bit` (0 = most significant bit of byte 0) inverted.
+pub fn flip_bit(p: &[u8], bit: usize) -> Vec<u8> {
+    let mut q = p.to_vec();
+    q[bit / 8] ^= 0x80 >> (bit % 8);
+    q
 }

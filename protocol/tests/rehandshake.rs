@@ -1,0 +1,147 @@
+//! Re-handshakes under loss, duplication and odd limits (spec §5.9, §7.3).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod util;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use util::*;
+use veil_protocol::{Decision, Duration, Mode, Pattern, Psk, Suite};
+
+#[test]
+fn a_tampered_final_does_not_stop_the_genuine_one() {
+    for p in [Pattern::XX, Pattern::XXpsk3] {
+        let mut pair = Pair::new(p, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+        pair.hook = Some(Box::new(|d, p: Vec<u8>| {
+            if d == Dir::AtoB && p[0] == 0x03 {
+                let mut t = p.clone();
+                let n = t.len();
+                t[n - 1] ^= 1;
+                vec![t, p]
+            } else {
+                vec![p]
+            }
+        }));
+        pair.drive();
+        assert!(pair.connected(), "{p:?}: {:?}", pair.b_errors);
+    }
+}
+
+#[test]
+fn an_abandoned_rehandshake_is_retried_and_succeeds() {
+    let mut pair = Pair::new(Pattern::IK, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+    pair.drive();
+    let drop_b = Rc::new(RefCell::new(true));
+    let d2 = Rc::clone(&drop_b);
+    pair.hook = Some(Box::new(move |d, p: Vec<u8>| if d == Dir::BtoA && *d2.borrow() { vec![] } else { vec![p] }));
+    pair.a.start_rehandshake(pair.now).unwrap();
+    pair.drive();
+    pair.advance(Duration::from_secs(11));
+    assert_eq!(pair.a.stats().rehandshakes, 0);
+    *drop_b.borrow_mut() = false;
+    for _ in 0..6 {
+        pair.a.send(1, Bytes::from_static(b"x")).unwrap();
+        pair.advance(Duration::from_secs(5));
+    }
+    assert!(pair.connected());
+    assert_eq!(pair.a.stats().rehandshakes, 1, "{:?}", pair.a.stats());
+    assert_eq!(pair.b.stats().rehandshakes, 1, "{:?}", pair.b.stats());
+    assert_eq!(pair.a.handshake_hash(), pair.b.handshake_hash());
+    assert_eq!(pair.b_messages().len(), 6);
+}
+
+#[test]
+fn a_lost_final_in_an_xx_rehandshake_is_repeated() {
+    for p in [Pattern::XX, Pattern::XXpsk3] {
+        let mut pair = Pair::new(p, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+        pair.drive();
+        let count = Rc::new(RefCell::new(0u32));
+        let c2 = Rc::clone(&count);
+        // The initiator's second packet after starting carries FINAL: lose it.
+        pair.hook = Some(Box::new(move |d, p: Vec<u8>| {
+            if d == Dir::AtoB {
+                *c2.borrow_mut() += 1;
+                if *c2.borrow() == 2 {
+                    return vec![];
+                }
+            }
+            vec![p]
+        }));
+        pair.a.start_rehandshake(pair.now).unwrap();
+        pair.drive();
+        for _ in 0..5 {
+            pair.a.send(1, Bytes::from_static(b"up")).unwrap();
+            pair.b.send(1, Bytes::from_static(b"down")).unwrap();
+            pair.advance(Duration::from_secs(2));
+        }
+        assert!(pair.connected(), "{p:?}");
+        assert_eq!((pair.a.stats().rehandshakes, pair.b.stats().rehandshakes), (1, 1), "{p:?}");
+        assert_eq!(pair.a.handshake_hash(), pair.b.handshake_hash());
+        assert_eq!(pair.b_messages().len(), 5, "{p:?}");
+        assert_eq!(pair.a_messages().len(), 5, "{p:?}");
+    }
+}
+
+#[test]
+fn data_packed_behind_a_stale_rehandshake_message_is_delivered() {
+    let mut pair = Pair::new(Pattern::IK, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+    pair.drive();
+    pair.a.start_rehandshake(pair.now).unwrap();
+    let mut buf = vec![0u8; 2000];
+    let n = pair.a.poll_transmit(pair.now, &mut buf).unwrap().unwrap();
+    let init1 = buf[..n].to_vec();
+    pair.deliver_to_b(&init1).unwrap();
+    let n = pair.b.poll_transmit(pair.now, &mut buf).unwrap().unwrap();
+    let resp1 = buf[..n].to_vec();
+    // The INIT is retransmitted; the responder answers the repeat with RESP again, and
+    // queued data shares that packet.
+    pair.now = pair.now + Duration::from_millis(1000);
+    pair.a.handle_timeout(pair.now);
+    let n = pair.a.poll_transmit(pair.now, &mut buf).unwrap().unwrap();
+    let init2 = buf[..n].to_vec();
+    pair.b.send(7, Bytes::from_static(b"packed-after-resp")).unwrap();
+    pair.deliver_to_b(&init2).unwrap();
+    let n = pair.b.poll_transmit(pair.now, &mut buf).unwrap().unwrap();
+    let resp2 = buf[..n].to_vec();
+    pair.deliver_to_a(&resp1).unwrap();
+    // The repeated RESP is stale by now, but the packet stands and its data is delivered.
+    pair.deliver_to_a(&resp2).unwrap();
+    assert_eq!(pair.a_messages(), vec![(7, 0, b"packed-after-resp".to_vec())]);
+    assert_eq!(pair.a.stats().handshake_messages_ignored, 1);
+    pair.drive();
+    assert_eq!(pair.a.stats().rehandshakes, 1);
+}
+
+#[test]
+fn a_per_initiator_psk_is_kept_for_rehandshakes() {
+    for mode in [Mode::Stream, Mode::Datagram] {
+        let mut s = Setup::new(Pattern::IKpsk2, Suite::ChaChaPolyBlake2s, mode);
+        s.a_psk = Some([9u8; 32]);
+        s.b_psk = None;
+        let mut pair = Pair::with(s);
+        pair.decide_b = Some(Decision::Allow { psk: Some(Psk::new([9u8; 32])) });
+        pair.drive();
+        assert!(pair.connected());
+        pair.a.start_rehandshake(pair.now).unwrap();
+        pair.drive();
+        assert_eq!((pair.a.stats().rehandshakes, pair.b.stats().rehandshakes), (1, 1), "{mode:?} {:?}", pair.b_errors);
+        assert!(pair.connected());
+    }
+}
+
+#[test]
+fn a_rehandshake_that_cannot_fit_the_peer_limit_is_abandoned_not_stuck() {
+    let mut s = Setup::new(Pattern::IK, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+    s.limits.max_packet_len = 128;
+    let mut pair = Pair::with(s);
+    pair.drive();
+    assert!(pair.connected());
+    pair.a.start_rehandshake(pair.now).unwrap();
+    pair.a.send(1, Bytes::from_static(b"still flows")).unwrap();
+    pair.drive();
+    assert_eq!(pair.b_messages(), vec![(1, 0, b"still flows".to_vec())]);
+    assert_eq!(pair.a.stats().rehandshakes, 0);
+    assert!(pair.connected());
+}

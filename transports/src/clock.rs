@@ -1,0 +1,52 @@
+//! The one place Veil reads a clock: `tokio::time::Instant`, converted to the core's
+//! [`Timestamp`] (µs since the endpoint started) and back.
+
+use tokio::time::Instant;
+use veil_protocol::Timestamp;
+
+/// An endpoint's time base. Copy it freely: every copy agrees.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Self { start: Instant::now() }
+    }
+
+    /// Now, as the core sees it.
+    pub(crate) fn now(&self) -> Timestamp {
+        self.timestamp(Instant::now())
+    }
+
+    /// `at` as a timestamp. Floors to the microsecond, so that a timer armed with
+    /// [`Clock::instant`] never wakes before its deadline as the core computes it.
+    pub(crate) fn timestamp(&self, at: Instant) -> Timestamp {
+        let micros = at.saturating_duration_since(self.start).as_micros();
+        Timestamp::from_micros(u64::try_from(micros).unwrap_or(u64::MAX))
+    }
+
+    /// The instant of a core deadline (far future if it does not fit).
+    pub(crate) fn instant(&self, t: Timestamp) -> Instant {
+        let d = std::time::Duration::from_micros(t.as_micros());
+        self.start.checked_add(d).unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(86_400 * 365))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_round_trip_and_never_wake_early() {
+        let clock = Clock::new();
+        tokio::time::advance(std::time::Duration::from_millis(1_500)).await;
+        let now = clock.now();
+        assert_eq!(now, Timestamp::from_millis(1_500));
+        let deadline = Timestamp::from_micros(2_000_123);
+        tokio::time::sleep_until(clock.instant(deadline)).await;
+        assert!(clock.now() >= deadline);
+        assert_eq!(clock.timestamp(clock.instant(deadline)), deadline);
+    }
+}

@@ -1,0 +1,167 @@
+//! Endpoint configuration: transport-level limits and the authorization callback.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use veil_protocol::{Decision, PublicKey, Role};
+
+/// The carrier a connection runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// TCP, stream mode (spec §3.1).
+    Tcp,
+    /// UDP, datagram mode (spec §3.2).
+    Udp,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// IPv6 minimum MTU (1280) minus the IPv6 (40) and UDP (8) headers: a datagram of this
+/// size crosses any IPv6 path without fragmentation (the same choice as QUIC and DNS).
+pub const DEFAULT_DATAGRAM_SIZE: usize = 1_232;
+/// The largest UDP payload over IPv4 (65 535 − 20 − 8).
+pub const MAX_DATAGRAM_SIZE: usize = 65_507;
+
+/// Limits an endpoint enforces on top of the protocol's own (which live in
+/// [`veil_protocol::Limits`]: `max_packet_len` is the maximum TCP frame, and
+/// `handshake_timeout` drops a silent peer).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointLimits {
+    /// Live connections (both directions, both transports). Inbound connections above it
+    /// are refused with `REJECT(Busy)`; `connect` fails with
+    /// [`Error::TooManyConnections`](crate::Error::TooManyConnections).
+    pub max_connections: usize,
+    /// Inbound handshakes in progress. Above it new peers get `REJECT(Busy)`.
+    pub max_handshakes: usize,
+    /// Sustained inbound handshakes per second allowed from one IP address (token bucket).
+    pub handshake_rate_per_ip: f64,
+    /// Bucket size of the per-address rate limit (handshakes allowed in a burst).
+    pub handshake_burst_per_ip: u32,
+    /// Largest UDP datagram sent or accepted (clamped to 128..=65 507). A message that
+    /// does not fit in one datagram is refused with
+    /// [`Error::MessageTooLarge`](crate::Error::MessageTooLarge).
+    pub datagram_size: usize,
+    /// Messages a connection's `send` may queue ahead of its driver before it waits.
+    pub send_queue: usize,
+    /// Received messages held for `recv` before the driver stops reading (TCP) or drops
+    /// datagrams (UDP).
+    pub recv_queue: usize,
+    /// Datagrams queued from the UDP socket to one connection before further ones are
+    /// dropped.
+    pub datagram_queue: usize,
+    /// Established inbound connections waiting for `accept`.
+    pub accept_queue: usize,
+    /// How long a closing connection may take to flush its last packets and to hand the
+    /// application the messages that arrived before the close; whatever is left then is
+    /// dropped. Also bounds how long [`Connection::close`](crate::Connection::close) waits
+    /// for queued messages to get through.
+    pub close_linger: Duration,
+    /// The TCP listen backlog.
+    pub tcp_backlog: u32,
+    /// Kernel send buffer of TCP sockets (`SO_SNDBUF`); `None` keeps the kernel's
+    /// autotuning. Smaller buffers bound per-connection memory and make backpressure
+    /// reach `send` sooner.
+    pub tcp_send_buffer: Option<u32>,
+    /// Kernel receive buffer of TCP sockets (`SO_RCVBUF`); `None` keeps autotuning.
+    pub tcp_recv_buffer: Option<u32>,
+}
+
+impl Default for EndpointLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_handshakes: 1_024,
+            handshake_rate_per_ip: 50.0,
+            handshake_burst_per_ip: 100,
+            datagram_size: DEFAULT_DATAGRAM_SIZE,
+            send_queue: 64,
+            recv_queue: 64,
+            datagram_queue: 256,
+            accept_queue: 128,
+            close_linger: Duration::from_secs(2),
+            tcp_backlog: 1_024,
+            tcp_send_buffer: None,
+            tcp_recv_buffer: None,
+        }
+    }
+}
+
+/// What the authorization callback is told about a peer (spec §5.5).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct AuthRequest<'a> {
+    /// The peer's authenticated static key.
+    pub remote_static: &'a PublicKey,
+    /// The certificate the peer sent, if any (opaque until the trust layer).
+    pub certificate: Option<&'a [u8]>,
+    /// Where the peer's packets come from (not authenticated).
+    pub remote_addr: SocketAddr,
+    /// The carrier.
+    pub transport: Transport,
+    /// This side's role: responders decide about every initiator; an XX initiator
+    /// decides about the responder it reached.
+    pub role: Role,
+}
+
+type AuthorizeFn = dyn Fn(&AuthRequest<'_>) -> Decision + Send + Sync;
+
+/// The authorization decision (spec §5.5): called once per handshake, as soon as the
+/// peer's static key is known, before any message is accepted. It runs on the
+/// connection's task, so it must not block.
+///
+/// An endpoint without one denies every peer it has to decide about.
+#[derive(Clone)]
+pub struct Authorizer(Arc<AuthorizeFn>);
+
+impl Authorizer {
+    /// Wraps a callback.
+    pub fn new(f: impl Fn(&AuthRequest<'_>) -> Decision + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Allows every peer that completes the handshake (for tests and open services).
+    #[must_use]
+    pub fn allow_all() -> Self {
+        Self::new(|_| Decision::allow())
+    }
+
+    /// Denies every peer.
+    #[must_use]
+    pub fn deny_all() -> Self {
+        Self::new(|_| Decision::Deny)
+    }
+
+    /// Allows exactly the listed static keys.
+    pub fn allowlist(keys: impl IntoIterator<Item = PublicKey>) -> Self {
+        // Public keys are not secret: a hash lookup's timing reveals nothing worth hiding.
+        let keys: HashSet<PublicKey> = keys.into_iter().collect();
+        Self::new(move |req| if keys.contains(req.remote_static) { Decision::allow() } else { Decision::Deny })
+    }
+
+    pub(crate) fn decide(&self, req: &AuthRequest<'_>) -> Decision {
+        (self.0)(req)
+    }
+}
+
+impl Default for Authorizer {
+    fn default() -> Self {
+        Self::deny_all()
+    }
+}
+
+impl fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Authorizer(..)")
+    }
+}

@@ -1,0 +1,776 @@
+//! The per-connection driver: one tokio task that owns a sans-IO
+//! [`veil_protocol::Connection`], its carrier (a TCP stream, or a UDP connection's
+//! share of the endpoint socket) and its timer, and talks to the application's
+//! [`Connection`] handle through bounded channels.
+//!
+//! The task is a loop around one `select!`: reading, writing, the application's
+//! commands, delivery to the application and the core's timer all make progress
+//! concurrently; after each wake-up [`Driver::pump`] drains the core's events and packets.
+//! Backpressure is structural: the driver stops taking commands while its write buffer
+//! is full, and stops reading while the application has not taken what was delivered.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+use veil_protocol::wire::{self, RejectReason, MAX_PACKET_LEN};
+use veil_protocol::{CloseReason, Closed, ConnectionError, Decision, Event, Role};
+
+use crate::config::{AuthRequest, Transport};
+use crate::connection::{lock, Command, ConnShared, Connection, DriverEnds, Message};
+use crate::endpoint::{EndpointShared, Slot};
+use crate::error::Error;
+use crate::udp::Registration;
+
+/// Bytes of TCP frames buffered for writing before the driver stops producing packets.
+const TCP_WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Datagrams buffered for sending before the driver stops producing packets.
+const UDP_WRITE_HIGH_WATER: usize = 64;
+/// Free space the TCP read buffer keeps before a read.
+const READ_RESERVE: usize = 4 * 1024;
+/// An empty read or write buffer with more capacity than this is released.
+const IDLE_BUFFER_MAX: usize = 16 * 1024;
+/// Commands taken from the handle in one go (they then share packets, spec §6.4).
+const COMMAND_BATCH: usize = 1_024;
+/// Worst-case framing of one data message: kind (1), channel (≤ 3), id (≤ 10), length
+/// (≤ 3) — the same bound the core's `max_message_payload` uses (spec §9.2).
+const DATA_FRAMING_MAX: usize = 17;
+
+thread_local! {
+    /// One packet buffer per worker thread instead of 64 KiB per connection: the core
+    /// writes into it and the bytes are copied out before the next await.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_PACKET_LEN]);
+}
+
+/// What a read produced.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// One packet, with its source address (UDP).
+    Packet(Bytes, Option<SocketAddr>),
+    /// The carrier has nothing more to give.
+    End,
+    /// The carrier failed (I/O or framing).
+    Failed(Error),
+}
+
+/// The read side of a carrier.
+#[derive(Debug)]
+pub(crate) enum Input {
+    Tcp { reader: OwnedReadHalf, buf: BytesMut, codec: LengthDelimitedCodec, max: usize },
+    Udp(mpsc::Receiver<(Bytes, SocketAddr)>),
+}
+
+impl Input {
+    /// spec §3.1: frames are a u16 big-endian length and the packet; a length above
+    /// `max` is refused by the codec before it reserves room for the frame.
+    pub(crate) fn tcp(reader: OwnedReadHalf, max: usize) -> Self {
+        let codec =
+            LengthDelimitedCodec::builder().length_field_type::<u16>().big_endian().max_frame_length(max).new_codec();
+        Self::Tcp { reader, buf: BytesMut::new(), codec, max }
+    }
+
+    /// The next packet. Cancel-safe: bytes read stay in the buffer, the codec keeps its state.
+    async fn next(&mut self) -> Incoming {
+        match self {
+            Self::Tcp { reader, buf, codec, max } => loop {
+                match codec.decode(buf) {
+                    Ok(Some(frame)) if frame.is_empty() => return Incoming::Failed(Error::EmptyFrame),
+                    Ok(Some(frame)) => {
+                        if buf.is_empty() && buf.capacity() > IDLE_BUFFER_MAX {
+                            *buf = BytesMut::new();
+                        }
+                        return Incoming::Packet(frame.freeze(), None);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let too_long = e.get_ref().is_some_and(|i| {
+                            i.downcast_ref::<tokio_util::codec::LengthDelimitedCodecError>().is_some()
+                        });
+                        return Incoming::Failed(if too_long { Error::FrameTooLarge { max: *max } } else { e.into() });
+                    }
+                }
+                if buf.capacity() - buf.len() < READ_RESERVE {
+                    buf.reserve(READ_RESERVE);
+                }
+                match reader.read_buf(buf).await {
+                    Ok(0) => return Incoming::End,
+                    Ok(_) => {}
+                    Err(e) => return Incoming::Failed(e.into()),
+                }
+            },
+            Self::Udp(rx) => match rx.recv().await {
+                Some((p, from)) => Incoming::Packet(p, Some(from)),
+                None => Incoming::End,
+            },
+        }
+    }
+}
+
+/// The write side of a carrier.
+#[derive(Debug)]
+pub(crate) enum Output {
+    Tcp { writer: OwnedWriteHalf, buf: BytesMut },
+    Udp { socket: Arc<UdpSocket>, peer: SocketAddr, queue: VecDeque<Bytes> },
+}
+
+impl Output {
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Tcp { buf, .. } => buf.is_empty(),
+            Self::Udp { queue, .. } => queue.is_empty(),
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        match self {
+            Self::Tcp { buf, .. } => buf.len() < TCP_WRITE_HIGH_WATER,
+            Self::Udp { queue, .. } => queue.len() < UDP_WRITE_HIGH_WATER,
+        }
+    }
+
+    /// Queues one packet: a frame (spec §3.1) or a datagram (spec §3.2).
+    fn push(&mut self, packet: &[u8]) {
+        match self {
+            Self::Tcp { buf, .. } => {
+                // The same layout the reader's `LengthDelimitedCodec` expects; packets never
+                // exceed MAX_PACKET_LEN, so the length fits.
+                buf.reserve(2 + packet.len());
+                buf.put_u16(u16::try_from(packet.len()).unwrap_or(u16::MAX));
+                buf.extend_from_slice(packet);
+            }
+            Self::Udp { queue, .. } => queue.push_back(Bytes::copy_from_slice(packet)),
+        }
+    }
+
+    /// Writes as much as the socket takes. Cancel-safe: a write either happened and was
+    /// accounted for, or did not happen.
+    async fn write_some(&mut self) -> io::Result<()> {
+        match self {
+            Self::Tcp { writer, buf } => {
+                // Everything queued goes in one write: queued messages share frames and
+                // frames share writes.
+                let n = writer.write(buf).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                buf.advance(n);
+                if buf.is_empty() && buf.capacity() > IDLE_BUFFER_MAX {
+                    // An idle connection should not keep a burst's buffer.
+                    *buf = BytesMut::new();
+                }
+                Ok(())
+            }
+            Self::Udp { socket, peer, queue } => {
+                if let Some(d) = queue.front() {
+                    // A datagram the socket refuses is lost, like one the network drops.
+                    if let Err(e) = socket.send_to(d, *peer).await {
+                        tracing::debug!(error = %e, "datagram not sent");
+                    }
+                    queue.pop_front();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if let Self::Tcp { writer, .. } = self {
+            let _ = writer.shutdown().await;
+        }
+    }
+}
+
+/// Who waits for the handshake's result.
+#[derive(Debug)]
+pub(crate) enum Ready {
+    /// `connect` waits for the connection or the error.
+    Initiator(Option<oneshot::Sender<Result<Connection, Error>>>),
+    /// The connection goes to the accept queue; failures are reported to the endpoint.
+    Responder,
+}
+
+/// Why the select loop woke up.
+enum Wake {
+    Shutdown,
+    ForceClose(Option<CloseReason>),
+    Wrote(io::Result<()>),
+    Input(Incoming),
+    Delivered(bool),
+    HandedOff(bool),
+    Command(Option<Command>),
+    Timer,
+    Linger,
+}
+
+/// One connection's task state. Deliberately not `Debug`: the core's state includes
+/// queued plaintext, which must never reach a log.
+pub(crate) struct Driver {
+    pub(crate) ep: Arc<EndpointShared>,
+    pub(crate) core: veil_protocol::Connection,
+    pub(crate) transport: Transport,
+    pub(crate) remote_addr: SocketAddr,
+    pub(crate) id: u64,
+    pub(crate) input: Input,
+    pub(crate) output: Output,
+    pub(crate) ready: Ready,
+    /// Holds one of `max_connections` while the task lives.
+    pub(crate) _connection_slot: Slot,
+    /// Holds one of `max_handshakes` until the session is established.
+    pub(crate) handshake_slot: Option<Slot>,
+    /// UDP: this connection's entry in the socket's demultiplexing table.
+    pub(crate) _registration: Option<Registration>,
+    ends: Option<DriverEnds>,
+    shared: Option<Arc<ConnShared>>,
+    handoff: Option<Connection>,
+    pending: VecDeque<Message>,
+    /// A message the core's queue could not take yet.
+    held: Option<(u16, Bytes)>,
+    /// The first local error that ends the connection; wins over the core's report.
+    error: Option<Error>,
+    closed: Option<Closed>,
+    close_requested: Option<CloseReason>,
+    closing_since: Option<Instant>,
+    linger_expired: bool,
+    input_done: bool,
+    carrier_dead: bool,
+    shutdown_seen: bool,
+    /// Largest packet we produce: the frame maximum (TCP) or the datagram size (UDP).
+    send_limit: usize,
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        ep: Arc<EndpointShared>,
+        core: veil_protocol::Connection,
+        transport: Transport,
+        remote_addr: SocketAddr,
+        input: Input,
+        output: Output,
+        ready: Ready,
+        connection_slot: Slot,
+        handshake_slot: Option<Slot>,
+        registration: Option<Registration>,
+    ) -> Self {
+        let send_limit = match transport {
+            Transport::Tcp => MAX_PACKET_LEN,
+            Transport::Udp => ep.datagram_config.limits.packet_len(),
+        };
+        Self {
+            id: ep.next_id(),
+            ep,
+            core,
+            transport,
+            remote_addr,
+            input,
+            output,
+            ready,
+            _connection_slot: connection_slot,
+            handshake_slot,
+            _registration: registration,
+            ends: None,
+            shared: None,
+            handoff: None,
+            pending: VecDeque::new(),
+            held: None,
+            error: None,
+            closed: None,
+            close_requested: None,
+            closing_since: None,
+            linger_expired: false,
+            input_done: false,
+            carrier_dead: false,
+            shutdown_seen: false,
+            send_limit,
+        }
+    }
+
+    /// The tracing span every event of this connection is logged in. Peer keys are public;
+    /// nothing secret (keys, hashes, payloads) is ever logged.
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "veil_conn",
+            id = self.id,
+            transport = %self.transport,
+            peer = %self.remote_addr,
+            role = ?self.core.role(),
+        )
+    }
+
+    /// Runs the connection to its end.
+    pub(crate) async fn run(mut self) {
+        tracing::debug!("connection task started");
+        let outcome = self.drive().await;
+        self.finish(outcome).await;
+    }
+
+    async fn drive(&mut self) -> Error {
+        self.pump();
+        loop {
+            if let Some(outcome) = self.done() {
+                return outcome;
+            }
+            let timer = self.core.poll_timeout().map(|t| self.ep.clock.instant(t));
+            let linger = self.closing_since.map(|t| t + self.ep.limits.close_linger);
+            let take_commands = self.can_take_commands();
+            let can_read = !self.input_done && self.pending.is_empty() && self.closed.is_none();
+            let has_ends = self.ends.is_some();
+            let can_write = !self.output.is_empty() && !self.carrier_dead;
+            let watch_shutdown = !self.shutdown_seen;
+            let watch_linger = linger.is_some() && !self.linger_expired;
+            let wake = {
+                let Self { ep, input, output, ends, pending, handoff, .. } = self;
+                let (cmd, force, incoming) = match ends {
+                    Some(e) => (Some(&mut e.cmd), Some(&mut e.force_close), Some(&e.incoming)),
+                    None => (None, None, None),
+                };
+                tokio::select! {
+                    () = ep.shutdown.cancelled(), if watch_shutdown => Wake::Shutdown,
+                    r = force_changed(force), if has_ends => Wake::ForceClose(r),
+                    r = output.write_some(), if can_write => Wake::Wrote(r),
+                    r = input.next(), if can_read => Wake::Input(r),
+                    ok = deliver(incoming, pending), if !pending.is_empty() => Wake::Delivered(ok),
+                    ok = hand_off(&ep.accept_tx, handoff), if handoff.is_some() => Wake::HandedOff(ok),
+                    c = recv_command(cmd), if take_commands => Wake::Command(c),
+                    () = sleep_until(timer), if timer.is_some() => Wake::Timer,
+                    () = sleep_until(linger), if watch_linger => Wake::Linger,
+                }
+            };
+            self.on_wake(wake);
+            self.pump();
+        }
+    }
+
+    fn on_wake(&mut self, wake: Wake) {
+        let now = self.ep.clock.now();
+        match wake {
+            Wake::Shutdown => {
+                self.shutdown_seen = true;
+                self.request_close(CloseReason::ShuttingDown);
+            }
+            Wake::ForceClose(reason) => {
+                // The ordered `Close` could not get through: close with what the core has.
+                self.request_close(reason.unwrap_or(CloseReason::Normal));
+                if let Some(e) = self.ends.as_mut() {
+                    e.cmd.close();
+                }
+            }
+            Wake::Wrote(Ok(())) => {}
+            Wake::Wrote(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                self.fail(e.into());
+                self.carrier_dead = true;
+            }
+            Wake::Input(incoming) => self.on_input(incoming),
+            Wake::Delivered(true) | Wake::Timer => {}
+            Wake::HandedOff(true) => {
+                self.ep.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            Wake::Delivered(false) => {
+                // The application dropped every handle.
+                self.pending.clear();
+                self.request_close(CloseReason::Normal);
+            }
+            Wake::HandedOff(false) => {
+                // The endpoint is gone: nobody will accept this connection.
+                self.handoff = None;
+                self.request_close(CloseReason::ShuttingDown);
+            }
+            Wake::Command(None) => self.request_close(CloseReason::Normal),
+            Wake::Command(Some(cmd)) => {
+                self.apply(cmd);
+                let mut n = 1;
+                while n < COMMAND_BATCH && self.can_take_commands() {
+                    let Some(Ok(cmd)) = self.ends.as_mut().map(|e| e.cmd.try_recv()) else { break };
+                    self.apply(cmd);
+                    n += 1;
+                }
+            }
+            Wake::Linger => self.linger_expired = true,
+        }
+        // Whatever woke us, run the core's timers that are due (they may fire late,
+        // never early).
+        if self.core.poll_timeout().is_some_and(|t| now >= t) {
+            self.core.handle_timeout(now);
+        }
+    }
+
+    fn on_input(&mut self, incoming: Incoming) {
+        let now = self.ep.clock.now();
+        match incoming {
+            Incoming::Packet(packet, from) => match self.core.handle_input(now, &packet) {
+                Ok(()) => {
+                    if let Some(from) = from {
+                        self.maybe_roam(&packet, from);
+                    }
+                }
+                Err(e) => match self.transport {
+                    // spec §10.1: in datagram mode anyone can inject a packet; a refused one
+                    // is dropped and the session goes on.
+                    Transport::Udp => tracing::trace!(error = %e, "datagram dropped"),
+                    // spec §10.1: in stream mode any refused packet ends the connection.
+                    Transport::Tcp => {
+                        tracing::debug!(error = %e, "packet refused");
+                        if !self.core.is_closed() {
+                            self.fail(Error::Protocol(e));
+                            self.request_close(CloseReason::ProtocolViolation);
+                        }
+                    }
+                },
+            },
+            Incoming::End => {
+                self.input_done = true;
+                if self.transport == Transport::Tcp {
+                    if !self.core.is_closed() {
+                        self.fail(Error::CarrierClosed);
+                    }
+                    self.carrier_dead = true;
+                }
+            }
+            Incoming::Failed(e) => {
+                self.input_done = true;
+                tracing::debug!(error = %e, "carrier failed");
+                let framing = matches!(e, Error::FrameTooLarge { .. } | Error::EmptyFrame);
+                self.fail(e);
+                if !framing {
+                    self.carrier_dead = true;
+                    return;
+                }
+                // spec §10.2 #3: a bad length is fatal; a responder still in its handshake
+                // answers REJECT(Malformed), an established session sends Close.
+                if self.core.role() == Role::Responder && self.shared.is_none() && !self.core.is_closed() {
+                    self.output.push(&[wire::TYPE_HANDSHAKE_REJECT, RejectReason::Malformed.code()]);
+                }
+                self.request_close(CloseReason::ProtocolViolation);
+            }
+        }
+    }
+
+    /// Roaming (UDP): follow the peer to a new address once a packet from there has
+    /// authenticated — a transport packet that the core accepted — and never before.
+    fn maybe_roam(&mut self, packet: &[u8], from: SocketAddr) {
+        let is_transport = packet.first().is_some_and(|t| t & !wire::FLAG_GENERATION == wire::TYPE_TRANSPORT);
+        if !is_transport || from == self.remote_addr {
+            return;
+        }
+        tracing::info!(from = %self.remote_addr, to = %from, "peer moved to a new address");
+        self.remote_addr = from;
+        if let Output::Udp { peer, .. } = &mut self.output {
+            *peer = from;
+        }
+        if let Some(s) = &self.shared {
+            *lock(&s.remote_addr) = from;
+        }
+    }
+
+    /// Records the error that ends the connection. Once the session has closed, carrier
+    /// errors (a peer that hung up after its `Close`) change nothing.
+    fn fail(&mut self, e: Error) {
+        if self.error.is_none() && self.closed.is_none() {
+            self.error = Some(e);
+        }
+    }
+
+    fn request_close(&mut self, reason: CloseReason) {
+        if self.close_requested.is_none() {
+            self.close_requested = Some(reason);
+            self.closing_since.get_or_insert_with(Instant::now);
+            self.handoff = None;
+            let now = self.ep.clock.now();
+            self.core.close(now, reason);
+        }
+    }
+
+    fn can_take_commands(&self) -> bool {
+        self.ends.is_some()
+            && self.held.is_none()
+            && self.close_requested.is_none()
+            && self.closed.is_none()
+            && self.output.has_room()
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send { channel, payload } => self.send(channel, payload),
+            Command::Close(reason) => self.request_close(reason),
+        }
+    }
+
+    fn send(&mut self, channel: u16, payload: Bytes) {
+        match self.core.send(channel, payload.clone()) {
+            Ok(_) => {}
+            Err(ConnectionError::QueueFull) => self.held = Some((channel, payload)),
+            Err(e) => tracing::debug!(error = %e, "message not sent"),
+        }
+    }
+
+    /// Largest payload of one `send`: what the peer accepts (core) and what fits in the
+    /// packets we produce.
+    fn max_payload(&self) -> usize {
+        let ours = self.send_limit.saturating_sub(wire::transport_overhead(self.core_mode()) + DATA_FRAMING_MAX);
+        self.core.max_message_payload().min(ours)
+    }
+
+    fn core_mode(&self) -> veil_protocol::Mode {
+        match self.transport {
+            Transport::Tcp => veil_protocol::Mode::Stream,
+            Transport::Udp => veil_protocol::Mode::Datagram,
+        }
+    }
+
+    /// Drains the core: events (decisions, messages, state changes), then packets, until
+    /// neither produces anything new.
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            let now = self.ep.clock.now();
+            if let Some((channel, payload)) = self.held.take() {
+                self.send(channel, payload);
+            }
+            while let Some(ev) = self.core.poll_event() {
+                progressed = true;
+                self.on_event(ev);
+            }
+            let mut internal = None;
+            SCRATCH.with_borrow_mut(|buf| {
+                let buf = &mut buf[..self.send_limit];
+                while self.output.has_room() {
+                    match self.core.poll_transmit(now, buf) {
+                        Ok(Some(n)) => {
+                            self.output.push(&buf[..n]);
+                            progressed = true;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            internal = Some(e);
+                            break;
+                        }
+                    }
+                }
+            });
+            if let Some(e) = internal {
+                // Only a packet larger than our buffer: a bug, not the peer's doing.
+                tracing::error!(error = %e, "cannot produce packet");
+                self.fail(Error::Protocol(e));
+                self.request_close(CloseReason::InternalError);
+            }
+            self.deliver_ready();
+            if !progressed {
+                break;
+            }
+        }
+        self.publish();
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let now = self.ep.clock.now();
+        match ev {
+            Event::AuthorizationRequired { remote_static, certificate } => {
+                let req = AuthRequest {
+                    remote_static: &remote_static,
+                    certificate: certificate.as_deref(),
+                    remote_addr: self.remote_addr,
+                    transport: self.transport,
+                    role: self.core.role(),
+                };
+                let decision = self.ep.authorizer.decide(&req);
+                if matches!(decision, Decision::Deny) {
+                    tracing::info!(remote = ?remote_static, "peer denied");
+                }
+                // A denial closes the core, which reports it with `Closed`.
+                let _ = self.core.authorize(now, decision);
+            }
+            Event::Connected { remote_static, handshake_hash } => {
+                tracing::info!(remote = ?remote_static, "connection established");
+                let shared = Arc::new(ConnShared {
+                    id: self.id,
+                    transport: self.transport,
+                    role: self.core.role(),
+                    remote_static,
+                    remote_addr: Mutex::new(self.remote_addr),
+                    handshake_hash: Mutex::new(handshake_hash),
+                    max_payload: self.max_payload().into(),
+                    stats: Mutex::new(self.core.stats()),
+                });
+                let limits = &self.ep.limits;
+                let (conn, ends) =
+                    Connection::new(Arc::clone(&shared), limits.send_queue, limits.recv_queue, limits.close_linger);
+                self.shared = Some(shared);
+                self.ends = Some(ends);
+                self.handshake_slot = None;
+                match &mut self.ready {
+                    Ready::Initiator(tx) => {
+                        if let Some(tx) = tx.take() {
+                            // If `connect` was abandoned the handle drops here and the
+                            // connection closes.
+                            let _ = tx.send(Ok(conn));
+                        }
+                    }
+                    Ready::Responder => self.handoff = Some(conn),
+                }
+            }
+            Event::Message { channel, id, payload } => self.pending.push_back(Message { channel, id, payload }),
+            Event::Rehandshaked { handshake_hash } => {
+                tracing::debug!("re-handshake complete");
+                if let Some(s) = &self.shared {
+                    *lock(&s.handshake_hash) = handshake_hash;
+                }
+            }
+            Event::Closed(c) => {
+                tracing::debug!(reason = %c.reason, by_peer = c.by_peer, error = ?c.error, "session closed");
+                self.closing_since.get_or_insert_with(Instant::now);
+                self.handoff = None;
+                self.closed = Some(c);
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands received messages to the application while its queue has room.
+    fn deliver_ready(&mut self) {
+        let Some(ends) = &self.ends else {
+            if self.closed.is_some() {
+                self.pending.clear();
+            }
+            return;
+        };
+        while let Some(m) = self.pending.pop_front() {
+            match ends.incoming.try_send(m) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    self.pending.push_front(m);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.pending.clear();
+                    if self.handoff.is_none() {
+                        self.request_close(CloseReason::Normal);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        if let Some(s) = &self.shared {
+            *lock(&s.stats) = self.core.stats();
+            s.max_payload.store(self.max_payload(), Ordering::Relaxed);
+        }
+    }
+
+    /// The outcome, once the connection has nothing left to do.
+    fn done(&self) -> Option<Error> {
+        let finished = self.carrier_dead
+            || self.linger_expired
+            || self.closed.is_some() && self.output.is_empty() && self.pending.is_empty();
+        finished.then(|| self.outcome())
+    }
+
+    fn outcome(&self) -> Error {
+        if let Some(e) = &self.error {
+            return e.clone();
+        }
+        match &self.closed {
+            Some(Closed { error: Some(e), .. }) => Error::Protocol(e.clone()),
+            Some(Closed { reason, by_peer, .. }) => Error::Closed { reason: *reason, by_peer: *by_peer },
+            None => Error::Closed { reason: self.close_requested.unwrap_or(CloseReason::Normal), by_peer: false },
+        }
+    }
+
+    async fn finish(mut self, outcome: Error) {
+        // The handshake is over either way: free its slot before anyone hears about it.
+        self.handshake_slot = None;
+        if !self.carrier_dead {
+            let linger = self.ep.limits.close_linger;
+            let _ = tokio::time::timeout(linger, self.output.shutdown()).await;
+        }
+        self.publish();
+        match &outcome {
+            Error::Closed { reason, by_peer } => tracing::info!(%reason, by_peer, "connection closed"),
+            e if self.shared.is_some() => tracing::info!(error = %e, "connection ended"),
+            e => tracing::debug!(error = %e, "handshake failed"),
+        }
+        match &mut self.ready {
+            Ready::Initiator(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Err(outcome.clone()));
+                }
+            }
+            Ready::Responder if self.shared.is_none() => {
+                self.ep.report_failure(self.remote_addr, self.transport, outcome.clone());
+            }
+            Ready::Responder => {}
+        }
+        if let Some(mut ends) = self.ends.take() {
+            // Refuse further commands, then publish the outcome, then close the message
+            // channel: whoever sees a channel closed finds the outcome set.
+            ends.cmd.close();
+            ends.outcome.send_replace(Some(outcome));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_command(rx: Option<&mut mpsc::Receiver<Command>>) -> Option<Command> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn force_changed(rx: Option<&mut tokio::sync::watch::Receiver<Option<CloseReason>>>) -> Option<CloseReason> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => *rx.borrow_and_update(),
+            // Every handle is gone; the command channel reports that too.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for room in the application's queue and hands over the oldest message.
+/// `false` when the application is gone.
+async fn deliver(tx: Option<&mpsc::Sender<Message>>, pending: &mut VecDeque<Message>) -> bool {
+    let Some(tx) = tx else { return std::future::pending().await };
+    match tx.reserve().await {
+        Ok(permit) => {
+            if let Some(m) = pending.pop_front() {
+                permit.send(m);
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits for room in the accept queue and hands over the connection. `false` when the
+/// endpoint is gone.
+async fn hand_off(tx: &mpsc::Sender<Connection>, conn: &mut Option<Connection>) -> bool {
+    match tx.reserve().await {
+        Ok(permit) => {
+            if let Some(c) = conn.take() {
+                permit.send(c);
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}

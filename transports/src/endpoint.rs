@@ -1,0 +1,457 @@
+//! The [`Endpoint`]: sockets, limits and the accept queue shared by all connections.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use veil_protocol::{Config, Mode, Pattern, Psk, PublicKey, StaticKeypair, Suite, Timestamp};
+
+use crate::clock::Clock;
+use crate::config::{Authorizer, EndpointLimits, Transport, MAX_DATAGRAM_SIZE};
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::limiter::RateLimiter;
+use crate::{tcp, udp};
+
+/// Failures kept for slow [`Endpoint::handshake_failures`] subscribers before the oldest
+/// are dropped (they then see `Lagged`).
+const FAILURE_BACKLOG: usize = 256;
+
+/// An inbound peer that never became a [`Connection`]: refused by a limit, or whose
+/// handshake failed (garbage, oversized frame, silence, denial…).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HandshakeFailure {
+    /// Where the peer's packets came from.
+    pub remote_addr: SocketAddr,
+    /// The carrier.
+    pub transport: Transport,
+    /// What went wrong.
+    pub error: Error,
+}
+
+/// Endpoint counters (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStats {
+    /// Live connections (including those still handshaking).
+    pub connections: usize,
+    /// Inbound handshakes in progress.
+    pub handshakes: usize,
+    /// Inbound connections handed to `accept`.
+    pub accepted: u64,
+    /// Inbound handshakes that failed (including timeouts and denials).
+    pub handshake_failures: u64,
+    /// Inbound peers refused by the per-address rate limit.
+    pub refused_rate_limited: u64,
+    /// Inbound peers refused by `max_connections` or `max_handshakes`.
+    pub refused_busy: u64,
+    /// UDP datagrams dropped before reaching a connection (unknown index, malformed,
+    /// oversized, or the connection's queue was full).
+    pub datagrams_dropped: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    connections: AtomicUsize,
+    handshakes: AtomicUsize,
+    pub(crate) accepted: AtomicU64,
+    handshake_failures: AtomicU64,
+    refused_rate_limited: AtomicU64,
+    refused_busy: AtomicU64,
+    pub(crate) datagrams_dropped: AtomicU64,
+}
+
+/// What every task of an endpoint shares.
+#[derive(Debug)]
+pub(crate) struct EndpointShared {
+    pub(crate) clock: Clock,
+    pub(crate) stream_config: Arc<Config>,
+    pub(crate) datagram_config: Arc<Config>,
+    /// spec §5.4: a KK responder accepts exactly this initiator.
+    pub(crate) kk_initiator: Option<PublicKey>,
+    pub(crate) authorizer: Authorizer,
+    pub(crate) limits: EndpointLimits,
+    pub(crate) counters: Counters,
+    rate: RateLimiter,
+    failures: broadcast::Sender<HandshakeFailure>,
+    /// Cancelled by [`Endpoint::close`]: every connection closes with `ShuttingDown`.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) accept_tx: mpsc::Sender<Connection>,
+    pub(crate) udp: Option<Arc<udp::UdpShared>>,
+    next_id: AtomicU64,
+}
+
+/// Which counter a [`Slot`] holds.
+#[derive(Debug, Clone, Copy)]
+enum SlotKind {
+    Connection,
+    Handshake,
+}
+
+/// One unit of `max_connections` or `max_handshakes`, given back on drop.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    ep: Arc<EndpointShared>,
+    kind: SlotKind,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.ep.counter(self.kind).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The slots an admitted inbound peer holds.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub(crate) connection: Slot,
+    pub(crate) handshake: Slot,
+}
+
+impl EndpointShared {
+    fn counter(&self, kind: SlotKind) -> &AtomicUsize {
+        match kind {
+            SlotKind::Connection => &self.counters.connections,
+            SlotKind::Handshake => &self.counters.handshakes,
+        }
+    }
+
+    fn try_slot(self: &Arc<Self>, kind: SlotKind, max: usize) -> Option<Slot> {
+        self.counter(kind)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot { ep: Arc::clone(self), kind })
+    }
+
+    /// A slot for an outbound connection.
+    pub(crate) fn connection_slot(self: &Arc<Self>) -> Result<Slot, Error> {
+        self.try_slot(SlotKind::Connection, self.limits.max_connections).ok_or(Error::TooManyConnections)
+    }
+
+    /// Admission control for a new inbound peer, cheapest check first.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, now: Timestamp) -> Result<Admission, Error> {
+        if !self.rate.allow(ip, now) {
+            return Err(Error::RateLimited);
+        }
+        let handshake =
+            self.try_slot(SlotKind::Handshake, self.limits.max_handshakes).ok_or(Error::TooManyHandshakes)?;
+        let connection = self.connection_slot()?;
+        Ok(Admission { connection, handshake })
+    }
+
+    /// Counts and publishes an inbound peer that was refused or failed its handshake.
+    pub(crate) fn report_failure(&self, remote_addr: SocketAddr, transport: Transport, error: Error) {
+        let c = match error {
+            Error::RateLimited => &self.counters.refused_rate_limited,
+            Error::TooManyConnections | Error::TooManyHandshakes => &self.counters.refused_busy,
+            _ => &self.counters.handshake_failures,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        // No subscriber is fine: the counters keep the record.
+        let _ = self.failures.send(HandshakeFailure { remote_addr, transport, error });
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Builds an [`Endpoint`]. Start with [`Endpoint::builder`].
+#[derive(Debug)]
+pub struct EndpointBuilder {
+    config: Config,
+    limits: EndpointLimits,
+    authorizer: Authorizer,
+    kk_initiator: Option<PublicKey>,
+    tcp: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
+}
+
+impl EndpointBuilder {
+    /// Starts from a protocol configuration. Its `mode` is ignored: TCP connections use
+    /// stream mode and UDP connections datagram mode.
+    #[must_use]
+    pub fn from_config(config: Config) -> Self {
+        Self {
+            config,
+            limits: EndpointLimits::default(),
+            authorizer: Authorizer::default(),
+            kk_initiator: None,
+            tcp: None,
+            udp: None,
+        }
+    }
+
+    /// The handshake pattern this endpoint uses when it connects (default IK). As a
+    /// responder it accepts every pattern of its configuration.
+    #[must_use]
+    pub fn pattern(mut self, pattern: Pattern) -> Self {
+        self.config.pattern = pattern;
+        self
+    }
+
+    /// The cipher suite this endpoint offers when it connects.
+    #[must_use]
+    pub fn suite(mut self, suite: Suite) -> Self {
+        self.config.suite = suite;
+        self
+    }
+
+    /// The pre-shared key of the `psk` patterns.
+    #[must_use]
+    pub fn psk(mut self, psk: Psk) -> Self {
+        self.config.psk = Some(psk);
+        self
+    }
+
+    /// spec §5.4: the one initiator a KK responder accepts.
+    #[must_use]
+    pub fn kk_initiator(mut self, key: PublicKey) -> Self {
+        self.kk_initiator = Some(key);
+        self
+    }
+
+    /// The protocol's timers and limits (spec §7.7).
+    #[must_use]
+    pub fn protocol_limits(mut self, limits: veil_protocol::Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// The largest packet accepted, hence the largest TCP frame (spec §3.3; 128..=65 535).
+    /// A frame announcing more is refused before anything is allocated for it.
+    #[must_use]
+    pub fn max_packet_len(mut self, len: usize) -> Self {
+        self.config.limits.max_packet_len = len;
+        self
+    }
+
+    /// How long a handshake may take; a silent peer is dropped after it (spec §5.7).
+    #[must_use]
+    pub fn handshake_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.config.limits.handshake_timeout = timeout.into();
+        self
+    }
+
+    /// The endpoint's own limits.
+    #[must_use]
+    pub fn limits(mut self, limits: EndpointLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Who may connect (spec §5.5). Without one, every peer that needs a decision is denied.
+    #[must_use]
+    pub fn authorizer(mut self, authorizer: Authorizer) -> Self {
+        self.authorizer = authorizer;
+        self
+    }
+
+    /// Listens for TCP connections on `addr` (port 0 picks a free port).
+    #[must_use]
+    pub fn listen_tcp(mut self, addr: SocketAddr) -> Self {
+        self.tcp = Some(addr);
+        self
+    }
+
+    /// Binds the endpoint's UDP socket to `addr`. It accepts inbound handshakes and
+    /// carries every outbound UDP connection.
+    #[must_use]
+    pub fn bind_udp(mut self, addr: SocketAddr) -> Self {
+        self.udp = Some(addr);
+        self
+    }
+
+    /// Opens the sockets and starts the endpoint's tasks. Needs a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if a socket cannot be bound.
+    pub async fn bind(self) -> Result<Endpoint, Error> {
+        let mut stream = self.config.clone();
+        stream.mode = Mode::Stream;
+        let mut datagram = self.config;
+        datagram.mode = Mode::Datagram;
+        let datagram_size = self.limits.datagram_size.clamp(veil_protocol::wire::MIN_PACKET_LEN, MAX_DATAGRAM_SIZE);
+        datagram.limits.max_packet_len = datagram.limits.packet_len().min(datagram_size);
+
+        let listener = match self.tcp {
+            Some(addr) => Some(tcp::listen(addr, &self.limits)?),
+            None => None,
+        };
+        let udp = match self.udp {
+            Some(addr) => Some(Arc::new(udp::UdpShared::bind(addr).await?)),
+            None => None,
+        };
+        let tcp_addr = listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
+        let udp_addr = udp.as_ref().map(|u| u.socket.local_addr()).transpose()?;
+
+        let (accept_tx, accept_rx) = mpsc::channel(self.limits.accept_queue.max(1));
+        let shared = Arc::new(EndpointShared {
+            clock: Clock::new(),
+            stream_config: Arc::new(stream),
+            datagram_config: Arc::new(datagram),
+            kk_initiator: self.kk_initiator,
+            authorizer: self.authorizer,
+            rate: RateLimiter::new(self.limits.handshake_rate_per_ip, self.limits.handshake_burst_per_ip),
+            limits: self.limits,
+            counters: Counters::default(),
+            failures: broadcast::channel(FAILURE_BACKLOG).0,
+            shutdown: CancellationToken::new(),
+            accept_tx,
+            udp: udp.clone(),
+            next_id: AtomicU64::new(1),
+        });
+        let listening = CancellationToken::new();
+        if let Some(listener) = listener {
+            let span = tracing::info_span!("veil_tcp_listener", addr = ?tcp_addr);
+            tokio::spawn(tcp::accept_loop(Arc::clone(&shared), listener, listening.clone()).instrument(span));
+        }
+        if let Some(udp) = udp {
+            let span = tracing::info_span!("veil_udp_socket", addr = ?udp_addr);
+            tokio::spawn(udp::socket_loop(Arc::clone(&shared), udp, listening.clone()).instrument(span));
+        }
+        Ok(Endpoint {
+            inner: Arc::new(EndpointHandle {
+                shared,
+                accept_rx: tokio::sync::Mutex::new(accept_rx),
+                listening,
+                tcp_addr,
+                udp_addr,
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct EndpointHandle {
+    shared: Arc<EndpointShared>,
+    accept_rx: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
+    /// Cancelled when the last `Endpoint` handle is dropped: stop accepting.
+    listening: CancellationToken,
+    tcp_addr: Option<SocketAddr>,
+    udp_addr: Option<SocketAddr>,
+}
+
+impl Drop for EndpointHandle {
+    fn drop(&mut self) {
+        self.listening.cancel();
+    }
+}
+
+/// A Veil node on the network: listens on TCP and/or UDP, accepts authenticated
+/// connections and connects out.
+///
+/// Cheap to clone. Dropping the last clone stops accepting; established connections
+/// go on until they close. [`Endpoint::close`] ends them all.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    inner: Arc<EndpointHandle>,
+}
+
+impl Endpoint {
+    /// A builder for an endpoint with this identity and Veil's defaults (IK,
+    /// ChaChaPoly/BLAKE2s, spec timers).
+    #[must_use]
+    pub fn builder(identity: StaticKeypair) -> EndpointBuilder {
+        EndpointBuilder::from_config(Config::new(identity, Mode::Stream))
+    }
+
+    /// The next inbound connection: handshake complete, peer authorized and confirmed.
+    /// Peers that fail or are denied never show up here (see
+    /// [`Endpoint::handshake_failures`]).
+    ///
+    /// # Errors
+    /// [`Error::EndpointClosed`] after [`Endpoint::close`].
+    pub async fn accept(&self) -> Result<Connection, Error> {
+        let mut rx = self.inner.accept_rx.lock().await;
+        tokio::select! {
+            c = rx.recv() => c.ok_or(Error::EndpointClosed),
+            () = self.inner.shared.shutdown.cancelled() => Err(Error::EndpointClosed),
+        }
+    }
+
+    /// Connects over TCP. `remote_static` is the peer's key when the pattern needs it in
+    /// advance (IK, KK, IKpsk2); `None` for XX. Returns once the session is established.
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::ConnectTimeout`], [`Error::Protocol`] for a failed or
+    /// rejected handshake, [`Error::TooManyConnections`].
+    pub async fn connect_tcp(&self, addr: SocketAddr, remote_static: Option<PublicKey>) -> Result<Connection, Error> {
+        tcp::connect(&self.inner.shared, addr, remote_static).await
+    }
+
+    /// Connects over UDP through the endpoint's socket (see
+    /// [`EndpointBuilder::bind_udp`]). Handshake packets are retransmitted with backoff.
+    ///
+    /// # Errors
+    /// [`Error::NotBound`] without a UDP socket; otherwise as [`Endpoint::connect_tcp`].
+    pub async fn connect_udp(&self, addr: SocketAddr, remote_static: Option<PublicKey>) -> Result<Connection, Error> {
+        udp::connect(&self.inner.shared, addr, remote_static).await
+    }
+
+    /// Connects over `transport`.
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect_tcp`] and [`Endpoint::connect_udp`].
+    pub async fn connect(
+        &self,
+        transport: Transport,
+        addr: SocketAddr,
+        remote_static: Option<PublicKey>,
+    ) -> Result<Connection, Error> {
+        match transport {
+            Transport::Tcp => self.connect_tcp(addr, remote_static).await,
+            Transport::Udp => self.connect_udp(addr, remote_static).await,
+        }
+    }
+
+    /// Stops accepting and closes every connection with `ShuttingDown`.
+    pub fn close(&self) {
+        self.inner.listening.cancel();
+        self.inner.shared.shutdown.cancel();
+    }
+
+    /// The TCP listening address, if listening.
+    #[must_use]
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        self.inner.tcp_addr
+    }
+
+    /// The UDP socket's address, if bound.
+    #[must_use]
+    pub fn local_udp_addr(&self) -> Option<SocketAddr> {
+        self.inner.udp_addr
+    }
+
+    /// This endpoint's static public key.
+    #[must_use]
+    pub fn public_key(&self) -> PublicKey {
+        *self.inner.shared.stream_config.public_key()
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> EndpointStats {
+        let c = &self.inner.shared.counters;
+        EndpointStats {
+            connections: c.connections.load(Ordering::Acquire),
+            handshakes: c.handshakes.load(Ordering::Acquire),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
+            refused_rate_limited: c.refused_rate_limited.load(Ordering::Relaxed),
+            refused_busy: c.refused_busy.load(Ordering::Relaxed),
+            datagrams_dropped: c.datagrams_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Subscribes to inbound failures: peers refused by a limit or whose handshake failed,
+    /// with a typed error each. Only failures after the call are seen.
+    #[must_use]
+    pub fn handshake_failures(&self) -> broadcast::Receiver<HandshakeFailure> {
+        self.inner.shared.failures.subscribe()
+    }
+}

@@ -1,0 +1,265 @@
+//! UDP: one socket per endpoint (datagram mode, spec §3.2). A socket task reads every
+//! datagram and demultiplexes it by the receiver's session index (spec §4.2); each
+//! connection's state lives in its own driver task, which sends through the shared socket.
+//! `HANDSHAKE_INIT` carries no receiver index: a new one creates a responder connection
+//! (after admission control), and a repeat (same source and initiator index) goes to the
+//! connection it created, which answers it from its cache (spec §5.7).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use veil_protocol::wire::{self, InitHeader, RejectReason};
+use veil_protocol::{Mode, PublicKey, Role};
+
+use crate::config::Transport;
+use crate::connection::{lock, Connection};
+use crate::driver::{Driver, Input, Output, Ready};
+use crate::endpoint::EndpointShared;
+use crate::error::Error;
+
+/// Receive buffer: one byte more than the largest UDP payload, so that an oversized
+/// datagram is seen as such rather than silently truncated.
+const RECV_BUFFER: usize = 65_536;
+/// Attempts at drawing a session index not already in use.
+const INDEX_ATTEMPTS: usize = 8;
+
+type DatagramTx = mpsc::Sender<(Bytes, SocketAddr)>;
+type DatagramRx = mpsc::Receiver<(Bytes, SocketAddr)>;
+
+#[derive(Debug, Default)]
+struct Table {
+    /// Live connections by the index peers address them with.
+    by_index: HashMap<u32, DatagramTx>,
+    /// Responders by the INIT that created them: (source, initiator's index) → our index.
+    by_init: HashMap<(SocketAddr, u32), u32>,
+}
+
+/// The endpoint's UDP socket and its demultiplexing table.
+#[derive(Debug)]
+pub(crate) struct UdpShared {
+    pub(crate) socket: Arc<UdpSocket>,
+    table: Mutex<Table>,
+    /// Signalled when a connection leaves the table.
+    left: Notify,
+}
+
+impl UdpShared {
+    pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self { socket: Arc::new(UdpSocket::bind(addr).await?), table: Mutex::default(), left: Notify::new() })
+    }
+
+    /// Creates a core connection with `make` and enters it in the table under a fresh
+    /// index (drawing again on the rare collision).
+    fn register(
+        self: &Arc<Self>,
+        mut make: impl FnMut() -> Result<veil_protocol::Connection, Error>,
+        init: Option<(SocketAddr, u32)>,
+        queue: usize,
+    ) -> Result<(veil_protocol::Connection, Registration, DatagramRx), Error> {
+        for _ in 0..INDEX_ATTEMPTS {
+            let core = make()?;
+            let index = core.local_index();
+            let mut t = lock(&self.table);
+            if t.by_index.contains_key(&index) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(queue.max(1));
+            t.by_index.insert(index, tx);
+            if let Some(key) = init {
+                t.by_init.insert(key, index);
+            }
+            return Ok((core, Registration { udp: Arc::clone(self), index, init }, rx));
+        }
+        Err(Error::TooManyConnections)
+    }
+}
+
+/// A connection's entry in the table; removed when the driver ends.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    udp: Arc<UdpShared>,
+    index: u32,
+    init: Option<(SocketAddr, u32)>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut t = lock(&self.udp.table);
+        t.by_index.remove(&self.index);
+        if let Some(key) = self.init {
+            if t.by_init.get(&key) == Some(&self.index) {
+                t.by_init.remove(&key);
+            }
+        }
+        drop(t);
+        self.udp.left.notify_one();
+    }
+}
+
+/// spec §5.8: `REJECT(Busy)` in datagram form, addressed to the initiator's index.
+fn reject_busy(initiator_index: [u8; 4]) -> [u8; 6] {
+    let i = initiator_index;
+    [wire::TYPE_HANDSHAKE_REJECT, i[0], i[1], i[2], i[3], RejectReason::Busy.code()]
+}
+
+pub(crate) async fn socket_loop(ep: Arc<EndpointShared>, udp: Arc<UdpShared>, listening: CancellationToken) {
+    let mut buf = vec![0u8; RECV_BUFFER];
+    let mut accepting = true;
+    loop {
+        let received = tokio::select! {
+            () = ep.shutdown.cancelled() => break,
+            () = listening.cancelled(), if accepting => {
+                accepting = false;
+                None
+            }
+            () = udp.left.notified(), if !accepting => None,
+            r = udp.socket.recv_from(&mut buf) => Some(r),
+        };
+        match received {
+            Some(Ok((n, from))) => dispatch(&ep, &udp, &buf[..n], from, accepting),
+            // Unconnected sockets report few errors (an ICMP error on some systems): go on.
+            Some(Err(e)) => tracing::debug!(error = %e, "receive failed"),
+            None => {}
+        }
+        if !accepting && lock(&udp.table).by_index.is_empty() {
+            break;
+        }
+    }
+    tracing::debug!("socket task stopped");
+}
+
+fn drop_datagram(ep: &EndpointShared, why: &'static str, from: SocketAddr) {
+    ep.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+    tracing::trace!(%from, why, "datagram dropped");
+}
+
+fn forward(ep: &EndpointShared, tx: &DatagramTx, data: &[u8], from: SocketAddr) {
+    if tx.try_send((Bytes::copy_from_slice(data), from)).is_err() {
+        // The connection is not keeping up (or just ended): UDP semantics, drop.
+        drop_datagram(ep, "connection queue full", from);
+    }
+}
+
+fn dispatch(ep: &Arc<EndpointShared>, udp: &Arc<UdpShared>, data: &[u8], from: SocketAddr, accepting: bool) {
+    if data.len() > ep.datagram_config.limits.packet_len() {
+        return drop_datagram(ep, "oversized", from);
+    }
+    if data.first() != Some(&wire::TYPE_HANDSHAKE_INIT) {
+        let tx = wire::datagram_receiver_index(data).and_then(|i| lock(&udp.table).by_index.get(&i).cloned());
+        return match tx {
+            Some(tx) => forward(ep, &tx, data, from),
+            None => drop_datagram(ep, "unknown index", from),
+        };
+    }
+    let Some(index_bytes) = data.get(3..InitHeader::len(Mode::Datagram)).and_then(|b| <[u8; 4]>::try_from(b).ok())
+    else {
+        return drop_datagram(ep, "short INIT", from);
+    };
+    let key = (from, u32::from_be_bytes(index_bytes));
+    let existing = {
+        let t = lock(&udp.table);
+        t.by_init.get(&key).and_then(|i| t.by_index.get(i)).cloned()
+    };
+    if let Some(tx) = existing {
+        return forward(ep, &tx, data, from);
+    }
+    if !accepting {
+        return drop_datagram(ep, "not accepting", from);
+    }
+    let now = ep.clock.now();
+    let admission = match ep.admit(from.ip(), now) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(peer = %from, error = %e, "peer refused");
+            // A rate-limited source gets silence: answering would make us a reflector.
+            if !matches!(e, Error::RateLimited) {
+                let _ = udp.socket.try_send_to(&reject_busy(index_bytes), from);
+            }
+            ep.report_failure(from, Transport::Udp, e);
+            return;
+        }
+    };
+    let make = || {
+        veil_protocol::Connection::new(
+            Arc::clone(&ep.datagram_config),
+            Role::Responder,
+            ep.kk_initiator,
+            now,
+            &mut rand::rngs::OsRng,
+        )
+        .map_err(Error::from)
+    };
+    let (core, registration, rx) = match udp.register(make, Some(key), ep.limits.datagram_queue) {
+        Ok(x) => x,
+        Err(e) => {
+            ep.report_failure(from, Transport::Udp, e);
+            return;
+        }
+    };
+    let tx = lock(&udp.table).by_index.get(&registration.index).cloned();
+    spawn(ep, udp, core, from, rx, Ready::Responder, admission.connection, Some(admission.handshake), registration);
+    if let Some(tx) = tx {
+        forward(ep, &tx, data, from);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    ep: &Arc<EndpointShared>,
+    udp: &Arc<UdpShared>,
+    core: veil_protocol::Connection,
+    peer: SocketAddr,
+    rx: DatagramRx,
+    ready: Ready,
+    connection_slot: crate::endpoint::Slot,
+    handshake_slot: Option<crate::endpoint::Slot>,
+    registration: Registration,
+) {
+    let driver = Driver::new(
+        Arc::clone(ep),
+        core,
+        Transport::Udp,
+        peer,
+        Input::Udp(rx),
+        Output::Udp { socket: Arc::clone(&udp.socket), peer, queue: VecDeque::new() },
+        ready,
+        connection_slot,
+        handshake_slot,
+        Some(registration),
+    );
+    let span = driver.span();
+    tokio::spawn(driver.run().instrument(span));
+}
+
+pub(crate) async fn connect(
+    ep: &Arc<EndpointShared>,
+    addr: SocketAddr,
+    remote_static: Option<PublicKey>,
+) -> Result<Connection, Error> {
+    let udp = ep.udp.as_ref().ok_or(Error::NotBound(Transport::Udp))?;
+    if ep.shutdown.is_cancelled() {
+        return Err(Error::EndpointClosed);
+    }
+    let slot = ep.connection_slot()?;
+    let make = || {
+        veil_protocol::Connection::new(
+            Arc::clone(&ep.datagram_config),
+            Role::Initiator,
+            remote_static,
+            ep.clock.now(),
+            &mut rand::rngs::OsRng,
+        )
+        .map_err(Error::from)
+    };
+    let (core, registration, rx) = udp.register(make, None, ep.limits.datagram_queue)?;
+    let (tx, ready) = oneshot::channel();
+    spawn(ep, udp, core, addr, rx, Ready::Initiator(Some(tx)), slot, None, registration);
+    ready.await.unwrap_or(Err(Error::EndpointClosed))
+}

@@ -1,0 +1,82 @@
+//! Many concurrent TCP connections on one endpoint.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod util;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use util::*;
+use veil_protocol::Pattern;
+
+/// Connections opened at once. The target is 1 000 (`VEIL_TEST_CONNECTIONS=1000`);
+/// the default keeps debug-build CI fast (each IK handshake costs ~16 ms of CPU unoptimized).
+/// Both ends live in this process: 2 sockets per connection, well below the machine's 20 000
+/// descriptors up to several thousand.
+fn connections() -> u32 {
+    std::env::var("VEIL_TEST_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_tcp_connections_on_one_endpoint() {
+    let n = connections();
+    let client_id = keypair(2);
+    // Handshakes queue for the CPU: give them time, this test is about concurrency.
+    let server = server_builder(keypair(1), &[*client_id.public()])
+        .handshake_timeout(Duration::from_secs(120))
+        .bind()
+        .await
+        .unwrap();
+    let client = client_builder(client_id, Pattern::IK, server.public_key())
+        .handshake_timeout(Duration::from_secs(120))
+        .bind()
+        .await
+        .unwrap();
+    let addr = server.local_tcp_addr().unwrap();
+    let key = Some(server.public_key());
+    let started = std::time::Instant::now();
+
+    let acceptor = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut echoes = Vec::new();
+            for _ in 0..n {
+                let conn = server.accept().await.unwrap();
+                echoes.push(tokio::spawn(async move {
+                    let m = conn.recv().await.unwrap();
+                    conn.send(m.payload).await.unwrap();
+                    // Keep the connection open until the client closes it.
+                    assert!(conn.recv().await.unwrap_err().is_closed());
+                }));
+            }
+            echoes
+        })
+    };
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let c = client.connect_tcp(addr, key).await.unwrap();
+                c.send(Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
+                let m = c.recv().await.unwrap();
+                assert_eq!(&m.payload[..], &i.to_be_bytes());
+                c
+            })
+        })
+        .collect();
+    let mut conns = Vec::new();
+    for c in clients {
+        conns.push(tokio::time::timeout(Duration::from_secs(180), c).await.expect("clients timed out").unwrap());
+    }
+    // Every connection is open at once.
+    assert_eq!(server.stats().connections, n as usize);
+    assert_eq!(server.stats().accepted, u64::from(n));
+    let established = started.elapsed();
+    drop(conns);
+    let echoes = within(acceptor).await.unwrap();
+    for e in echoes {
+        within(e).await.unwrap();
+    }
+    eprintln!("{n} connections established and echoed in {established:?}");
+    assert_eq!(server.stats().handshake_failures, 0);
+}
