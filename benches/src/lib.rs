@@ -3,8 +3,15 @@
 //! Veil's benchmarks measure Veil next to the raw limit or a peer *in the same run* and report the
 //! ratio: absolute numbers on a shared 2-core machine drift too much to mean anything alone.
 //! [`raw`] holds the raw limits: bare AEAD seal+open and bare X25519, with no framing, no
-//! handshake state and no allocation per call.
+//! handshake state and no allocation per call. [`pair`] builds Veil connections and runs their
+//! handshakes in one thread; [`timing`] measures a subject and its limit interleaved, so that both
+//! see the same machine load, and reports their ratio.
 #![forbid(unsafe_code)]
+
+/// Which crypto this build of Veil uses: `"ring"` with the `ring` feature (the default), or
+/// `"pure"`, the pure-Rust resolver that `no_std` firmware gets (`--no-default-features`).
+/// Benchmark names carry it, so that criterion never compares one build with the other.
+pub const VEIL_BUILD: &str = if cfg!(feature = "ring") { "ring" } else { "pure" };
 
 pub mod raw {
     //! The raw limits: one AEAD seal followed by one open of the same buffer, and one X25519 DH.
@@ -88,11 +95,22 @@ pub mod raw {
     /// Give `buf` a capacity of at least `buf.len() + TAG_LEN` so that the call never allocates.
     /// On success `buf` holds the original plaintext again.
     pub fn ring_seal_open(key: &LessSafeKey, nonce: [u8; 12], buf: &mut Vec<u8>) -> Result<(), RoundTripFailed> {
+        ring_seal_open_with_ad(key, nonce, &[], buf)
+    }
+
+    /// [`ring_seal_open`] with associated data `ad` (Veil authenticates its transport header
+    /// this way), to tell the cost of associated data apart from the rest of a session's work.
+    pub fn ring_seal_open_with_ad(
+        key: &LessSafeKey,
+        nonce: [u8; 12],
+        ad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RoundTripFailed> {
         let len = buf.len();
-        key.seal_in_place_append_tag(ring::aead::Nonce::assume_unique_for_key(nonce), Aad::empty(), buf)
+        key.seal_in_place_append_tag(ring::aead::Nonce::assume_unique_for_key(nonce), Aad::from(ad), buf)
             .map_err(|_| RoundTripFailed)?;
         let opened = key
-            .open_in_place(ring::aead::Nonce::assume_unique_for_key(nonce), Aad::empty(), buf)
+            .open_in_place(ring::aead::Nonce::assume_unique_for_key(nonce), Aad::from(ad), buf)
             .map_err(|_| RoundTripFailed)?
             .len();
         buf.truncate(len);
@@ -122,15 +140,35 @@ pub mod raw {
     where
         A: AeadInPlace + AeadCore<NonceSize = U12>,
     {
+        rustcrypto_seal_open_with_ad(cipher, nonce, &[], buf)
+    }
+
+    /// [`rustcrypto_seal_open`] with associated data `ad`.
+    pub fn rustcrypto_seal_open_with_ad<A>(
+        cipher: &A,
+        nonce: [u8; 12],
+        ad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(), RoundTripFailed>
+    where
+        A: AeadInPlace + AeadCore<NonceSize = U12>,
+    {
         let nonce = Nonce::<A>::from(nonce);
-        let tag = cipher.encrypt_in_place_detached(&nonce, &[], buf).map_err(|_| RoundTripFailed)?;
-        cipher.decrypt_in_place_detached(&nonce, &[], buf, &tag).map_err(|_| RoundTripFailed)
+        let tag = cipher.encrypt_in_place_detached(&nonce, ad, buf).map_err(|_| RoundTripFailed)?;
+        cipher.decrypt_in_place_detached(&nonce, ad, buf, &tag).map_err(|_| RoundTripFailed)
     }
 
     /// One X25519 Diffie-Hellman with x25519-dalek 2 (the curve25519-dalek 4 that snow uses).
     #[must_use]
     pub fn x25519_dh(secret: &StaticSecret, public: &PublicKey) -> SharedSecret {
         secret.diffie_hellman(public)
+    }
+
+    /// One X25519 public key from a secret: a fixed-base multiplication with curve25519-dalek's
+    /// precomputed table, the work snow does to generate an ephemeral key pair.
+    #[must_use]
+    pub fn x25519_public(secret: &StaticSecret) -> PublicKey {
+        PublicKey::from(secret)
     }
 
     #[cfg(test)]
@@ -157,8 +195,10 @@ pub mod raw {
                 let mut buf = want.clone();
                 ring_seal_open(&ring_chacha, chacha_nonce(7), &mut buf)?;
                 ring_seal_open(&ring_aes, aesgcm_nonce(7), &mut buf)?;
+                ring_seal_open_with_ad(&ring_aes, aesgcm_nonce(8), &[0x10], &mut buf)?;
                 rustcrypto_seal_open(&rc_chacha, chacha_nonce(7), &mut buf)?;
                 rustcrypto_seal_open(&rc_aes, aesgcm_nonce(7), &mut buf)?;
+                rustcrypto_seal_open_with_ad(&rc_chacha, chacha_nonce(8), &[0x10], &mut buf)?;
                 assert_eq!(buf, want);
             }
             Ok(())
@@ -223,6 +263,366 @@ pub mod raw {
             let n = 0x0102_0304_0506_0708;
             assert_eq!(chacha_nonce(n), [0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
             assert_eq!(aesgcm_nonce(n), [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        }
+    }
+}
+
+pub mod pair {
+    //! Two Veil connections in one thread: build both ends, run the handshake to completion
+    //! (authorizing every peer, as a permissive application would) and hand back the pair.
+    //!
+    //! Everything runs at one fixed [`NOW`]: a benchmark never crosses a timer, so sessions do
+    //! not expire and keys change only by message count, as they would under load.
+
+    use std::sync::Arc;
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use veil_protocol::{
+        Config, Connection, ConnectionError, Decision, Event, Mode, Pattern, Psk, PublicKey, Role, StaticKeypair,
+        Suite, Timestamp,
+    };
+
+    /// The time every benchmark runs at.
+    pub const NOW: Timestamp = Timestamp::from_millis(1_000);
+
+    /// A buffer that holds any Veil packet.
+    #[must_use]
+    pub fn packet_buffer() -> Vec<u8> {
+        vec![0u8; veil_protocol::wire::MAX_PACKET_LEN]
+    }
+
+    /// The tokens of each handshake message of `pattern`, as the Noise specification writes
+    /// them; pre-messages are left out (they cost no computation). `None` for a pattern these
+    /// benchmarks do not know yet.
+    #[must_use]
+    pub fn noise_tokens(pattern: Pattern) -> Option<&'static [&'static str]> {
+        Some(match pattern {
+            Pattern::IK => &["e, es, s, ss", "e, ee, se"],
+            Pattern::XX => &["e", "e, ee, s, es", "s, se"],
+            Pattern::KK => &["e, es, ss", "e, ee, se"],
+            Pattern::IKpsk2 => &["e, es, s, ss", "e, ee, se, psk"],
+            Pattern::XXpsk3 => &["e", "e, ee, s, es", "s, se, psk"],
+            _ => return None,
+        })
+    }
+
+    /// The X25519 work of one complete handshake, both sides together.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct DhCost {
+        /// Variable-base DHs: each `ee`, `es`, `se` or `ss` token is one DH on each side.
+        pub dh: u32,
+        /// Fixed-base multiplications: each `e` token makes its writer generate an ephemeral pair.
+        pub keygen: u32,
+    }
+
+    /// Counts the X25519 work of `pattern` from its Noise tokens.
+    #[must_use]
+    pub fn dh_cost(pattern: Pattern) -> Option<DhCost> {
+        let tokens = noise_tokens(pattern)?.iter().flat_map(|m| m.split(", "));
+        let (mut dh, mut keygen) = (0, 0);
+        for t in tokens {
+            match t {
+                "ee" | "es" | "se" | "ss" => dh += 2,
+                "e" => keygen += 1,
+                _ => {}
+            }
+        }
+        Some(DhCost { dh, keygen })
+    }
+
+    /// The identities and configurations of both ends of a benchmark pair.
+    #[derive(Debug)]
+    pub struct Endpoints {
+        pattern: Pattern,
+        initiator: Arc<Config>,
+        responder: Arc<Config>,
+        initiator_key: PublicKey,
+        responder_key: PublicKey,
+    }
+
+    impl Endpoints {
+        /// Two fixed identities configured for `pattern`, `suite` and `mode`, with a shared
+        /// pre-shared key for the psk patterns.
+        #[must_use]
+        pub fn new(pattern: Pattern, suite: Suite, mode: Mode) -> Self {
+            let psk = pattern.psk_position().map(|_| Psk::new([0x42; 32]));
+            let initiator_id = StaticKeypair::from_secret_bytes([0x11; 32]);
+            let responder_id = StaticKeypair::from_secret_bytes([0x22; 32]);
+            let initiator_key = *initiator_id.public();
+            let responder_key = *responder_id.public();
+            let mut initiator = Config::new(initiator_id, mode);
+            initiator.pattern = pattern;
+            initiator.suite = suite;
+            initiator.psk.clone_from(&psk);
+            let mut responder = Config::new(responder_id, mode);
+            responder.psk = psk;
+            Self {
+                pattern,
+                initiator: Arc::new(initiator),
+                responder: Arc::new(responder),
+                initiator_key,
+                responder_key,
+            }
+        }
+
+        /// Builds both connections and runs the handshake until both are connected. `buf`
+        /// carries the packets; give it [`packet_buffer`]'s size. On success no event and no
+        /// packet is left pending on either side.
+        ///
+        /// # Errors
+        /// The first error either side reported, or [`ConnectionError::NotConnected`] if the
+        /// handshake did not finish.
+        pub fn connect(&self, rng: &mut StdRng, buf: &mut [u8]) -> Result<(Connection, Connection), ConnectionError> {
+            let to_responder = self.pattern.initiator_knows_responder().then_some(self.responder_key);
+            let to_initiator = self.pattern.responder_knows_initiator().then_some(self.initiator_key);
+            let mut a = Connection::new(Arc::clone(&self.initiator), Role::Initiator, to_responder, NOW, rng)?;
+            let mut b = Connection::new(Arc::clone(&self.responder), Role::Responder, to_initiator, NOW, rng)?;
+            // Three handshake messages and one confirming transport packet take at most two
+            // rounds; the bound only stops a broken handshake from spinning.
+            for _ in 0..4 {
+                pump(&mut a, &mut b, buf)?;
+                authorize_all(&mut b)?;
+                pump(&mut b, &mut a, buf)?;
+                authorize_all(&mut a)?;
+                if a.is_connected() && b.is_connected() {
+                    if pump(&mut a, &mut b, buf)? + pump(&mut b, &mut a, buf)? > 0 {
+                        authorize_all(&mut a)?;
+                        authorize_all(&mut b)?;
+                    }
+                    return Ok((a, b));
+                }
+            }
+            Err(ConnectionError::NotConnected)
+        }
+    }
+
+    /// An IK pair of `suite` in `mode`, connected, with a seeded RNG.
+    ///
+    /// # Errors
+    /// As [`Endpoints::connect`].
+    pub fn established(suite: Suite, mode: Mode) -> Result<(Connection, Connection), ConnectionError> {
+        let mut rng = StdRng::seed_from_u64(7);
+        Endpoints::new(Pattern::IK, suite, mode).connect(&mut rng, &mut packet_buffer())
+    }
+
+    /// Hands every packet `from` has to send to `to`; returns how many there were.
+    ///
+    /// # Errors
+    /// The first error either side reported.
+    pub fn pump(from: &mut Connection, to: &mut Connection, buf: &mut [u8]) -> Result<usize, ConnectionError> {
+        let mut packets = 0;
+        while let Some(n) = from.poll_transmit(NOW, buf)? {
+            to.handle_input(NOW, &buf[..n])?;
+            packets += 1;
+        }
+        Ok(packets)
+    }
+
+    /// Drains `c`'s events, allowing every peer that asks for a decision.
+    ///
+    /// # Errors
+    /// The error that closed the connection, or the one `authorize` returned.
+    pub fn authorize_all(c: &mut Connection) -> Result<(), ConnectionError> {
+        while let Some(event) = c.poll_event() {
+            match event {
+                Event::AuthorizationRequired { .. } => c.authorize(NOW, Decision::allow())?,
+                Event::Closed(closed) => return Err(closed.error.unwrap_or(ConnectionError::Closed)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn dh_costs_follow_the_noise_tokens() {
+            let cost = |p| dh_cost(p).map(|c| (c.dh, c.keygen));
+            assert_eq!(cost(Pattern::IK), Some((8, 2)));
+            assert_eq!(cost(Pattern::IKpsk2), Some((8, 2)));
+            assert_eq!(cost(Pattern::KK), Some((8, 2)));
+            assert_eq!(cost(Pattern::XX), Some((6, 2)));
+            assert_eq!(cost(Pattern::XXpsk3), Some((6, 2)));
+        }
+
+        #[test]
+        fn every_pattern_and_suite_connects_with_nothing_left_pending() -> Result<(), ConnectionError> {
+            let mut rng = StdRng::seed_from_u64(1);
+            let mut buf = packet_buffer();
+            for pattern in Pattern::ALL {
+                for suite in Suite::ALL {
+                    let (mut a, mut b) = Endpoints::new(pattern, suite, Mode::Stream).connect(&mut rng, &mut buf)?;
+                    assert!(a.is_connected() && b.is_connected(), "{pattern} {suite}");
+                    assert_eq!(a.poll_event(), None, "{pattern} {suite}");
+                    assert_eq!(b.poll_event(), None, "{pattern} {suite}");
+                    assert_eq!(a.poll_transmit(NOW, &mut buf)?, None, "{pattern} {suite}");
+                    assert_eq!(b.poll_transmit(NOW, &mut buf)?, None, "{pattern} {suite}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+pub mod timing {
+    //! Interleaved timing: several operations measured in alternating short batches, round after
+    //! round, so that all of them sample the same stretch of machine load. On a shared machine
+    //! other processes only ever add time, so each operation's fastest batch ([`Rounds::best_ns`])
+    //! is the best estimate of its own cost, and ratios of those are the headline figures; the
+    //! median over rounds of each round's ratio ([`Rounds::median_of`]) is printed next to them as
+    //! a check. criterion gives the careful per-benchmark statistics; this gives the ratios.
+
+    use std::hint::black_box;
+    use std::time::{Duration, Instant};
+
+    /// How long an interleaved measurement runs.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Plan {
+        /// Rounds; each times every operation once.
+        pub rounds: usize,
+        /// Target duration of one operation's batch in a round.
+        pub batch: Duration,
+    }
+
+    impl Plan {
+        /// For `cargo bench`: 31 rounds of about 5 ms per operation.
+        pub const BENCH: Self = Self { rounds: 31, batch: Duration::from_millis(5) };
+        /// For `cargo test --benches`: one single-operation round, which only checks that the
+        /// code runs.
+        pub const SMOKE: Self = Self { rounds: 1, batch: Duration::ZERO };
+
+        /// [`Plan::BENCH`] when the process was started by `cargo bench` (which passes
+        /// `--bench`, as criterion also checks), [`Plan::SMOKE`] otherwise (`cargo test
+        /// --benches`), and `None` when criterion was asked to `--list` its benchmarks or to
+        /// run them for a profiler (`--profile-time`).
+        #[must_use]
+        pub fn from_args() -> Option<Self> {
+            let args: Vec<String> = std::env::args().collect();
+            if args.iter().any(|a| a == "--list" || a.starts_with("--profile-time")) {
+                None
+            } else if args.iter().any(|a| a == "--bench") {
+                Some(Self::BENCH)
+            } else {
+                Some(Self::SMOKE)
+            }
+        }
+
+        /// Whether this plan measures anything worth printing.
+        #[must_use]
+        pub fn is_measuring(&self) -> bool {
+            self.batch > Duration::ZERO
+        }
+    }
+
+    /// Per-operation times, in nanoseconds, of every operation in every round.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Rounds {
+        /// `ns[round][op]`.
+        pub ns: Vec<Vec<f64>>,
+    }
+
+    impl Rounds {
+        /// Operation `op`'s time in its fastest round, in nanoseconds.
+        #[must_use]
+        pub fn best_ns(&self, op: usize) -> f64 {
+            self.ns.iter().map(|r| r[op]).fold(f64::INFINITY, f64::min)
+        }
+
+        /// Median over rounds of operation `op`'s time, in nanoseconds.
+        #[must_use]
+        pub fn median_ns(&self, op: usize) -> f64 {
+            median(self.ns.iter().map(|r| r[op]).collect())
+        }
+
+        /// Median over rounds of `f` applied to each round's times.
+        #[must_use]
+        pub fn median_of(&self, f: impl Fn(&[f64]) -> f64) -> f64 {
+            median(self.ns.iter().map(|r| f(r)).collect())
+        }
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    fn time_batch(op: &mut dyn FnMut(), iters: u64) -> Duration {
+        let start = Instant::now();
+        for _ in 0..iters {
+            op();
+        }
+        black_box(start.elapsed())
+    }
+
+    /// Runs every operation in `ops` for `plan.rounds` interleaved rounds. Each operation is
+    /// first warmed up and calibrated for its own batch size.
+    pub fn interleave(plan: Plan, ops: &mut [&mut dyn FnMut()]) -> Rounds {
+        let batch_ns = plan.batch.as_nanos() as f64;
+        let iters: Vec<u64> = ops
+            .iter_mut()
+            .map(|op| {
+                // Warm up for about one batch, then size the batch from the warm-up's pace.
+                let mut n = 1u64;
+                let mut spent = time_batch(&mut **op, 1);
+                let mut done = 1u64;
+                while spent < plan.batch {
+                    spent += time_batch(&mut **op, n);
+                    done += n;
+                    n *= 2;
+                }
+                let per_op = spent.as_nanos() as f64 / done as f64;
+                ((batch_ns / per_op.max(1.0)).ceil() as u64).max(1)
+            })
+            .collect();
+        let ns = (0..plan.rounds)
+            .map(|_| {
+                ops.iter_mut()
+                    .zip(&iters)
+                    .map(|(op, &n)| time_batch(&mut **op, n).as_nanos() as f64 / n as f64)
+                    .collect()
+            })
+            .collect();
+        Rounds { ns }
+    }
+
+    /// Formats nanoseconds with a unit that keeps 3 significant figures.
+    #[must_use]
+    pub fn format_ns(ns: f64) -> String {
+        if ns >= 1e6 {
+            format!("{:.2} ms", ns / 1e6)
+        } else if ns >= 1e3 {
+            format!("{:.2} µs", ns / 1e3)
+        } else {
+            format!("{ns:.0} ns")
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_median_is_the_middle_value_or_the_mean_of_the_two_middle_ones() {
+            assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+            assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+            assert!(median(Vec::new()).is_nan());
+        }
+
+        #[test]
+        fn every_operation_runs_in_every_round() {
+            let (mut a, mut b) = (0u32, 0u32);
+            let rounds = interleave(Plan { rounds: 3, batch: Duration::ZERO }, &mut [&mut || a += 1, &mut || b += 1]);
+            assert_eq!(rounds.ns.len(), 3);
+            assert!(rounds.ns.iter().all(|r| r.len() == 2));
+            // One warm-up call, then one call per round.
+            assert_eq!((a, b), (4, 4));
         }
     }
 }
