@@ -639,8 +639,8 @@ pub mod op {
     /// `chunk`: arbitrary bytes delivered as a packet.
     pub const RAW: u8 = 0;
     /// `chunk`: the sender seals these bytes as a plaintext into a genuine packet, kept in
-    /// flight. [`session_lifetime`] takes them as they are (any message sequence, valid or
-    /// not); [`session`] keeps their longest prefix of valid Data, Ping and Pong messages.
+    /// flight. [`session_lifetime`](super::session_lifetime) takes them as they are (any message sequence, valid or
+    /// not); [`session`](super::session) keeps their longest prefix of valid Data, Ping and Pong messages.
     pub const SEAL: u8 = 1;
     /// `channel: u8, chunk`: the sender seals one Data message with this payload.
     pub const SEAL_DATA: u8 = 2;
@@ -929,9 +929,12 @@ impl SessionRun {
         let was_closed = self.pair.c[r].is_closed();
         let before = self.packets_opened(r);
         let result = self.pair.c[r].handle_input(now, packet);
-        let opened = matches!((before, self.packets_opened(r)), (Some(b), Some(a)) if a > b);
         let mut events = Vec::new();
         self.pair.take_events(r, &mut events);
+        // A Close from the peer ends the session at once, its counters with it; only an
+        // authenticated packet can carry one.
+        let closed_by_peer = events.iter().any(|e| matches!(e, Event::Closed(c) if c.by_peer));
+        let opened = closed_by_peer || matches!((before, self.packets_opened(r)), (Some(b), Some(a)) if a > b);
         if was_closed {
             assert!(result.is_err() && events.is_empty(), "a closed connection took a packet");
             return;
@@ -1327,6 +1330,11 @@ fn seed_session(out: &mut Seeds) {
         s.op(op::SEAL, false).chunk(&[message::KIND_PING, 0x80]);
         s.op(op::DELIVER, false).bytes(&[0]);
         out.push(("session_lifetime", format!("seed-{}-malformed", p.name()), s.0));
+        // The peer's authenticated Close (spec §7.6), with a reason this version does not know.
+        let mut s = Script::new(p);
+        s.op(op::SEAL, true).chunk(&[message::KIND_CLOSE, 0x5b]);
+        s.op(op::DELIVER, true).bytes(&[0]);
+        out.push(("session_lifetime", format!("seed-{}-peer-close", p.name()), s.0));
     }
 }
 
