@@ -202,8 +202,10 @@ struct Established {
     /// `pending`: both exist only around a re-handshake, and inline they would triple the
     /// size of every idle connection (spec §13).
     previous: Option<(Box<Session>, Timestamp)>,
-    /// Responder side of a re-handshake: finished, waiting for the first packet.
-    pending: Option<Box<Session>>,
+    /// A re-handshake's new session, complete on this side and waiting for the peer's
+    /// first packet in it (spec §5.9.1), with its handshake hash (exported only once the
+    /// session is promoted).
+    pending: Option<Box<(Session, [u8; HANDSHAKE_HASH_LEN])>>,
     rehandshake: Option<Box<Driver>>,
     /// Initiator of a 3-message pattern (datagram): FINAL, resent until the responder's
     /// first packet arrives (spec §5.7).
@@ -213,6 +215,10 @@ struct Established {
     /// Initiator in datagram mode: no authenticated packet from the responder yet, so the
     /// confirmation (or FINAL) may have been lost and is repeated (spec §5.7.2).
     awaiting_peer: bool,
+    /// Datagram mode, after switching at once to a re-handshake's new session: no packet of
+    /// the new generation from the peer yet, so the replaced session is kept for receiving
+    /// whatever its deadline (the peer, still pending, sends in it; spec §7.3).
+    peer_unproven: bool,
     /// XX re-handshake initiator: FINAL, repeated inside the old session until the new
     /// session is confirmed (datagram mode, spec §7.3).
     rehandshake_final: Option<Vec<u8>>,
@@ -734,6 +740,7 @@ impl Connection {
                 None
             },
             awaiting_peer,
+            peer_unproven: false,
             rehandshake_final: None,
             answered: None,
         }));
@@ -1085,14 +1092,17 @@ impl Connection {
         let mut buf = BytesMut::from(packet);
         // Route to the session the header names (spec §6.2, §7.3).
         let which = est.route(mode, &header);
+        let keep_previous = est.keeps_previous();
         let range = match which {
             Route::Current => est.current.open_parsed(now, header, &mut buf)?,
             Route::Pending => match est.pending.as_mut() {
-                Some(s) => s.open_parsed(now, header, &mut buf)?,
+                Some(p) => p.0.open_parsed(now, header, &mut buf)?,
                 None => return Err(SessionError::WrongSession.into()),
             },
+            // spec §7.3: an initiator still repeating its confirmation keeps the replaced
+            // session open, whatever its deadline: the responder sends on it until then.
             Route::Previous => match est.previous.as_mut() {
-                Some((s, until)) if now < *until => s.open_parsed(now, header, &mut buf)?,
+                Some((s, until)) if now < *until || keep_previous => s.open_parsed(now, header, &mut buf)?,
                 _ => return Err(SessionError::WrongSession.into()),
             },
         };
@@ -1106,6 +1116,13 @@ impl Connection {
             self.promote_pending(now);
         }
         if let Phase::Established(est) = &mut self.phase {
+            if est.peer_unproven && which == Route::Current {
+                // spec §7.3: the peer holds the new session; old packets may still be in flight.
+                est.peer_unproven = false;
+                if let Some((_, until)) = est.previous.as_mut() {
+                    *until = now + self.config.limits.key_overlap;
+                }
+            }
             if !est.confirmed {
                 // The initiator proved it holds the keys: our cached answer is not needed.
                 est.reply = None;
@@ -1178,9 +1195,11 @@ impl Connection {
             return;
         };
         if let Some(new) = est.pending.take() {
+            let (new, hash) = *new;
             est.reply = None;
             est.rehandshake_final = None;
-            let old = Box::new(core::mem::replace(&mut est.current, *new));
+            self.handshake_hash = Some(hash);
+            let old = Box::new(core::mem::replace(&mut est.current, new));
             let st = old.stats();
             self.stats.rekeys += st.send_rekeys + st.recv_rekeys;
             est.previous = Some((old, now + overlap));
@@ -1267,7 +1286,7 @@ impl Connection {
                 out.truncate(n);
                 out.shrink_to_fit();
                 self.priority.push_back(Outgoing::Rehandshake(out.clone(), false));
-                self.timers.set(Timer::Handshake, now + config.limits.handshake_timeout);
+                // No timeout on this side (spec §5.9.4): a new INIT replaces this re-handshake.
                 let Phase::Established(est) = &mut self.phase else {
                     return Ok(());
                 };
@@ -1276,8 +1295,7 @@ impl Connection {
                 if hs.is_finished() {
                     // 2-message patterns: pending until the initiator's first new packet.
                     let (session, hash) = hs.into_session(now, config.limits, generation)?;
-                    est.pending = Some(Box::new(session));
-                    self.handshake_hash = Some(hash);
+                    est.pending = Some(Box::new((session, hash)));
                 } else {
                     est.rehandshake = Some(Box::new(Driver::new(hs, &config, generation)));
                 }
@@ -1315,9 +1333,8 @@ impl Connection {
                 out.truncate(n);
                 out.shrink_to_fit();
                 let (session, hash) = driver.hs.into_session(now, config.limits, driver.generation)?;
-                est.pending = Some(Box::new(session));
+                est.pending = Some(Box::new((session, hash)));
                 est.rehandshake_final = (config.mode == Mode::Datagram).then(|| out.clone());
-                self.handshake_hash = Some(hash);
                 self.priority.push_back(Outgoing::Rehandshake(out, false));
                 if config.mode == Mode::Datagram {
                     self.timers.set(Timer::Retransmit, now + config.limits.handshake_rto);
@@ -1377,6 +1394,7 @@ impl Connection {
         self.empty_packet_due = true;
         let repeat = config.mode == Mode::Datagram && self.role == Role::Initiator;
         est.awaiting_peer = repeat;
+        est.peer_unproven = config.mode == Mode::Datagram;
         self.after_rehandshake(now);
         if repeat {
             // spec §7.3: repeat the confirmation until the responder answers on the new session.
@@ -1395,7 +1413,9 @@ impl Connection {
             return Err(ConnectionError::NotConnected);
         }
         if let Phase::Established(est) = &self.phase {
-            if est.rehandshake.is_some() {
+            // One at a time (spec §5.9): an XX initiator's new session may still be pending,
+            // and a second one would take the same generation.
+            if est.rehandshake.is_some() || est.pending.is_some() {
                 return Ok(());
             }
         }
@@ -1431,12 +1451,11 @@ impl Connection {
             let first_handshake_open = self.awaiting_xx_confirmation();
             match &mut self.phase {
                 Phase::Established(est) if est.confirmed && !first_handshake_open => {
-                    // A re-handshake that did not finish: forget it, the current session
-                    // carries on until it expires (spec §7.3).
-                    est.rehandshake = None;
-                    est.pending = None;
-                    self.timers.clear(Timer::Retransmit);
-                    if self.role == Role::Initiator {
+                    // spec §5.9.4: an initiator that has not read RESP gives up and retries
+                    // later; the current session carries on. A new session it completed
+                    // (XX: pending, FINAL repeated) is kept: the responder may already use it.
+                    if est.rehandshake.take().is_some() {
+                        self.timers.clear(Timer::Retransmit);
                         self.timers.set(Timer::Rehandshake, now + limits.handshake_timeout);
                     }
                 }
@@ -1465,7 +1484,7 @@ impl Connection {
         if let Phase::Established(est) = &mut self.phase {
             // An initiator still repeating its confirmation keeps the old session: the
             // responder sends on it until it has seen the new one (spec §7.3).
-            if !est.awaiting_peer && matches!(&est.previous, Some((_, until)) if now >= *until) {
+            if !est.keeps_previous() && matches!(&est.previous, Some((_, until)) if now >= *until) {
                 est.previous = None;
             }
             est.current.handle_timeout(now);
@@ -1667,9 +1686,17 @@ enum Route {
 }
 
 impl Established {
+    /// Whether the replaced session is kept for receiving beyond its deadline (spec §7.3).
+    const fn keeps_previous(&self) -> bool {
+        self.awaiting_peer || self.peer_unproven
+    }
+
     /// When a replaced session or epoch key must next be dropped.
     fn overlap_deadline(&self) -> Option<Timestamp> {
-        [self.previous.as_ref().map(|p| p.1), self.current.next_timeout()].into_iter().flatten().min()
+        // While the initiator awaits the responder's first new packet the replaced session has
+        // no deadline yet (see `handle_timeout`); reporting its old one would be a busy loop.
+        let previous = self.previous.as_ref().filter(|_| !self.keeps_previous()).map(|p| p.1);
+        [previous, self.current.next_timeout()].into_iter().flatten().min()
     }
 
     fn route(&self, mode: Mode, header: &TransportHeader) -> Route {

@@ -145,3 +145,116 @@ fn a_rehandshake_that_cannot_fit_the_peer_limit_is_abandoned_not_stuck() {
     assert_eq!(pair.a.stats().rehandshakes, 0);
     assert!(pair.connected());
 }
+
+#[test]
+fn the_replaced_session_stays_open_while_the_initiator_awaits_the_responder() {
+    // The initiator's new-generation packets are lost for 16 s (longer than the overlap):
+    // it keeps repeating its confirmation, its timers do not spin, and the responder's
+    // data (sent on the new session, or the old one until confirmed) keeps arriving.
+    let mut pair = Pair::new(Pattern::IK, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+    pair.drive();
+    let drop_new = Rc::new(RefCell::new(true));
+    let d2 = Rc::clone(&drop_new);
+    pair.hook = Some(Box::new(move |d, p: Vec<u8>| {
+        if d == Dir::AtoB && p[0] & 0xFC == 0x10 && p[0] & 0x01 != 0 && *d2.borrow() {
+            vec![]
+        } else {
+            vec![p]
+        }
+    }));
+    pair.a.start_rehandshake(pair.now).unwrap();
+    pair.drive();
+    for i in 0..8u64 {
+        pair.b.send(1, Bytes::from(format!("down {i}"))).unwrap();
+        pair.advance(Duration::from_secs(2));
+    }
+    assert!(pair.connected());
+    assert_eq!(pair.a_messages().len(), 8, "{:?}", pair.a_errors);
+    *drop_new.borrow_mut() = false;
+    for _ in 0..5 {
+        pair.a.send(1, Bytes::from_static(b"up")).unwrap();
+        pair.b.send(1, Bytes::from_static(b"down")).unwrap();
+        pair.advance(Duration::from_secs(2));
+    }
+    assert!(pair.connected());
+    assert_eq!((pair.a.stats().rehandshakes, pair.b.stats().rehandshakes), (1, 1));
+    assert_eq!(pair.a.handshake_hash(), pair.b.handshake_hash());
+    assert_eq!(pair.a_messages().len(), 13);
+    assert_eq!(pair.b_messages().len(), 5);
+}
+
+#[test]
+fn a_second_rehandshake_waits_for_the_pending_one() {
+    // XX: the initiator's new session stays pending while the responder's new packets are
+    // lost; asking for another re-handshake then must not start a second one on the same
+    // generation.
+    let mut pair = Pair::new(Pattern::XX, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+    pair.drive();
+    let drop_new = Rc::new(RefCell::new(true));
+    let d2 = Rc::clone(&drop_new);
+    pair.hook = Some(Box::new(move |d, p: Vec<u8>| {
+        if d == Dir::BtoA && p[0] & 0xFC == 0x10 && p[0] & 0x01 != 0 && *d2.borrow() {
+            vec![]
+        } else {
+            vec![p]
+        }
+    }));
+    pair.a.start_rehandshake(pair.now).unwrap();
+    pair.drive();
+    pair.a.send(1, Bytes::from_static(b"up")).unwrap();
+    pair.advance(Duration::from_secs(1));
+    let sent_before = pair.a.stats().packets_sent;
+    pair.a.start_rehandshake(pair.now).unwrap();
+    pair.drive();
+    assert_eq!(pair.a.stats().packets_sent, sent_before, "a second re-handshake was started");
+    *drop_new.borrow_mut() = false;
+    for _ in 0..5 {
+        pair.a.send(1, Bytes::from_static(b"up")).unwrap();
+        pair.b.send(1, Bytes::from_static(b"down")).unwrap();
+        pair.advance(Duration::from_secs(2));
+    }
+    assert!(pair.connected());
+    assert_eq!((pair.a.stats().rehandshakes, pair.b.stats().rehandshakes), (1, 1));
+    assert_eq!(pair.a.handshake_hash(), pair.b.handshake_hash());
+    assert_eq!(pair.b_messages().len(), 6);
+    assert_eq!(pair.a_messages().len(), 5);
+}
+
+#[test]
+fn a_switch_survives_loss_longer_than_the_handshake_timeout() {
+    // spec §5.9.4: once a side has completed the new session it never gives it up by
+    // timeout. The side that completed first keeps it pending, the other keeps sending
+    // in it, and when the loss ends the pending session is promoted.
+    for (p, dir) in [(Pattern::IK, Dir::AtoB), (Pattern::KK, Dir::AtoB), (Pattern::XX, Dir::BtoA)] {
+        let mut pair = Pair::new(p, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+        pair.drive();
+        let drop_new = Rc::new(RefCell::new(true));
+        let d2 = Rc::clone(&drop_new);
+        // Lose every new-generation packet from the side that switches at once.
+        pair.hook = Some(Box::new(move |d, pkt: Vec<u8>| {
+            if d == dir && pkt[0] & 0xFC == 0x10 && pkt[0] & 0x01 != 0 && *d2.borrow() {
+                vec![]
+            } else {
+                vec![pkt]
+            }
+        }));
+        let old_hash = *pair.a.handshake_hash().unwrap();
+        pair.a.start_rehandshake(pair.now).unwrap();
+        pair.drive();
+        pair.advance(Duration::from_secs(25));
+        // The side still pending exports the old hash until the new session is proven.
+        let pending_side = if dir == Dir::AtoB { &pair.b } else { &pair.a };
+        assert_eq!(pending_side.handshake_hash(), Some(&old_hash), "{p:?}");
+        *drop_new.borrow_mut() = false;
+        for _ in 0..5 {
+            pair.a.send(1, Bytes::from_static(b"up")).unwrap();
+            pair.b.send(1, Bytes::from_static(b"down")).unwrap();
+            pair.advance(Duration::from_secs(2));
+        }
+        assert!(pair.connected(), "{p:?}");
+        assert_eq!((pair.a.stats().rehandshakes, pair.b.stats().rehandshakes), (1, 1), "{p:?}");
+        assert_eq!(pair.a.handshake_hash(), pair.b.handshake_hash(), "{p:?}");
+        assert_ne!(pair.a.handshake_hash(), Some(&old_hash), "{p:?}");
+        assert_eq!((pair.a_messages().len(), pair.b_messages().len()), (5, 5), "{p:?}");
+    }
+}

@@ -236,6 +236,12 @@ impl Pair {
                     self.a.handle_timeout(self.now);
                     self.b.handle_timeout(self.now);
                     self.drive();
+                    // A handled deadline must move on: one still due now is a busy loop.
+                    for (side, c) in [("a", &self.a), ("b", &self.b)] {
+                        if let Some(due) = c.poll_timeout() {
+                            assert!(due > self.now, "{side}: timer still due after handle_timeout at {:?}", self.now);
+                        }
+                    }
                 }
                 _ => {
                     self.now = end;
