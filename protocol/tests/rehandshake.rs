@@ -258,3 +258,28 @@ fn a_switch_survives_loss_longer_than_the_handshake_timeout() {
         assert_eq!((pair.a_messages().len(), pair.b_messages().len()), (5, 5), "{p:?}");
     }
 }
+
+#[test]
+fn a_connected_xx_responder_drops_repeated_finals_and_answers_nothing() {
+    // spec §5.7.2: its transport packets stop the repeats; a copy of FINAL gets no answer.
+    for p in [Pattern::XX, Pattern::XXpsk3] {
+        let mut pair = Pair::new(p, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+        let finals = Rc::new(RefCell::new(Vec::new()));
+        let f2 = Rc::clone(&finals);
+        pair.hook = Some(Box::new(move |d, pkt: Vec<u8>| {
+            if d == Dir::AtoB && pkt[0] == 0x03 {
+                f2.borrow_mut().push(pkt.clone());
+            }
+            vec![pkt]
+        }));
+        pair.drive();
+        assert!(pair.connected());
+        let fin = finals.borrow()[0].clone();
+        let sent = pair.b.stats().packets_sent;
+        assert!(pair.deliver_to_b(&fin).is_err(), "{p:?}");
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(pair.b.poll_transmit(pair.now, &mut buf).unwrap(), None, "{p:?}");
+        assert_eq!(pair.b.stats().packets_sent, sent);
+        assert!(pair.connected());
+    }
+}
