@@ -5,8 +5,11 @@
 //! [`raw`] holds the raw limits: bare AEAD seal+open and bare X25519, with no framing, no
 //! handshake state and no allocation per call. [`pair`] builds Veil connections and runs their
 //! handshakes in one thread; [`timing`] measures a subject and its limit interleaved, so that both
-//! see the same machine load, and reports their ratio.
+//! see the same machine load, and reports their ratio. [`net`] holds the loopback pieces of the
+//! transport benchmarks: Veil endpoints, the TLS peer (tokio-rustls) and the plain TCP framing.
 #![forbid(unsafe_code)]
+
+pub mod net;
 
 /// Which crypto this build of Veil uses: `"ring"` with the `ring` feature (the default), or
 /// `"pure"`, the pure-Rust resolver that `no_std` firmware gets (`--no-default-features`).

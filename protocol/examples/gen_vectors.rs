@@ -39,6 +39,12 @@ use veil_protocol::{
     Suite, Timestamp,
 };
 
+#[path = "trust_vectors/mod.rs"]
+mod trust_vectors;
+
+#[path = "cookie_vectors/mod.rs"]
+mod cookie_vectors;
+
 /// Fixed inputs of one side.
 struct Party {
     static_secret: [u8; 32],
@@ -840,7 +846,7 @@ fn malformed_cases() -> Vec<MalformedCase> {
         ),
         (parse(D), vec![0x10, 0, 0, 0, 1, 0, 0], None, E::Truncated, "datagram transport header cut"),
         (parse(S), vec![0x00], None, E::UnknownPacketType(0x00), "packet type 0x00"),
-        (parse(S), vec![0x06, 0x00], None, E::UnknownPacketType(0x06), "first unassigned handshake-range type"),
+        (parse(S), vec![0x07, 0x00], None, E::UnknownPacketType(0x07), "first unassigned handshake-range type"),
         (parse(D), vec![0x0f, 0x00], None, E::UnknownPacketType(0x0f), "packet type 0x0f"),
         (parse(S), with_tag(&[0x14], 0), None, E::UnknownPacketType(0x14), "transport type with flag bit 2"),
         (parse(D), vec![0x20; 30], None, E::UnknownPacketType(0x20), "packet type 0x20"),
@@ -918,9 +924,9 @@ fn malformed_cases() -> Vec<MalformedCase> {
         (Target::Message, vec![0x02, 0x00], None, E::UnknownMessageKind(0x02), "reserved kind Ack"),
         (Target::Message, vec![0x06, 0x00], None, E::UnknownMessageKind(0x06), "reserved kind Forward"),
         (Target::Message, vec![0x07, 0x00], None, E::UnknownMessageKind(0x07), "reserved kind Deliver"),
-        (Target::Message, vec![0x08, 0x00], None, E::UnknownMessageKind(0x08), "reserved kind RevocationPush"),
+        (Target::Message, vec![0x08, 0x80], None, E::MalformedMessage, "RevocationPush with a truncated length"),
         (Target::Message, vec![0x09, 0x00], None, E::UnknownMessageKind(0x09), "reserved kind FlowReport"),
-        (Target::Message, vec![0x0a, 0x00], None, E::UnknownMessageKind(0x0a), "reserved kind TimeSync"),
+        (Target::Message, vec![0x0a], None, E::MalformedMessage, "TimeSync without a body"),
         (Target::Message, vec![0x0c], None, E::UnknownMessageKind(0x0c), "first unassigned kind"),
         (Target::Message, vec![0x80, 0x01, 0x02], None, E::UnknownMessageKind(0x80), "extension kind 0x80"),
         (Target::Message, vec![0xff], None, E::UnknownMessageKind(0xff), "kind 0xff"),
@@ -943,6 +949,7 @@ fn malformed_cases() -> Vec<MalformedCase> {
     ];
     cases
         .into_iter()
+        .chain(cookie_vectors::malformed_cases())
         .map(|(target, input, pad, expected, description)| {
             let mut full = input.clone();
             if let Some((b, len)) = pad {
@@ -979,6 +986,8 @@ struct Output {
     files: Vec<(&'static str, String)>,
     /// Fuzz seeds: packets, plaintexts and (unpadded) malformed inputs.
     seeds: Vec<Vec<u8>>,
+    /// Fuzz seeds of the trust targets (spec §15.12): `(target, input)`.
+    trust_seeds: Vec<(&'static str, Vec<u8>)>,
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {
@@ -1005,6 +1014,11 @@ fn generate() -> Output {
         }
     }
     let malformed = malformed_cases();
+    let cookies = cookie_vectors::cookie_vectors(&hs);
+    for v in &cookies {
+        seed_hex(&v.cookie_reply);
+        seed_hex(&v.init_cookie);
+    }
     for v in &hs {
         v.handshake_packets.iter().for_each(|p| seed_hex(&p.packet));
         v.transport_packets.iter().for_each(|p| {
@@ -1047,13 +1061,29 @@ fn generate() -> Output {
         generator: GENERATOR,
         vectors: malformed,
     };
+    let cookies = VectorFile {
+        description: "Veil's cookie challenge (datagram mode): for a datagram vector of handshakes.json, the \
+                      responder's endpoint (cookie secret `secret`, demanding cookies, at `time_us`) answers the \
+                      INIT from `source` with `cookie_reply`; `cookie` = keyed BLAKE2s-128(secret, mac_input), \
+                      mac_input = \"Veil-v1 cookie\" || source_bytes (IPv6 or IPv4-mapped address, port) || INIT; \
+                      the initiator then sends `init_cookie` (0x06 || cookie || INIT) and the responder answers \
+                      it with `resp`, the RESP of the handshake vector: the cookie changes nothing in the handshake.",
+        spec: "spec/protocol.md §5.7.4, §14",
+        generator: GENERATOR,
+        vectors: cookies,
+    };
+    let mut trust_seeds = Vec::new();
+    let trust = trust_vectors::generate(&mut trust_seeds);
     Output {
         files: vec![
             ("handshakes.json", to_json(&hs)),
             ("transport.json", to_json(&tr)),
             ("malformed.json", to_json(&mf)),
+            ("cookies.json", to_json(&cookies)),
+            ("trust.json", to_json(&trust)),
         ],
         seeds,
+        trust_seeds,
     }
 }
 
@@ -1143,5 +1173,16 @@ fn main() -> ExitCode {
         names.dedup();
         names.len()
     });
+    let mut written = 0;
+    for (target, s) in &out.trust_seeds {
+        let dir = repo_root().join("fuzz").join("corpus").join(target);
+        std::fs::create_dir_all(&dir).expect("create a trust corpus directory");
+        let path = dir.join(format!("{:016x}", fnv1a(s)));
+        if !path.exists() {
+            std::fs::write(&path, s).expect("write a corpus file");
+            written += 1;
+        }
+    }
+    println!("fuzz/corpus/certificate, fuzz/corpus/revocation_list: {written} new seeds");
     ExitCode::SUCCESS
 }

@@ -75,6 +75,18 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The idle timeout in force: `idle_timeout`, but never longer than
+    /// (`MAX_EPOCH_JUMP` − 1) × `rekey_after_time` (spec §7.5). A peer that keeps sending
+    /// through a loss moves one epoch ahead per `rekey_after_time`; a receiver that has
+    /// heard nothing for longer could no longer place its counters (spec §6.3), so the
+    /// connection ends instead of lingering unable to authenticate anything.
+    #[must_use]
+    pub const fn effective_idle_timeout(&self) -> Duration {
+        let cap = self.rekey_after_time.as_micros().saturating_mul(crate::session::MAX_EPOCH_JUMP - 1);
+        let idle = self.idle_timeout.as_micros();
+        Duration::from_micros(if idle < cap { idle } else { cap })
+    }
+
     /// `max_packet_len` clamped to the protocol's bounds.
     #[must_use]
     pub fn packet_len(&self) -> usize {
@@ -125,5 +137,20 @@ impl Config {
     #[must_use]
     pub const fn public_key(&self) -> &PublicKey {
         self.identity.public()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_timeout_is_cut_to_what_counter_reconstruction_can_follow() {
+        let defaults = Limits::default();
+        assert_eq!(defaults.effective_idle_timeout(), IDLE_TIMEOUT);
+        let fast_rekey = Limits { rekey_after_time: Duration::from_millis(100), ..Limits::default() };
+        assert_eq!(fast_rekey.effective_idle_timeout(), Duration::from_millis(700));
+        let short_idle = Limits { idle_timeout: Duration::from_millis(300), ..fast_rekey };
+        assert_eq!(short_idle.effective_idle_timeout(), Duration::from_millis(300));
     }
 }

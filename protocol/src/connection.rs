@@ -22,6 +22,7 @@ use rand_core::{RngCore, SeedableRng};
 use zeroize::Zeroizing;
 
 use crate::config::Config;
+use crate::cookie::MAX_COOKIE_REPLIES;
 use crate::crypto::{Psk, PublicKey};
 use crate::error::{ConnectionError, DecodeError, HandshakeError, SessionError};
 use crate::handshake::{Handshake, HandshakeParams, HANDSHAKE_HASH_LEN};
@@ -101,6 +102,19 @@ pub enum Event {
     Rehandshaked {
         /// The new handshake hash.
         handshake_hash: [u8; HANDSHAKE_HASH_LEN],
+    },
+    /// The peer pushed a revocation list (spec §15.8). Unverified: offer it to the trust
+    /// store (`veil_protocol::trust::TrustStore::update_revocation_list`); a list that fails
+    /// there is logged and ignored, the connection goes on.
+    RevocationList {
+        /// The encoded list, sharing the decrypted packet's buffer.
+        list: Bytes,
+    },
+    /// The peer sent its Unix time (spec §15.7). Only a peer verified as gateway or cloud (or
+    /// configured as a time source) is to be believed.
+    TimeSync {
+        /// Seconds since 1970-01-01T00:00:00Z.
+        unix_time: u64,
     },
     /// The connection is over. No further events follow.
     Closed(Closed),
@@ -191,6 +205,8 @@ struct Driver {
     replay_seed: Option<Zeroizing<[u8; 32]>>,
     rto: Duration,
     generation: bool,
+    /// COOKIE_REPLYs acted on (initiator, first handshake; spec §5.7.4).
+    cookie_replies: u8,
 }
 
 #[derive(Debug)]
@@ -248,6 +264,10 @@ enum Outgoing {
     /// A re-handshake packet; `switch` = move to the new session once it was sealed
     /// (the XX initiator's FINAL must travel in the old session).
     Rehandshake(Vec<u8>, bool),
+    /// A revocation list (spec §15.8).
+    RevocationPush(Bytes),
+    /// The local Unix time (spec §15.7).
+    TimeSync(u64),
 }
 
 impl Outgoing {
@@ -257,6 +277,8 @@ impl Outgoing {
             Self::Ping(id) => Message::Ping { id: *id },
             Self::Pong(id) => Message::Pong { id: *id },
             Self::Rehandshake(p, _) => Message::Handshake { packet: p },
+            Self::RevocationPush(list) => Message::RevocationPush { list },
+            Self::TimeSync(unix_time) => Message::TimeSync { unix_time: *unix_time },
         }
     }
 }
@@ -568,6 +590,35 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues a revocation list for the peer (`RevocationPush`, spec §15.8), ahead of data.
+    ///
+    /// # Errors
+    /// [`ConnectionError::NotConnected`]; [`ConnectionError::MessageTooLarge`] if the list is
+    /// longer than `MAX_REVOCATION_LIST_LEN` or does not fit one packet to this peer (it then
+    /// has to get the list by other means).
+    pub fn push_revocation_list(&mut self, list: Bytes) -> Result<(), ConnectionError> {
+        if !self.is_connected() {
+            return Err(ConnectionError::NotConnected);
+        }
+        if list.len() > crate::trust::MAX_REVOCATION_LIST_LEN || list.len() > self.max_message_payload() {
+            return Err(ConnectionError::MessageTooLarge);
+        }
+        self.priority.push_back(Outgoing::RevocationPush(list));
+        Ok(())
+    }
+
+    /// Queues the local Unix time for the peer (`TimeSync`, spec §15.7), ahead of data.
+    ///
+    /// # Errors
+    /// [`ConnectionError::NotConnected`].
+    pub fn send_time_sync(&mut self, unix_time: u64) -> Result<(), ConnectionError> {
+        if !self.is_connected() {
+            return Err(ConnectionError::NotConnected);
+        }
+        self.priority.push_back(Outgoing::TimeSync(unix_time));
+        Ok(())
+    }
+
     /// Closes the connection with `reason` (spec §7.6). Queued data is sent first, then
     /// an authenticated `Close`; [`Event::Closed`] follows once it was transmitted.
     pub fn close(&mut self, now: Timestamp, reason: CloseReason) {
@@ -755,7 +806,7 @@ impl Connection {
             self.empty_packet_due = role == Role::Initiator && pattern.message_count() == 2
                 || role == Role::Responder && pattern.message_count() == 3;
         }
-        self.timers.set(Timer::Idle, now + self.config.limits.idle_timeout);
+        self.timers.set(Timer::Idle, now + self.config.limits.effective_idle_timeout());
         Ok(())
     }
 
@@ -856,9 +907,54 @@ impl Connection {
                     _ => Err(HandshakeError::UnexpectedPacket.into()),
                 }
             }
-            Packet::CookieReply { .. } => Err(HandshakeError::UnexpectedPacket.into()),
+            Packet::CookieReply { receiver_index, cookie } => {
+                self.check_index(Some(receiver_index))?;
+                self.on_cookie_reply(now, &cookie)
+            }
+            // spec §5.7.4: the cookie was the endpoint's business; the INIT inside is handled
+            // as if it had come alone, and is what a duplicate is compared with.
+            Packet::InitCookie { init, header, header_bytes, body, .. } => {
+                self.on_init(now, init, &header, header_bytes, body)
+            }
             Packet::Transport(header, _) => self.on_transport(now, header, packet),
         }
+    }
+
+    /// spec §5.7.4: an initiator waiting for RESP of its first handshake sends its INIT again
+    /// with the cookie in front, at most `MAX_COOKIE_REPLIES` times.
+    fn on_cookie_reply(&mut self, now: Timestamp, cookie: &[u8; wire::COOKIE_LEN]) -> Result<(), ConnectionError> {
+        let rto = self.config.limits.handshake_rto;
+        let driver = match &mut self.phase {
+            Phase::Handshaking(d)
+                if self.role == Role::Initiator
+                    && d.hs.role() == Role::Initiator
+                    && d.hs.step() == 1
+                    && d.cookie_replies < MAX_COOKIE_REPLIES =>
+            {
+                d
+            }
+            _ => return Err(HandshakeError::UnexpectedPacket.into()),
+        };
+        let Some(sent) = driver.last_sent.as_deref() else {
+            return Err(HandshakeError::UnexpectedPacket.into());
+        };
+        // The INIT itself, byte for byte: Noise message 1 is not written again.
+        let init = match sent.first() {
+            Some(&wire::TYPE_HANDSHAKE_INIT_COOKIE) => sent.get(wire::INIT_COOKIE_PREFIX_LEN..).unwrap_or(&[]),
+            _ => sent,
+        };
+        let mut packet = alloc::vec![0u8; wire::INIT_COOKIE_PREFIX_LEN + init.len()];
+        if wire::encode_init_cookie(cookie, init, &mut packet).is_err() {
+            return Err(HandshakeError::BufferTooSmall.into());
+        }
+        driver.cookie_replies += 1;
+        driver.last_sent = Some(packet.clone());
+        // spec §5.7.4: sent at once, then the schedule of spec §5.7.2 restarts; the handshake
+        // timeout still counts from the connection's creation.
+        driver.rto = rto;
+        self.timers.set(Timer::Retransmit, now + rto);
+        self.control.push_back(packet);
+        Ok(())
     }
 
     fn check_index(&self, receiver_index: Option<u32>) -> Result<(), ConnectionError> {
@@ -871,6 +967,13 @@ impl Connection {
     /// A first packet that failed to parse: answer with REJECT where the spec says so
     /// (spec §4.3, §5.8) and fail.
     fn refuse_init(&mut self, now: Timestamp, packet: &[u8], e: DecodeError) -> ConnectionError {
+        // spec §5.7.4: the INIT inside an INIT_COOKIE is answered like an INIT.
+        let packet = match packet.first() {
+            Some(&wire::TYPE_HANDSHAKE_INIT_COOKIE) if self.config.mode == Mode::Datagram => {
+                packet.get(wire::INIT_COOKIE_PREFIX_LEN..).unwrap_or(&[])
+            }
+            _ => packet,
+        };
         if packet.first() == Some(&wire::TYPE_HANDSHAKE_INIT) {
             let reason = RejectReason::for_decode_error(e);
             match self.config.mode {
@@ -1108,9 +1211,21 @@ impl Connection {
         };
         let plain = buf.freeze().slice(range);
         // The packet authenticated: everything from here on is the peer's word.
-        self.timers.set(Timer::Idle, now + self.config.limits.idle_timeout);
+        self.timers.set(Timer::Idle, now + self.config.limits.effective_idle_timeout());
+        let mut rehandshake_now = false;
         if completes_xx {
             self.timers.clear(Timer::Handshake);
+            // spec §7.3: a re-handshake that fell due before this was deferred: it starts
+            // once this packet is processed.
+            if let Phase::Established(est) = &self.phase {
+                let due = est.current.established_at() + self.config.limits.rehandshake_after_time;
+                rehandshake_now = due <= now;
+                if rehandshake_now {
+                    self.timers.clear(Timer::Rehandshake);
+                } else {
+                    self.timers.set(Timer::Rehandshake, due);
+                }
+            }
         }
         if which == Route::Pending {
             self.promote_pending(now);
@@ -1153,7 +1268,12 @@ impl Connection {
                 }
             }
         }
-        self.deliver(now, &plain)
+        self.deliver(now, &plain)?;
+        if rehandshake_now && !self.is_closed() {
+            // As from the timer: a failure to start leaves the current session as it is.
+            let _ = self.start_rehandshake(now);
+        }
+        Ok(())
     }
 
     fn deliver(&mut self, now: Timestamp, plain: &Bytes) -> Result<(), ConnectionError> {
@@ -1173,6 +1293,11 @@ impl Connection {
                 }
                 Message::Ping { id } => self.priority.push_back(Outgoing::Pong(id)),
                 Message::Pong { id } => self.events.push_back(Event::Pong { id }),
+                // spec §15.7, §15.8: the trust layer decides what these are worth.
+                Message::RevocationPush { list } => {
+                    self.events.push_back(Event::RevocationList { list: plain.slice_ref(list) });
+                }
+                Message::TimeSync { unix_time } => self.events.push_back(Event::TimeSync { unix_time }),
                 Message::Close { reason } => {
                     self.finish(now, reason, true, None);
                     return Ok(());
@@ -1404,7 +1529,8 @@ impl Connection {
     }
 
     /// Starts a re-handshake now (normally driven by the timer, spec §7.3). Only the
-    /// connection's initiator may.
+    /// connection's initiator may. Does nothing while one is in progress or pending, or
+    /// before an XX/XXpsk3 initiator's first handshake is complete.
     ///
     /// # Errors
     /// [`ConnectionError::NotConnected`] without an established session.
@@ -1418,6 +1544,12 @@ impl Connection {
             if est.rehandshake.is_some() || est.pending.is_some() {
                 return Ok(());
             }
+        }
+        // spec §7.3: not before an XX/XXpsk3 initiator's first handshake is complete
+        // (§5.7.1): it goes on repeating FINAL (§5.7.2), and the responder's first packet
+        // arms the re-handshake timer again (`on_transport`).
+        if self.awaiting_xx_confirmation() {
+            return Ok(());
         }
         let generation = match &self.phase {
             Phase::Established(e) => !e.current.generation(),
@@ -1724,6 +1856,7 @@ impl Driver {
             replay_seed: None,
             rto: config.limits.handshake_rto,
             generation,
+            cookie_replies: 0,
         }
     }
 }

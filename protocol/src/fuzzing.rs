@@ -18,6 +18,9 @@
 #[cfg(not(feature = "std"))]
 extern crate std;
 
+mod trust;
+pub use trust::{certificate, revocation_list};
+
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
@@ -357,6 +360,8 @@ pub fn decode(data: &[u8]) {
         }
     }
 
+    cookie_check(data);
+
     if let Ok(p) = HandshakePayload::decode(data) {
         assert!(p.max_version != 0 && data.len() <= HANDSHAKE_PAYLOAD_MAX);
         assert!(p.max_packet_len.is_none_or(|m| usize::from(m) >= MIN_PACKET_LEN));
@@ -390,6 +395,82 @@ pub fn decode(data: &[u8]) {
         rest = tail;
     }
     assert_eq!(message::validate(data).ok(), valid.then_some(count));
+}
+
+/// The cookie challenge (spec §5.7.4) on `data` as a datagram from a fixed address, under a
+/// fixed secret: nothing panics; a COOKIE_REPLY is smaller than the datagram that caused it and
+/// carries that INIT's index; sending the INIT back with that cookie proves the address, and
+/// from another address it does not; a REJECT is the 6-byte datagram REJECT of spec §5.8; an
+/// INIT goes on unchanged, without its INIT_COOKIE prefix.
+fn cookie_check(data: &[u8]) {
+    use crate::cookie::{CookieChecker, CookieStatus, Verdict};
+    use core::net::{IpAddr, Ipv4Addr, SocketAddr};
+    if !matches!(data.first(), Some(&TYPE_HANDSHAKE_INIT | &wire::TYPE_HANDSHAKE_INIT_COOKIE)) {
+        return;
+    }
+    thread_local! {
+        static COOKIE_CONFIG: Arc<Config> = {
+            let mut c = Config::new(StaticKeypair::from_secret_bytes([RESPONDER_SEED; 32]), Mode::Datagram);
+            c.limits.max_packet_len = RESPONDER_MAX_PACKET_LEN;
+            c.accept_patterns.retain(|p| *p != Pattern::KK);
+            Arc::new(c)
+        };
+    }
+    let config = COOKIE_CONFIG.with(Arc::clone);
+    let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 51_820);
+    let other = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 51_821);
+    let mut checker =
+        CookieChecker::new(T0, crate::cookie::COOKIE_SECRET_LIFETIME, &mut rand_chacha::ChaCha20Rng::seed_from_u64(3));
+    for demand in [false, true] {
+        let mut out = [0u8; 64];
+        match checker.verdict(T0, &src, data, demand, &config, &mut out) {
+            Verdict::Proceed { init, cookie } => {
+                assert!(data.ends_with(init), "the INIT handed on is not the datagram's");
+                assert_eq!(init.first(), Some(&TYPE_HANDSHAKE_INIT));
+                assert!(!demand || cookie == CookieStatus::Valid, "an unproven address went on under demand");
+                let wrapped = data.first() == Some(&wire::TYPE_HANDSHAKE_INIT_COOKIE);
+                assert_eq!(init.len() + usize::from(wrapped) * wire::INIT_COOKIE_PREFIX_LEN, data.len());
+            }
+            Verdict::CookieReply { len, cookie } => {
+                assert!(demand, "a COOKIE_REPLY without demand");
+                assert!(len < data.len(), "COOKIE_REPLY of {len} B for a {} B datagram", data.len());
+                assert_ne!(cookie, CookieStatus::Valid);
+                let Ok(Packet::CookieReply { receiver_index, cookie }) =
+                    wire::parse(Mode::Datagram, MAX_PACKET_LEN, &out[..len])
+                else {
+                    panic!("the COOKIE_REPLY does not parse");
+                };
+                let init = match wire::parse(Mode::Datagram, MAX_PACKET_LEN, data) {
+                    Ok(Packet::Init { .. }) => data,
+                    Ok(Packet::InitCookie { init, .. }) => init,
+                    other => panic!("a COOKIE_REPLY for {other:?}"),
+                };
+                assert_eq!(receiver_index, be32(&init[3..]));
+                let mut back = vec![0u8; wire::INIT_COOKIE_PREFIX_LEN + init.len()];
+                wire::encode_init_cookie(&cookie, init, &mut back).unwrap();
+                let mut out2 = [0u8; 64];
+                assert_eq!(
+                    checker.verdict(T0, &src, &back, true, &config, &mut out2),
+                    Verdict::Proceed { init, cookie: CookieStatus::Valid },
+                    "the cookie does not prove the address it was made for"
+                );
+                assert!(
+                    matches!(
+                        checker.verdict(T0, &other, &back, true, &config, &mut out2),
+                        Verdict::CookieReply { cookie: CookieStatus::Invalid, .. }
+                    ),
+                    "a cookie proved another port"
+                );
+            }
+            Verdict::Reject { len, .. } => {
+                assert!(demand, "a stateless REJECT without demand");
+                assert_eq!(len, 6);
+                assert_eq!(out[0], TYPE_HANDSHAKE_REJECT);
+                assert!(len < data.len());
+            }
+            Verdict::Drop(_) => {}
+        }
+    }
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -435,8 +516,24 @@ fn check_packet(mode: Mode, data: &[u8], packet: Packet<'_>) {
             assert_eq!(receiver_index, dg.then(|| be32(&data[1..])));
             receiver_index
         }
-        Packet::CookieReply { body } => {
-            assert_eq!(body, &data[1..]);
+        Packet::CookieReply { receiver_index, cookie } => {
+            assert!(dg, "COOKIE_REPLY accepted in stream mode");
+            assert_eq!(data.len(), wire::COOKIE_REPLY_LEN, "COOKIE_REPLY is exactly its layout");
+            assert_eq!(receiver_index, be32(&data[1..]));
+            assert_eq!(&cookie[..], &data[5..]);
+            let mut buf = [0u8; wire::COOKIE_REPLY_LEN];
+            wire::encode_cookie_reply(receiver_index, &cookie, &mut buf).unwrap();
+            assert_eq!(&buf[..], data, "COOKIE_REPLY does not re-encode to its bytes");
+            Some(receiver_index)
+        }
+        Packet::InitCookie { cookie, init, header, header_bytes, body } => {
+            assert!(dg, "INIT_COOKIE accepted in stream mode");
+            let p = wire::INIT_COOKIE_PREFIX_LEN;
+            assert_eq!((&cookie[..], init), (&data[1..p], &data[p..]));
+            assert_eq!(wire::parse(mode, MAX_PACKET_LEN, init), Ok(Packet::Init { header, header_bytes, body }));
+            let mut buf = vec![0u8; data.len()];
+            assert_eq!(wire::encode_init_cookie(&cookie, init, &mut buf), Ok(data.len()));
+            assert_eq!(buf, data, "INIT_COOKIE does not re-encode to its bytes");
             None
         }
         Packet::Transport(h, bytes) => {
@@ -1086,6 +1183,10 @@ fn expected_events(plaintext: &[u8]) -> Option<Vec<Event>> {
             }
             Message::Ping { .. } => {}
             Message::Pong { id } => events.push(Event::Pong { id }),
+            Message::RevocationPush { list } => {
+                events.push(Event::RevocationList { list: Bytes::copy_from_slice(list) });
+            }
+            Message::TimeSync { unix_time } => events.push(Event::TimeSync { unix_time }),
             Message::Close { reason } => {
                 events.push(Event::Closed(Closed { reason, by_peer: true, error: None }));
                 break;
@@ -1224,7 +1325,15 @@ fn seed_decode(out: &mut Seeds) {
     out.push(("decode", "seed-messages-all".into(), all));
     out.push(("decode", "seed-reject-stream".into(), vec![TYPE_HANDSHAKE_REJECT, 0x03]));
     out.push(("decode", "seed-reject-datagram".into(), vec![TYPE_HANDSHAKE_REJECT, 0, 0, 0, 9, 0x06]));
-    out.push(("decode", "seed-cookie-reply".into(), vec![wire::TYPE_COOKIE_REPLY, 1, 2, 3]));
+    let mut reply = vec![wire::TYPE_COOKIE_REPLY, 1, 2, 3, 4];
+    reply.extend_from_slice(&[0xc0; wire::COOKIE_LEN]);
+    out.push(("decode", "seed-cookie-reply".into(), reply));
+    for p in Params::all().filter(|p| p.mode == Mode::Datagram) {
+        let init = &transcript(p).a_to_b[0];
+        let mut wrapped = vec![0u8; wire::INIT_COOKIE_PREFIX_LEN + init.len()];
+        wire::encode_init_cookie(&[0x5a; wire::COOKIE_LEN], init, &mut wrapped).unwrap();
+        out.push(("decode", format!("seed-{}-init-cookie", p.name()), wrapped));
+    }
 }
 
 fn seed_responder(out: &mut Seeds) {

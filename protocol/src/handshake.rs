@@ -28,7 +28,7 @@ pub const HANDSHAKE_BODY_MAX: usize = HANDSHAKE_PAYLOAD_MAX + NOISE_OVERHEAD_MAX
 pub const HANDSHAKE_HASH_LEN: usize = 32;
 
 /// spec §5.4: the smallest Noise message (without payload) for message `index` of `pattern`.
-const fn min_body_len(pattern: Pattern, index: usize) -> usize {
+pub(crate) const fn min_body_len(pattern: Pattern, index: usize) -> usize {
     match (pattern, index) {
         (Pattern::IK | Pattern::IKpsk2, 0) => DH_LEN + DH_LEN + TAG_LEN + TAG_LEN,
         (Pattern::XX, 0) => DH_LEN,

@@ -58,6 +58,7 @@ extern crate alloc;
 
 pub mod config;
 pub mod connection;
+pub mod cookie;
 pub mod crypto;
 pub mod error;
 #[cfg(feature = "fuzzing")]
@@ -69,6 +70,7 @@ pub mod payload;
 pub mod replay;
 pub mod session;
 pub mod time;
+pub mod trust;
 pub mod wire;
 
 pub use config::{Config, Limits};

@@ -21,11 +21,11 @@ pub const KIND_CLOSE: u8 = 0x05;
 pub const KIND_FORWARD: u8 = 0x06;
 /// spec §9.2: reserved for routing (`Deliver`).
 pub const KIND_DELIVER: u8 = 0x07;
-/// spec §9.2: reserved for revocation-list pushes.
+/// spec §9.2, §15.8: a revocation list pushed over the session.
 pub const KIND_REVOCATION_PUSH: u8 = 0x08;
 /// spec §9.2: reserved for flow reports.
 pub const KIND_FLOW_REPORT: u8 = 0x09;
-/// spec §9.2: reserved for time synchronisation.
+/// spec §9.2, §15.7: the sender's Unix time, a hint for nodes without a real-time clock.
 pub const KIND_TIME_SYNC: u8 = 0x0A;
 /// spec §9.2: a re-handshake packet carried inside the current session (spec §7.3).
 pub const KIND_HANDSHAKE: u8 = 0x0B;
@@ -52,6 +52,8 @@ pub enum CloseReason {
     TooManyMessages,
     /// An internal failure.
     InternalError,
+    /// The peer's certificate chain no longer passes verification (spec §15.9).
+    BadCertificate,
     /// A code this version does not define.
     Unknown(u16),
 }
@@ -70,6 +72,7 @@ impl CloseReason {
             Self::SessionExpired => 6,
             Self::TooManyMessages => 7,
             Self::InternalError => 8,
+            Self::BadCertificate => 9,
             Self::Unknown(c) => c,
         }
     }
@@ -87,6 +90,7 @@ impl CloseReason {
             6 => Self::SessionExpired,
             7 => Self::TooManyMessages,
             8 => Self::InternalError,
+            9 => Self::BadCertificate,
             c => Self::Unknown(c),
         }
     }
@@ -134,6 +138,18 @@ pub enum Message<'a> {
         /// The complete handshake packet, header included.
         packet: &'a [u8],
     },
+    /// A signed revocation list (spec §15.8), at most
+    /// [`MAX_REVOCATION_LIST_LEN`](crate::trust::MAX_REVOCATION_LIST_LEN) bytes. The
+    /// connection does not interpret it; the trust layer verifies it.
+    RevocationPush {
+        /// The encoded revocation list (spec §15.5).
+        list: &'a [u8],
+    },
+    /// The sender's Unix time in seconds (spec §15.7).
+    TimeSync {
+        /// Seconds since 1970-01-01T00:00:00Z.
+        unix_time: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -174,7 +190,10 @@ impl<'a> Message<'a> {
             }
             Self::Ping { id } | Self::Pong { id } => varint_len(u64::from(id)),
             Self::Close { reason } => varint_len(u64::from(reason.code())),
-            Self::Handshake { packet } => varint_len(packet.len() as u64) + packet.len(),
+            Self::Handshake { packet } | Self::RevocationPush { list: packet } => {
+                varint_len(packet.len() as u64) + packet.len()
+            }
+            Self::TimeSync { unix_time } => varint_len(unix_time),
         }
     }
 
@@ -204,6 +223,14 @@ impl<'a> Message<'a> {
             Self::Handshake { packet } => {
                 *kind = KIND_HANDSHAKE;
                 postcard::to_slice(&Bytes(packet), body)
+            }
+            Self::RevocationPush { list } => {
+                *kind = KIND_REVOCATION_PUSH;
+                postcard::to_slice(&Bytes(list), body)
+            }
+            Self::TimeSync { unix_time } => {
+                *kind = KIND_TIME_SYNC;
+                postcard::to_slice(&unix_time, body)
             }
         }
         .map_err(|_| DecodeError::Truncated)?
@@ -239,6 +266,18 @@ impl<'a> Message<'a> {
             KIND_HANDSHAKE => {
                 let (b, rest): (Bytes<'a>, _) = postcard::take_from_bytes(body).map_err(bad)?;
                 Ok((Self::Handshake { packet: b.0 }, rest))
+            }
+            KIND_REVOCATION_PUSH => {
+                // Borrowed: nothing is allocated whatever the length claims (spec §15.8).
+                let (b, rest): (Bytes<'a>, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                if b.0.len() > crate::trust::MAX_REVOCATION_LIST_LEN {
+                    return Err(DecodeError::MalformedMessage);
+                }
+                Ok((Self::RevocationPush { list: b.0 }, rest))
+            }
+            KIND_TIME_SYNC => {
+                let (unix_time, rest) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::TimeSync { unix_time }, rest))
             }
             other => Err(DecodeError::UnknownMessageKind(other)),
         }
@@ -344,12 +383,32 @@ mod tests {
 
     #[test]
     fn reserved_and_malformed_kinds_are_errors() {
-        for k in
-            [0u8, KIND_ACK, KIND_FORWARD, KIND_DELIVER, KIND_REVOCATION_PUSH, KIND_FLOW_REPORT, KIND_TIME_SYNC, 0x80]
-        {
+        for k in [0u8, KIND_ACK, KIND_FORWARD, KIND_DELIVER, KIND_FLOW_REPORT, 0x0c, 0x80] {
             assert_eq!(Message::decode(&[k, 0]), Err(DecodeError::UnknownMessageKind(k)));
         }
         assert_eq!(Message::decode(&[KIND_DATA, 1, 1, 9, 0]), Err(DecodeError::MalformedMessage));
         assert_eq!(validate(&[KIND_PING, 1, KIND_PING]), Err(DecodeError::MalformedMessage));
+    }
+
+    #[test]
+    fn trust_messages_round_trip_and_are_bounded() {
+        let list = alloc::vec![7u8; 300];
+        let msgs = [Message::RevocationPush { list: &list }, Message::TimeSync { unix_time: 1_782_864_000 }];
+        let mut buf = [0u8; 400];
+        let mut at = 0;
+        for m in &msgs {
+            let n = m.encode(&mut buf[at..]).unwrap();
+            assert_eq!(n, m.encoded_len(), "{m:?}");
+            at += n;
+        }
+        let decoded: alloc::vec::Vec<_> = Messages::new(&buf[..at]).map(Result::unwrap).collect();
+        assert_eq!(decoded, msgs);
+        // spec §15.8: a list longer than the maximum is malformed, whatever follows.
+        let too_long = alloc::vec![0u8; crate::trust::MAX_REVOCATION_LIST_LEN + 1];
+        let mut big = alloc::vec![0u8; too_long.len() + 8];
+        let n = Message::RevocationPush { list: &too_long }.encode(&mut big).unwrap();
+        assert_eq!(Message::decode(&big[..n]), Err(DecodeError::MalformedMessage));
+        assert_eq!(Message::decode(&[KIND_TIME_SYNC]), Err(DecodeError::MalformedMessage));
+        assert_eq!(Message::decode(&[KIND_REVOCATION_PUSH, 0x80]), Err(DecodeError::MalformedMessage));
     }
 }

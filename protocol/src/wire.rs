@@ -25,8 +25,16 @@ pub const TYPE_HANDSHAKE_RESP: u8 = 0x02;
 pub const TYPE_HANDSHAKE_FINAL: u8 = 0x03;
 /// spec §4.1: unauthenticated refusal of a handshake.
 pub const TYPE_HANDSHAKE_REJECT: u8 = 0x04;
-/// spec §4.1: reserved for the transports' cookie challenge.
+/// spec §4.1, §5.7.4: the responder's cookie challenge (datagram mode only).
 pub const TYPE_COOKIE_REPLY: u8 = 0x05;
+/// spec §4.1, §5.7.4: an INIT with the cookie of a COOKIE_REPLY in front (datagram mode only).
+pub const TYPE_HANDSHAKE_INIT_COOKIE: u8 = 0x06;
+/// spec §4.2, §5.7.4: length of a cookie.
+pub const COOKIE_LEN: usize = 16;
+/// spec §4.2: a COOKIE_REPLY is exactly type, receiver index and cookie.
+pub const COOKIE_REPLY_LEN: usize = 1 + 4 + COOKIE_LEN;
+/// spec §4.2: what an INIT_COOKIE puts in front of the INIT (type and cookie).
+pub const INIT_COOKIE_PREFIX_LEN: usize = 1 + COOKIE_LEN;
 /// spec §4.1: transport packets use 0x10..=0x13, the low two bits being flags.
 pub const TYPE_TRANSPORT: u8 = 0x10;
 /// spec §6.2: transport flag bit 0, the session generation parity (both modes, spec §7.3).
@@ -66,10 +74,16 @@ pub enum RejectReason {
     UnsupportedPattern,
     /// The suite is unknown or not enabled.
     UnsupportedSuite,
-    /// The responder is shedding load (reserved for the transports).
+    /// The responder has no room for another connection or handshake (spec §5.8); sent by
+    /// the transports, before any Diffie-Hellman work.
     Busy,
     /// The authorization decision denied the initiator (stream mode only).
     Unauthorized,
+    /// The initiator's certificate, an issuer above it, or its key is revoked (spec §15.9;
+    /// stream mode only).
+    Revoked,
+    /// The initiator's certificate chain failed verification (spec §15.9; stream mode only).
+    BadCertificate,
     /// A code this version does not know.
     Unknown(u8),
 }
@@ -85,6 +99,8 @@ impl RejectReason {
             Self::UnsupportedSuite => 0x04,
             Self::Busy => 0x05,
             Self::Unauthorized => 0x06,
+            Self::Revoked => 0x07,
+            Self::BadCertificate => 0x08,
             Self::Unknown(c) => c,
         }
     }
@@ -99,6 +115,8 @@ impl RejectReason {
             0x04 => Self::UnsupportedSuite,
             0x05 => Self::Busy,
             0x06 => Self::Unauthorized,
+            0x07 => Self::Revoked,
+            0x08 => Self::BadCertificate,
             c => Self::Unknown(c),
         }
     }
@@ -124,6 +142,8 @@ impl fmt::Display for RejectReason {
             Self::UnsupportedSuite => f.write_str("unsupported suite"),
             Self::Busy => f.write_str("busy"),
             Self::Unauthorized => f.write_str("unauthorized"),
+            Self::Revoked => f.write_str("revoked"),
+            Self::BadCertificate => f.write_str("bad certificate"),
             Self::Unknown(c) => write!(f, "unknown reason {c:#04x}"),
         }
     }
@@ -206,9 +226,25 @@ pub enum Packet<'a> {
         /// Why.
         reason: RejectReason,
     },
-    /// Reserved for the transports' cookie mechanism; carried through unparsed.
+    /// The responder's cookie challenge (spec §5.7.4, datagram mode only).
     CookieReply {
-        /// Everything after the type byte.
+        /// Index of the initiator's session.
+        receiver_index: u32,
+        /// The cookie to send back in front of the INIT.
+        cookie: [u8; COOKIE_LEN],
+    },
+    /// An INIT with a cookie in front (spec §5.7.4, datagram mode only). The INIT inside is
+    /// parsed exactly as [`Packet::Init`].
+    InitCookie {
+        /// The cookie, from a COOKIE_REPLY.
+        cookie: [u8; COOKIE_LEN],
+        /// The INIT inside, as received (its header is the one bound into the prologue).
+        init: &'a [u8],
+        /// The validated header of the INIT inside.
+        header: InitHeader,
+        /// That header's bytes.
+        header_bytes: &'a [u8],
+        /// Its Noise message.
         body: &'a [u8],
     },
     /// A transport packet.
@@ -263,6 +299,58 @@ fn be_u32(b: &[u8]) -> Result<u32, DecodeError> {
     Ok(u32::from_be_bytes(arr))
 }
 
+fn cookie_at(b: &[u8]) -> Result<[u8; COOKIE_LEN], DecodeError> {
+    b.get(..COOKIE_LEN).ok_or(DecodeError::Truncated)?.try_into().map_err(|_| DecodeError::Truncated)
+}
+
+/// spec §4.2, §4.3: an INIT's header, checked in the order version, pattern, suite (nothing
+/// is guessed), its bytes and the Noise message after it.
+fn parse_init(mode: Mode, bytes: &[u8]) -> Result<(InitHeader, &[u8], &[u8]), DecodeError> {
+    let hlen = InitHeader::len(mode);
+    if bytes.len() < hlen {
+        return Err(DecodeError::Truncated);
+    }
+    let version = bytes[1];
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let ps = bytes[2];
+    let pattern = Pattern::from_code(ps >> 4).ok_or(DecodeError::UnsupportedPattern(ps >> 4))?;
+    let suite = Suite::from_code(ps & 0x0f).ok_or(DecodeError::UnsupportedSuite(ps & 0x0f))?;
+    let sender_index = if matches!(mode, Mode::Datagram) { Some(be_u32(&bytes[3..])?) } else { None };
+    Ok((InitHeader { version, pattern, suite, sender_index }, &bytes[..hlen], &bytes[hlen..]))
+}
+
+/// Writes a COOKIE_REPLY (spec §4.2, §5.7.4) into `out`, returning its length.
+///
+/// # Errors
+/// [`DecodeError::Truncated`] if `out` is shorter than [`COOKIE_REPLY_LEN`].
+pub fn encode_cookie_reply(
+    receiver_index: u32,
+    cookie: &[u8; COOKIE_LEN],
+    out: &mut [u8],
+) -> Result<usize, DecodeError> {
+    let out = out.get_mut(..COOKIE_REPLY_LEN).ok_or(DecodeError::Truncated)?;
+    out[0] = TYPE_COOKIE_REPLY;
+    out[1..5].copy_from_slice(&receiver_index.to_be_bytes());
+    out[5..].copy_from_slice(cookie);
+    Ok(COOKIE_REPLY_LEN)
+}
+
+/// Writes an INIT_COOKIE (spec §4.2, §5.7.4): the prefix and `init`, unchanged. Returns its
+/// length.
+///
+/// # Errors
+/// [`DecodeError::Truncated`] if `out` cannot hold the prefix and `init`.
+pub fn encode_init_cookie(cookie: &[u8; COOKIE_LEN], init: &[u8], out: &mut [u8]) -> Result<usize, DecodeError> {
+    let len = INIT_COOKIE_PREFIX_LEN + init.len();
+    let out = out.get_mut(..len).ok_or(DecodeError::Truncated)?;
+    out[0] = TYPE_HANDSHAKE_INIT_COOKIE;
+    out[1..INIT_COOKIE_PREFIX_LEN].copy_from_slice(cookie);
+    out[INIT_COOKIE_PREFIX_LEN..].copy_from_slice(init);
+    Ok(len)
+}
+
 /// Parses one packet received in `mode` (spec §4.4). Lengths are checked before
 /// anything else; no allocation happens here.
 ///
@@ -276,24 +364,26 @@ pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'
     let datagram = matches!(mode, Mode::Datagram);
     match ty {
         TYPE_HANDSHAKE_INIT => {
-            let hlen = InitHeader::len(mode);
-            if bytes.len() < hlen {
+            let (header, header_bytes, body) = parse_init(mode, bytes)?;
+            Ok(Packet::Init { header, header_bytes, body })
+        }
+        // spec §4.1, §4.4 step 4: cookies exist only in datagram mode.
+        TYPE_COOKIE_REPLY | TYPE_HANDSHAKE_INIT_COOKIE if !datagram => Err(DecodeError::WrongMode),
+        TYPE_COOKIE_REPLY => match rest.len() {
+            n if n < COOKIE_REPLY_LEN - 1 => Err(DecodeError::Truncated),
+            n if n > COOKIE_REPLY_LEN - 1 => Err(DecodeError::TooLong),
+            _ => Ok(Packet::CookieReply { receiver_index: be_u32(rest)?, cookie: cookie_at(&rest[4..])? }),
+        },
+        TYPE_HANDSHAKE_INIT_COOKIE => {
+            if bytes.len() < INIT_COOKIE_PREFIX_LEN + InitHeader::len(mode) {
                 return Err(DecodeError::Truncated);
             }
-            // spec §4.3: checked in this order; nothing is guessed.
-            let version = rest[0];
-            if version != PROTOCOL_VERSION {
-                return Err(DecodeError::UnsupportedVersion(version));
+            let init = &bytes[INIT_COOKIE_PREFIX_LEN..];
+            if init[0] != TYPE_HANDSHAKE_INIT {
+                return Err(DecodeError::UnknownPacketType(init[0]));
             }
-            let ps = rest[1];
-            let pattern = Pattern::from_code(ps >> 4).ok_or(DecodeError::UnsupportedPattern(ps >> 4))?;
-            let suite = Suite::from_code(ps & 0x0f).ok_or(DecodeError::UnsupportedSuite(ps & 0x0f))?;
-            let sender_index = if datagram { Some(be_u32(&rest[2..])?) } else { None };
-            Ok(Packet::Init {
-                header: InitHeader { version, pattern, suite, sender_index },
-                header_bytes: &bytes[..hlen],
-                body: &bytes[hlen..],
-            })
+            let (header, header_bytes, body) = parse_init(mode, init)?;
+            Ok(Packet::InitCookie { cookie: cookie_at(rest)?, init, header, header_bytes, body })
         }
         TYPE_HANDSHAKE_RESP => {
             if datagram {
@@ -324,7 +414,6 @@ pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'
                 _ => Err(DecodeError::TooLong),
             }
         }
-        TYPE_COOKIE_REPLY => Ok(Packet::CookieReply { body: rest }),
         t if t & !(FLAG_GENERATION | FLAG_EPOCH_ADVANCE) == TYPE_TRANSPORT => {
             let hlen = transport_header_len(mode);
             if bytes.len() < hlen + TAG_LEN {
@@ -357,14 +446,17 @@ pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'
 }
 
 /// Reads the session index a datagram is addressed to, without parsing the rest.
-/// Used by endpoints to demultiplex (spec §4.2); `None` for `HANDSHAKE_INIT` (which
-/// names the sender's index only) and for unknown types.
+/// Used by endpoints to demultiplex (spec §4.2); `None` for `HANDSHAKE_INIT` and
+/// `INIT_COOKIE` (which name the sender's index only) and for unknown types.
 #[must_use]
 pub fn datagram_receiver_index(bytes: &[u8]) -> Option<u32> {
     match bytes.first()? {
-        &TYPE_HANDSHAKE_RESP | &TYPE_HANDSHAKE_FINAL | &TYPE_HANDSHAKE_REJECT | &TYPE_TRANSPORT | &0x11 => {
-            be_u32(bytes.get(1..)?).ok()
-        }
+        &TYPE_HANDSHAKE_RESP
+        | &TYPE_HANDSHAKE_FINAL
+        | &TYPE_HANDSHAKE_REJECT
+        | &TYPE_COOKIE_REPLY
+        | &TYPE_TRANSPORT
+        | &0x11 => be_u32(bytes.get(1..)?).ok(),
         _ => None,
     }
 }
@@ -408,6 +500,47 @@ mod tests {
         t[0] = 0x12;
         assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &t), Err(DecodeError::WrongMode));
         assert_eq!(parse(Mode::Stream, 20, &t), Err(DecodeError::TooLong));
+    }
+
+    #[test]
+    fn cookie_packets_round_trip_in_datagram_mode_only() {
+        let cookie = [0xc0; COOKIE_LEN];
+        let mut reply = [0u8; COOKIE_REPLY_LEN];
+        assert_eq!(encode_cookie_reply(0x0102_0304, &cookie, &mut reply), Ok(COOKIE_REPLY_LEN));
+        assert_eq!(&reply[..5], &[TYPE_COOKIE_REPLY, 1, 2, 3, 4]);
+        assert_eq!(
+            parse(Mode::Datagram, MAX_PACKET_LEN, &reply),
+            Ok(Packet::CookieReply { receiver_index: 0x0102_0304, cookie })
+        );
+        assert_eq!(datagram_receiver_index(&reply), Some(0x0102_0304));
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &reply[..20]), Err(DecodeError::Truncated));
+        let mut long = reply.to_vec();
+        long.push(0);
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &long), Err(DecodeError::TooLong));
+        assert!(encode_cookie_reply(1, &cookie, &mut [0u8; 20]).is_err());
+
+        let init = [TYPE_HANDSHAKE_INIT, PROTOCOL_VERSION, 0x11, 9, 8, 7, 6, 0xaa, 0xbb];
+        let mut buf = [0u8; 64];
+        let n = encode_init_cookie(&cookie, &init, &mut buf).unwrap();
+        assert_eq!(n, INIT_COOKIE_PREFIX_LEN + init.len());
+        match parse(Mode::Datagram, MAX_PACKET_LEN, &buf[..n]).unwrap() {
+            Packet::InitCookie { cookie: c, init: i, header, header_bytes, body } => {
+                assert_eq!((c, i, header_bytes, body), (cookie, &init[..], &init[..7], &init[7..]));
+                assert_eq!(header.sender_index, Some(0x0908_0706));
+            }
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(datagram_receiver_index(&buf[..n]), None);
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &buf[..n - 3]), Err(DecodeError::Truncated));
+        buf[INIT_COOKIE_PREFIX_LEN] = TYPE_HANDSHAKE_RESP;
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &buf[..n]), Err(DecodeError::UnknownPacketType(2)));
+        buf[INIT_COOKIE_PREFIX_LEN] = TYPE_HANDSHAKE_INIT;
+        buf[INIT_COOKIE_PREFIX_LEN + 1] = 2;
+        assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &buf[..n]), Err(DecodeError::UnsupportedVersion(2)));
+        // spec §4.1: a TCP peer has proven its address; cookies do not exist in stream mode.
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &reply), Err(DecodeError::WrongMode));
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &buf[..n]), Err(DecodeError::WrongMode));
+        assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[0x07]), Err(DecodeError::UnknownPacketType(7)));
     }
 
     #[test]

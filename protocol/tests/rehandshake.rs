@@ -283,3 +283,40 @@ fn a_connected_xx_responder_drops_repeated_finals_and_answers_nothing() {
         assert!(pair.connected());
     }
 }
+
+#[test]
+fn a_rehandshake_due_before_the_xx_handshake_completes_waits_for_it() {
+    // spec §5.7.1, §5.7.2, §7.3: an XX/XXpsk3 initiator whose FINAL was lost keeps repeating
+    // it even when a re-handshake falls due meanwhile; the re-handshake starts once the
+    // responder's first packet has completed the handshake.
+    for p in [Pattern::XX, Pattern::XXpsk3] {
+        let mut setup = Setup::new(p, Suite::ChaChaPolyBlake2s, Mode::Datagram);
+        setup.limits.rehandshake_after_time = Duration::from_millis(300);
+        let mut pair = Pair::with(setup);
+        let finals = Rc::new(RefCell::new(0u32));
+        let f2 = Rc::clone(&finals);
+        // Lose the first FINAL (cleartext type 0x03); its repeat comes after HANDSHAKE_RTO (1 s),
+        // well after the re-handshake is due.
+        pair.hook = Some(Box::new(move |d, p: Vec<u8>| {
+            if d == Dir::AtoB && p[0] == 0x03 {
+                *f2.borrow_mut() += 1;
+                if *f2.borrow() == 1 {
+                    return vec![];
+                }
+            }
+            vec![p]
+        }));
+        pair.drive();
+        assert!(pair.a.is_connected() && !pair.b.is_connected(), "{p:?}");
+        pair.advance(Duration::from_secs(3));
+        assert!(pair.connected(), "{p:?}: responder {:?}", closed(&pair.b_events));
+        assert_eq!(*finals.borrow(), 2, "{p:?}: FINAL was repeated once");
+        assert_eq!(connected_hashes(&pair.b_events).len(), 1, "{p:?}");
+        // The deferred re-handshake ran once the handshake was complete.
+        assert!(pair.a.stats().rehandshakes >= 1, "{p:?}: {:?}", pair.a.stats());
+        assert_eq!(pair.a.handshake_hash(), pair.b.handshake_hash(), "{p:?}");
+        pair.a.send(1, Bytes::from_static(b"after")).unwrap();
+        pair.drive();
+        assert_eq!(pair.b_messages().last().map(|m| m.2.clone()), Some(b"after".to_vec()), "{p:?}");
+    }
+}

@@ -780,3 +780,93 @@ fn malformed_vectors_yield_exactly_the_recorded_error() {
         assert!(kinds.contains(&k), "reserved kind {k:#04x} has a vector");
     }
 }
+
+/// `cookies.json` (spec §5.7.4): the cookie recomputed from the spec's formula with BLAKE2s
+/// directly, the two packets rebuilt from the spec's layouts, and the exchange replayed through
+/// the implementation: the endpoint's checker writes the COOKIE_REPLY, the initiator answers
+/// with the INIT_COOKIE, and the responder's RESP to it is the plain handshake's RESP.
+#[test]
+fn cookie_vectors_are_reproduced_byte_for_byte() {
+    use blake2::digest::consts::U16;
+    use blake2::digest::{KeyInit, Mac};
+    use std::net::{IpAddr, SocketAddr};
+    use veil_protocol::cookie::{CookieChecker, CookieStatus, Verdict};
+
+    let handshakes = load("handshakes.json");
+    let file = load("cookies.json");
+    assert!(vectors(&file).len() >= 3);
+    let mut families = BTreeSet::new();
+    for v in vectors(&file) {
+        let name = s(v, "name");
+        let secret = key32(v, "secret");
+        let source: SocketAddr = s(v, "source").parse().unwrap();
+        let init = bytes(v, "init");
+        // The address as 16 bytes (IPv4-mapped) and the port, by the spec's words.
+        let ip16 = match source.ip() {
+            IpAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[10..12].copy_from_slice(&[0xff, 0xff]);
+                b[12..].copy_from_slice(&a.octets());
+                b
+            }
+            IpAddr::V6(a) => a.octets(),
+        };
+        families.insert(source.is_ipv4());
+        let mut source_bytes = ip16.to_vec();
+        source_bytes.extend_from_slice(&source.port().to_be_bytes());
+        assert_eq!(bytes(v, "source_bytes"), source_bytes, "{name}");
+        let mut mac_input = b"Veil-v1 cookie".to_vec();
+        mac_input.extend_from_slice(&source_bytes);
+        mac_input.extend_from_slice(&init);
+        assert_eq!(bytes(v, "mac_input"), mac_input, "{name}");
+        let mut mac = <blake2::Blake2sMac<U16> as KeyInit>::new_from_slice(&secret).unwrap();
+        mac.update(&mac_input);
+        let cookie: [u8; 16] = mac.finalize().into_bytes().into();
+        assert_eq!(bytes(v, "cookie"), cookie, "{name}");
+        let mut reply = vec![0x05];
+        reply.extend_from_slice(&init[3..7]);
+        reply.extend_from_slice(&cookie);
+        assert_eq!(bytes(v, "cookie_reply"), reply, "{name}");
+        assert!(reply.len() < init.len(), "{name}: the reply amplifies");
+        let mut init_cookie = vec![0x06];
+        init_cookie.extend_from_slice(&cookie);
+        init_cookie.extend_from_slice(&init);
+        assert_eq!(bytes(v, "init_cookie"), init_cookie, "{name}");
+
+        // Through the implementation, from the handshake vector's inputs.
+        let hv = vectors(&handshakes)
+            .iter()
+            .find(|h| s(h, "name") == s(v, "handshake_vector"))
+            .unwrap_or_else(|| panic!("{name}: no handshake vector"));
+        let packets = list(hv, "handshake_packets");
+        assert_eq!(s(&packets[0], "packet"), s(v, "init"), "{name}: the INIT is the handshake vector's");
+        assert_eq!(s(&packets[1], "packet"), s(v, "resp"), "{name}: the RESP is the handshake vector's");
+        let mut pair = Pair::new(hv);
+        let now = Timestamp::from_micros(n(v, "time_us"));
+        pair.now = now;
+        let poll = |pair: &mut Pair, dir: &str| {
+            let mut buf = std::mem::take(&mut pair.buf);
+            let n = pair.sender(dir).poll_transmit(now, &mut buf).unwrap().expect("a packet");
+            let p = buf[..n].to_vec();
+            pair.buf = buf;
+            p
+        };
+        assert_eq!(poll(&mut pair, I2R), init, "{name}");
+        let mut endpoint =
+            Config::new(StaticKeypair::from_secret_bytes(key32(&hv["responder"], "static_secret")), Mode::Datagram);
+        endpoint.psk = hv["psk"].as_str().map(|_| Psk::new(key32(hv, "psk")));
+        let mut checker =
+            CookieChecker::with_secret_for_testing_only(secret, now, veil_protocol::Duration::from_secs(120));
+        let mut out = [0u8; 64];
+        let got = checker.verdict(now, &source, &init, true, &endpoint, &mut out);
+        assert_eq!(got, Verdict::CookieReply { len: reply.len(), cookie: CookieStatus::Absent }, "{name}");
+        assert_eq!(&out[..reply.len()], &reply[..], "{name}");
+        pair.deliver(R2I, &reply);
+        assert_eq!(poll(&mut pair, I2R), init_cookie, "{name}");
+        let got = checker.verdict(now, &source, &init_cookie, true, &endpoint, &mut out);
+        assert_eq!(got, Verdict::Proceed { init: &init[..], cookie: CookieStatus::Valid }, "{name}");
+        pair.deliver(I2R, &init_cookie);
+        assert_eq!(hex::encode(poll(&mut pair, R2I)), s(v, "resp"), "{name}");
+    }
+    assert_eq!(families.len(), 2, "IPv4 and IPv6 sources both have a vector");
+}

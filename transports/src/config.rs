@@ -47,7 +47,25 @@ pub struct EndpointLimits {
     /// Sustained inbound handshakes per second allowed from one IP address (token bucket).
     pub handshake_rate_per_ip: f64,
     /// Bucket size of the per-address rate limit (handshakes allowed in a burst).
+    ///
+    /// UDP (spec §5.7.4): an INIT from an address that has not proven it receives there
+    /// (no valid cookie) may only take a token while the bucket is at least half full;
+    /// below that the source is asked for a cookie. A spoofer therefore cannot empty the
+    /// bucket of the address it impersonates. TCP peers have proven their address.
     pub handshake_burst_per_ip: u32,
+    /// UDP (spec §5.7.4): inbound handshakes in progress from which on every new INIT is
+    /// answered with a stateless cookie challenge (`COOKIE_REPLY`) instead of Diffie-Hellman
+    /// work, until the initiator sends its INIT back with the cookie. Values above
+    /// `max_handshakes` act as `max_handshakes`. Default 128 (one eighth of the default
+    /// `max_handshakes`).
+    pub cookie_threshold: usize,
+    /// UDP: demand a cookie from every initiator, whatever the load (one more round trip
+    /// per handshake). Default `false`.
+    pub require_cookie: bool,
+    /// UDP: how long a cookie secret is current; the previous one is still accepted, so a
+    /// cookie is valid for one to two of these. Default 120 s (spec §7.7
+    /// `COOKIE_SECRET_LIFETIME`).
+    pub cookie_secret_lifetime: Duration,
     /// Largest UDP datagram sent or accepted (clamped to 128..=65 507). A message that
     /// does not fit in one datagram is refused with
     /// [`Error::MessageTooLarge`](crate::Error::MessageTooLarge).
@@ -67,6 +85,12 @@ pub struct EndpointLimits {
     /// dropped. Also bounds how long [`Connection::close`](crate::Connection::close) waits
     /// for queued messages to get through.
     pub close_linger: Duration,
+    /// How long a connection may have packets waiting to be written while its carrier
+    /// takes none of them (a TCP peer that stopped reading, whose window stays shut)
+    /// before it is dropped with [`Error::WriteStalled`](crate::Error::WriteStalled).
+    /// A peer that reads slowly resets it with every write. The idle timeout cannot catch
+    /// such a peer when it still sends (keepalives). Default 60 s, like the idle timeout.
+    pub write_stall_timeout: Duration,
     /// The TCP listen backlog.
     pub tcp_backlog: u32,
     /// Kernel send buffer of TCP sockets (`SO_SNDBUF`); `None` keeps the kernel's
@@ -84,12 +108,16 @@ impl Default for EndpointLimits {
             max_handshakes: 1_024,
             handshake_rate_per_ip: 50.0,
             handshake_burst_per_ip: 100,
+            cookie_threshold: 128,
+            require_cookie: false,
+            cookie_secret_lifetime: Duration::from_secs(120),
             datagram_size: DEFAULT_DATAGRAM_SIZE,
             send_queue: 64,
             recv_queue: 64,
             datagram_queue: 256,
             accept_queue: 128,
             close_linger: Duration::from_secs(2),
+            write_stall_timeout: Duration::from_secs(60),
             tcp_backlog: 1_024,
             tcp_send_buffer: None,
             tcp_recv_buffer: None,

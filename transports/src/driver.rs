@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -38,6 +38,9 @@ const TCP_WRITE_HIGH_WATER: usize = 64 * 1024;
 const UDP_WRITE_HIGH_WATER: usize = 64;
 /// Free space the TCP read buffer keeps before a read.
 const READ_RESERVE: usize = 4 * 1024;
+/// What the TCP read buffer grows by when it is short of [`READ_RESERVE`]: one read takes a
+/// 16 KiB frame, or many small ones, at once.
+const READ_CHUNK: usize = 16 * 1024;
 /// An empty read or write buffer with more capacity than this is released.
 const IDLE_BUFFER_MAX: usize = 16 * 1024;
 /// Commands taken from the handle in one go (they then share packets, spec §6.4).
@@ -100,11 +103,22 @@ impl Input {
                     }
                 }
                 if buf.capacity() - buf.len() < READ_RESERVE {
-                    buf.reserve(READ_RESERVE);
+                    buf.reserve(READ_CHUNK);
                 }
-                match reader.read_buf(buf).await {
+                match reader.try_read_buf(buf) {
                     Ok(0) => return Incoming::End,
                     Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing to read: wait holding no read buffer unless a frame is
+                        // partly read, so that an idle connection costs none (measured in
+                        // benches/RESULTS.md, idle connections).
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        if let Err(e) = reader.readable().await {
+                            return Incoming::Failed(e.into());
+                        }
+                    }
                     Err(e) => return Incoming::Failed(e.into()),
                 }
             },
@@ -173,7 +187,10 @@ impl Output {
             Self::Udp { socket, peer, queue } => {
                 if let Some(d) = queue.front() {
                     // A datagram the socket refuses is lost, like one the network drops.
-                    if let Err(e) = socket.send_to(d, *peer).await {
+                    // `poll_send_to` rather than `send_to`: its future is ~400 B smaller, and
+                    // it sits in every idle connection's task (benches/RESULTS.md).
+                    let peer = *peer;
+                    if let Err(e) = std::future::poll_fn(|cx| socket.poll_send_to(cx, d, peer)).await {
                         tracing::debug!(error = %e, "datagram not sent");
                     }
                     queue.pop_front();
@@ -209,7 +226,9 @@ enum Wake {
     HandedOff(bool),
     Command(Option<Command>),
     Timer,
-    Linger,
+    /// The close linger or the write-stall timeout (one timer for both: it sits in every
+    /// connection's task).
+    Deadline,
 }
 
 /// One connection's task state. Deliberately not `Debug`: the core's state includes
@@ -241,6 +260,8 @@ pub(crate) struct Driver {
     close_requested: Option<CloseReason>,
     closing_since: Option<Instant>,
     linger_expired: bool,
+    /// Since when packets have waited for the carrier without any being written.
+    stalled_since: Option<Instant>,
     input_done: bool,
     carrier_dead: bool,
     shutdown_seen: bool,
@@ -288,6 +309,7 @@ impl Driver {
             close_requested: None,
             closing_since: None,
             linger_expired: false,
+            stalled_since: None,
             input_done: false,
             carrier_dead: false,
             shutdown_seen: false,
@@ -311,7 +333,9 @@ impl Driver {
     pub(crate) async fn run(mut self) {
         tracing::debug!("connection task started");
         let outcome = self.drive().await;
-        self.finish(outcome).await;
+        // Boxed: otherwise the task keeps room for the closing steps next to the running
+        // loop's state for its whole life (≈ 1 KiB per idle connection, benches/RESULTS.md).
+        Box::pin(self.finish(outcome)).await;
     }
 
     async fn drive(&mut self) -> Error {
@@ -328,6 +352,7 @@ impl Driver {
             let can_write = !self.output.is_empty() && !self.carrier_dead;
             let watch_shutdown = !self.shutdown_seen;
             let watch_linger = linger.is_some() && !self.linger_expired;
+            let deadline = [linger.filter(|_| watch_linger), self.stall_deadline()].into_iter().flatten().min();
             let wake = {
                 let Self { ep, input, output, ends, pending, handoff, .. } = self;
                 let (cmd, force, incoming) = match ends {
@@ -343,7 +368,7 @@ impl Driver {
                     ok = hand_off(&ep.accept_tx, handoff), if handoff.is_some() => Wake::HandedOff(ok),
                     c = recv_command(cmd), if take_commands => Wake::Command(c),
                     () = sleep_until(timer), if timer.is_some() => Wake::Timer,
-                    () = sleep_until(linger), if watch_linger => Wake::Linger,
+                    () = sleep_until(deadline), if deadline.is_some() => Wake::Deadline,
                 }
             };
             self.on_wake(wake);
@@ -365,7 +390,7 @@ impl Driver {
                     e.cmd.close();
                 }
             }
-            Wake::Wrote(Ok(())) => {}
+            Wake::Wrote(Ok(())) => self.stalled_since = None,
             Wake::Wrote(Err(e)) => {
                 tracing::debug!(error = %e, "write failed");
                 self.fail(e.into());
@@ -396,7 +421,18 @@ impl Driver {
                     n += 1;
                 }
             }
-            Wake::Linger => self.linger_expired = true,
+            Wake::Deadline => {
+                let at = Instant::now();
+                if self.closing_since.is_some_and(|t| t + self.ep.limits.close_linger <= at) {
+                    self.linger_expired = true;
+                }
+                if self.stall_deadline().is_some_and(|t| t <= at) {
+                    // The peer stopped reading: nothing, not even a Close, can get through.
+                    tracing::debug!("write stalled, dropping the connection");
+                    self.fail(Error::WriteStalled);
+                    self.carrier_dead = true;
+                }
+            }
         }
         // Whatever woke us, run the core's timers that are due (they may fire late,
         // never early).
@@ -491,6 +527,18 @@ impl Driver {
         }
     }
 
+    /// When a carrier that takes none of our packets has kept us waiting for
+    /// `write_stall_timeout` (a peer that stopped reading). Every write restarts it.
+    fn stall_deadline(&mut self) -> Option<Instant> {
+        if self.output.is_empty() || self.carrier_dead {
+            self.stalled_since = None;
+            return None;
+        }
+        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        // A timeout too large to represent never fires.
+        since.checked_add(self.ep.limits.write_stall_timeout)
+    }
+
     fn can_take_commands(&self) -> bool {
         self.ends.is_some()
             && self.held.is_none()
@@ -573,7 +621,7 @@ impl Driver {
     }
 
     fn on_event(&mut self, ev: Event) {
-        let now = self.ep.clock.now();
+        // No clock read here for the other events: this runs once per received message.
         match ev {
             Event::AuthorizationRequired { remote_static, certificate } => {
                 let req = AuthRequest {
@@ -588,7 +636,7 @@ impl Driver {
                     tracing::info!(remote = ?remote_static, "peer denied");
                 }
                 // A denial closes the core, which reports it with `Closed`.
-                let _ = self.core.authorize(now, decision);
+                let _ = self.core.authorize(self.ep.clock.now(), decision);
             }
             Event::Connected { remote_static, handshake_hash } => {
                 tracing::info!(remote = ?remote_static, "connection established");

@@ -52,6 +52,14 @@ pub struct EndpointStats {
     /// UDP datagrams dropped before reaching a connection (unknown index, malformed,
     /// oversized, or the connection's queue was full).
     pub datagrams_dropped: u64,
+    /// UDP: `COOKIE_REPLY`s sent, each in place of a handshake for an initiator that had not
+    /// proven its address (spec §5.7.4).
+    pub cookies_sent: u64,
+    /// UDP: INITs that carried a cookie which did not verify (another address or port,
+    /// expired, altered, forged), answered with a fresh `COOKIE_REPLY`.
+    pub cookies_refused: u64,
+    /// UDP: INITs whose cookie verified (the address was proven).
+    pub cookies_accepted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +71,9 @@ pub(crate) struct Counters {
     refused_rate_limited: AtomicU64,
     refused_busy: AtomicU64,
     pub(crate) datagrams_dropped: AtomicU64,
+    pub(crate) cookies_sent: AtomicU64,
+    pub(crate) cookies_refused: AtomicU64,
+    pub(crate) cookies_accepted: AtomicU64,
 }
 
 /// What every task of an endpoint shares.
@@ -132,11 +143,33 @@ impl EndpointShared {
         self.try_slot(SlotKind::Connection, self.limits.max_connections).ok_or(Error::TooManyConnections)
     }
 
-    /// Admission control for a new inbound peer, cheapest check first.
+    /// Admission control for a new inbound peer, cheapest check first. The peer has proven
+    /// its address (a TCP connection, or a UDP INIT with a valid cookie).
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, now: Timestamp) -> Result<Admission, Error> {
         if !self.rate.allow(ip, now) {
             return Err(Error::RateLimited);
         }
+        self.slots()
+    }
+
+    /// Admission control for a UDP INIT from an address that has not proven itself: only
+    /// from the upper half of the address's bucket (spec §5.7.4). `RateLimited` here means
+    /// "ask for a cookie", not "refuse".
+    pub(crate) fn admit_unproven(self: &Arc<Self>, ip: IpAddr, now: Timestamp) -> Result<Admission, Error> {
+        if !self.rate.allow_unproven(ip, now) {
+            return Err(Error::RateLimited);
+        }
+        self.slots()
+    }
+
+    /// spec §5.7.4: whether every new UDP initiator must prove its address first (configured,
+    /// or inbound handshakes at the threshold).
+    pub(crate) fn demands_cookies(&self) -> bool {
+        let threshold = self.limits.cookie_threshold.min(self.limits.max_handshakes);
+        self.limits.require_cookie || self.counters.handshakes.load(Ordering::Acquire) >= threshold
+    }
+
+    fn slots(self: &Arc<Self>) -> Result<Admission, Error> {
         let handshake =
             self.try_slot(SlotKind::Handshake, self.limits.max_handshakes).ok_or(Error::TooManyHandshakes)?;
         let connection = self.connection_slot()?;
@@ -445,6 +478,9 @@ impl Endpoint {
             refused_rate_limited: c.refused_rate_limited.load(Ordering::Relaxed),
             refused_busy: c.refused_busy.load(Ordering::Relaxed),
             datagrams_dropped: c.datagrams_dropped.load(Ordering::Relaxed),
+            cookies_sent: c.cookies_sent.load(Ordering::Relaxed),
+            cookies_refused: c.cookies_refused.load(Ordering::Relaxed),
+            cookies_accepted: c.cookies_accepted.load(Ordering::Relaxed),
         }
     }
 

@@ -54,6 +54,12 @@ pub enum Error {
     /// The peer closed the TCP stream without closing the session first.
     #[error("the carrier was closed before the session")]
     CarrierClosed,
+    /// The peer stopped reading: data waited to be written for
+    /// [`EndpointLimits::write_stall_timeout`](crate::EndpointLimits::write_stall_timeout)
+    /// while the carrier took none of it. The connection is dropped without a `Close`,
+    /// which could not get through either.
+    #[error("the peer stopped reading: nothing could be written within the stall timeout")]
+    WriteStalled,
     /// The TCP connection could not be set up within the handshake timeout.
     #[error("connect timed out")]
     ConnectTimeout,

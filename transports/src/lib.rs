@@ -65,10 +65,25 @@
 //!
 //! [`EndpointLimits`]: maximum connections, maximum concurrent inbound handshakes, a
 //! per-address handshake rate (token bucket), bounded queues everywhere (a slow peer
-//! makes `send` wait, it never grows a buffer). From the protocol's [`veil_protocol::Limits`]:
+//! makes `send` wait, it never grows a buffer; a peer that stops reading altogether is
+//! dropped with [`Error::WriteStalled`] after [`EndpointLimits::write_stall_timeout`]).
+//! From the protocol's [`veil_protocol::Limits`]:
 //! the maximum packet (= frame) length and the handshake timeout that drops a silent peer.
 //! Inbound peers that never become a `Connection` are counted in [`Endpoint::stats`] and
 //! reported with a typed error through [`Endpoint::handshake_failures`].
+//!
+//! ## Handshake floods (UDP)
+//!
+//! Anyone can send a UDP INIT from a forged address. Under load — inbound handshakes in
+//! progress at [`EndpointLimits::cookie_threshold`], or always with
+//! [`EndpointLimits::require_cookie`], or for one source whose rate bucket is below half — the
+//! socket task answers a new INIT with a 21-byte `COOKIE_REPLY` (spec §5.7.4) computed from a
+//! rotating secret, the source address and the INIT, and keeps nothing. The initiator's core
+//! sends its INIT again behind the cookie; only then does the endpoint spend Diffie-Hellman work
+//! and memory on it. Memory per unauthenticated peer, measured by `tests/flood.rs`
+//! (spec §13.1): **0 bytes** until its cookie verifies; then one pending handshake of
+//! ≈ 9.5 KiB (9734 B, IK, ChaChaPoly), at most `max_handshakes` of them, each for at most the
+//! handshake timeout. [`EndpointStats`] counts the cookies sent, refused and accepted.
 //!
 //! ## Time
 //!
@@ -79,6 +94,14 @@
 //!
 //! Each connection logs in its own `tracing` span (`veil_conn`: id, transport, peer
 //! address, role). Keys, hashes and payloads are never logged.
+//!
+//! ## Fault injection (feature `fault-injection`)
+//!
+//! `veil_transports::fault` holds test support: `LossyProxy`, a seeded user-space UDP
+//! proxy with per-direction loss, reordering, duplication, delay, jitter and corruption,
+//! and counters of what it did. It is off by default; this crate's own tests turn it on
+//! through a dev-dependency on itself, and other crates' fault-injection suites enable it
+//! in their `[dev-dependencies]`.
 #![forbid(unsafe_code)]
 
 mod clock;
@@ -87,6 +110,8 @@ mod connection;
 mod driver;
 mod endpoint;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod limiter;
 mod tcp;
 mod udp;

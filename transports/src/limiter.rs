@@ -40,6 +40,18 @@ impl RateLimiter {
 
     /// Takes one token for `ip`; `false` when its bucket is empty.
     pub(crate) fn allow(&self, ip: IpAddr, now: Timestamp) -> bool {
+        self.take(ip, now, 0.0)
+    }
+
+    /// Takes one token for `ip` only while its bucket is at least half full; `false` below
+    /// that. For sources that have not proven their address (spec §5.7.4): the lower half of
+    /// every bucket is kept for the address's real owner, who can return a cookie.
+    pub(crate) fn allow_unproven(&self, ip: IpAddr, now: Timestamp) -> bool {
+        self.take(ip, now, self.burst / 2.0)
+    }
+
+    /// Takes a token if more than `reserve` would remain.
+    fn take(&self, ip: IpAddr, now: Timestamp, reserve: f64) -> bool {
         let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&ip) {
             // A full bucket carries no information: forgetting it changes no decision.
@@ -54,7 +66,7 @@ impl RateLimiter {
         }
         let b = buckets.entry(ip).or_insert(Bucket { tokens: self.burst, last: now });
         self.refill(b, now);
-        if b.tokens >= 1.0 {
+        if b.tokens >= 1.0 + reserve {
             b.tokens -= 1.0;
             true
         } else {
@@ -86,6 +98,20 @@ mod tests {
         // A long pause refills to the burst, not beyond.
         let later = Timestamp::from_millis(100_000);
         assert_eq!((0..10).filter(|_| l.allow(ip(1), later)).count(), 3);
+    }
+
+    #[test]
+    fn unproven_sources_cannot_take_the_lower_half_of_a_bucket() {
+        let l = RateLimiter::new(0.0, 4);
+        let t = Timestamp::ZERO;
+        // A spoofer without cookies gets the upper half only…
+        assert_eq!((0..10).filter(|_| l.allow_unproven(ip(1), t)).count(), 2);
+        // …and the address's owner, once proven, still has the lower half.
+        assert_eq!((0..10).filter(|_| l.allow(ip(1), t)).count(), 2);
+        // A bucket of one has no upper half: every unproven source needs a cookie.
+        let one = RateLimiter::new(0.0, 1);
+        assert!(!one.allow_unproven(ip(2), t));
+        assert!(one.allow(ip(2), t));
     }
 
     #[test]

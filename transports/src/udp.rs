@@ -4,6 +4,10 @@
 //! `HANDSHAKE_INIT` carries no receiver index: a new one creates a responder connection
 //! (after admission control), and a repeat (same source and initiator index) goes to the
 //! connection it created, which answers it from its cache (spec §5.7).
+//!
+//! Under load the socket task answers a new INIT with a stateless cookie challenge instead
+//! (spec §5.7.4, [`CookieChecker`]): until the initiator returns the cookie from the address
+//! it claims, nothing is allocated for it and no Diffie-Hellman work is done.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -15,8 +19,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use veil_protocol::cookie::{CookieChecker, CookieStatus, Verdict};
 use veil_protocol::wire::{self, InitHeader, RejectReason};
-use veil_protocol::{Mode, PublicKey, Role};
+use veil_protocol::{ConnectionError, Mode, PublicKey, Role};
 
 use crate::config::Transport;
 use crate::connection::{lock, Connection};
@@ -29,6 +34,8 @@ use crate::error::Error;
 const RECV_BUFFER: usize = 65_536;
 /// Attempts at drawing a session index not already in use.
 const INDEX_ATTEMPTS: usize = 8;
+/// Room for the stateless answers of the socket task: a COOKIE_REPLY (21 B) or a REJECT (6 B).
+const ANSWER_BUFFER: usize = 64;
 
 type DatagramTx = mpsc::Sender<(Bytes, SocketAddr)>;
 type DatagramRx = mpsc::Receiver<(Bytes, SocketAddr)>;
@@ -111,6 +118,9 @@ fn reject_busy(initiator_index: [u8; 4]) -> [u8; 6] {
 
 pub(crate) async fn socket_loop(ep: Arc<EndpointShared>, udp: Arc<UdpShared>, listening: CancellationToken) {
     let mut buf = vec![0u8; RECV_BUFFER];
+    // spec §5.7.4: the cookie secrets; only this task reads INITs, so it owns them.
+    let mut cookies =
+        CookieChecker::new(ep.clock.now(), ep.limits.cookie_secret_lifetime.into(), &mut rand::rngs::OsRng);
     let mut accepting = true;
     loop {
         let received = tokio::select! {
@@ -123,7 +133,7 @@ pub(crate) async fn socket_loop(ep: Arc<EndpointShared>, udp: Arc<UdpShared>, li
             r = udp.socket.recv_from(&mut buf) => Some(r),
         };
         match received {
-            Some(Ok((n, from))) => dispatch(&ep, &udp, &buf[..n], from, accepting),
+            Some(Ok((n, from))) => dispatch(&ep, &udp, &mut cookies, &buf[..n], from, accepting),
             // Unconnected sockets report few errors (an ICMP error on some systems): go on.
             Some(Err(e)) => tracing::debug!(error = %e, "receive failed"),
             None => {}
@@ -147,18 +157,38 @@ fn forward(ep: &EndpointShared, tx: &DatagramTx, data: &[u8], from: SocketAddr) 
     }
 }
 
-fn dispatch(ep: &Arc<EndpointShared>, udp: &Arc<UdpShared>, data: &[u8], from: SocketAddr, accepting: bool) {
+/// Sends a stateless answer of the socket task (COOKIE_REPLY, REJECT). Never waits: a full
+/// socket buffer loses it, as the network could.
+fn answer(udp: &UdpShared, packet: &[u8], to: SocketAddr) {
+    if let Err(e) = udp.socket.try_send_to(packet, to) {
+        tracing::trace!(error = %e, "answer not sent");
+    }
+}
+
+fn dispatch(
+    ep: &Arc<EndpointShared>,
+    udp: &Arc<UdpShared>,
+    cookies: &mut CookieChecker,
+    data: &[u8],
+    from: SocketAddr,
+    accepting: bool,
+) {
     if data.len() > ep.datagram_config.limits.packet_len() {
         return drop_datagram(ep, "oversized", from);
     }
-    if data.first() != Some(&wire::TYPE_HANDSHAKE_INIT) {
-        let tx = wire::datagram_receiver_index(data).and_then(|i| lock(&udp.table).by_index.get(&i).cloned());
-        return match tx {
-            Some(tx) => forward(ep, &tx, data, from),
-            None => drop_datagram(ep, "unknown index", from),
-        };
-    }
-    let Some(index_bytes) = data.get(3..InitHeader::len(Mode::Datagram)).and_then(|b| <[u8; 4]>::try_from(b).ok())
+    // The INIT an INIT_COOKIE carries follows its 17-byte prefix (spec §4.2).
+    let init_part = match data.first() {
+        Some(&wire::TYPE_HANDSHAKE_INIT) => data,
+        Some(&wire::TYPE_HANDSHAKE_INIT_COOKIE) => data.get(wire::INIT_COOKIE_PREFIX_LEN..).unwrap_or(&[]),
+        _ => {
+            let tx = wire::datagram_receiver_index(data).and_then(|i| lock(&udp.table).by_index.get(&i).cloned());
+            return match tx {
+                Some(tx) => forward(ep, &tx, data, from),
+                None => drop_datagram(ep, "unknown index", from),
+            };
+        }
+    };
+    let Some(index_bytes) = init_part.get(3..InitHeader::len(Mode::Datagram)).and_then(|b| <[u8; 4]>::try_from(b).ok())
     else {
         return drop_datagram(ep, "short INIT", from);
     };
@@ -174,13 +204,43 @@ fn dispatch(ep: &Arc<EndpointShared>, udp: &Arc<UdpShared>, data: &[u8], from: S
         return drop_datagram(ep, "not accepting", from);
     }
     let now = ep.clock.now();
-    let admission = match ep.admit(from.ip(), now) {
+    let config = &ep.datagram_config;
+    let mut out = [0u8; ANSWER_BUFFER];
+    // spec §5.7.4: stateless until the source has proven its address (or we are not loaded).
+    let (init, proven) = match cookies.verdict(now, &from, data, ep.demands_cookies(), config, &mut out) {
+        Verdict::Proceed { init, cookie } => {
+            if cookie == CookieStatus::Valid {
+                ep.counters.cookies_accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            (init, cookie == CookieStatus::Valid)
+        }
+        Verdict::CookieReply { len, cookie } => return challenged(ep, udp, &out[..len], cookie, from),
+        Verdict::Reject { len, error } => {
+            answer(udp, &out[..len], from);
+            ep.report_failure(from, Transport::Udp, Error::Protocol(ConnectionError::Handshake(error)));
+            return;
+        }
+        Verdict::Drop(e) => {
+            tracing::trace!(%from, error = %e, "INIT dropped");
+            return drop_datagram(ep, "INIT outside the handshake bounds", from);
+        }
+    };
+    let admitted = if proven { ep.admit(from.ip(), now) } else { ep.admit_unproven(from.ip(), now) };
+    let admission = match admitted {
         Ok(a) => a,
+        // spec §5.7.4: an unproven source below half its bucket must prove its address first.
+        Err(Error::RateLimited) if !proven => {
+            return match cookies.verdict(now, &from, data, true, config, &mut out) {
+                Verdict::CookieReply { len, cookie } => challenged(ep, udp, &out[..len], cookie, from),
+                Verdict::Reject { len, .. } => answer(udp, &out[..len], from),
+                _ => drop_datagram(ep, "INIT outside the handshake bounds", from),
+            };
+        }
         Err(e) => {
             tracing::debug!(peer = %from, error = %e, "peer refused");
             // A rate-limited source gets silence: answering would make us a reflector.
             if !matches!(e, Error::RateLimited) {
-                let _ = udp.socket.try_send_to(&reject_busy(index_bytes), from);
+                answer(udp, &reject_busy(index_bytes), from);
             }
             ep.report_failure(from, Transport::Udp, e);
             return;
@@ -206,8 +266,19 @@ fn dispatch(ep: &Arc<EndpointShared>, udp: &Arc<UdpShared>, data: &[u8], from: S
     let tx = lock(&udp.table).by_index.get(&registration.index).cloned();
     spawn(ep, udp, core, from, rx, Ready::Responder, admission.connection, Some(admission.handshake), registration);
     if let Some(tx) = tx {
-        forward(ep, &tx, data, from);
+        // The INIT alone: the cookie has done its work (spec §5.7.4).
+        forward(ep, &tx, init, from);
     }
+}
+
+/// Sends a COOKIE_REPLY and counts it (spec §5.7.4).
+fn challenged(ep: &EndpointShared, udp: &UdpShared, reply: &[u8], cookie: CookieStatus, from: SocketAddr) {
+    answer(udp, reply, from);
+    ep.counters.cookies_sent.fetch_add(1, Ordering::Relaxed);
+    if cookie == CookieStatus::Invalid {
+        ep.counters.cookies_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::trace!(%from, "cookie demanded");
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -40,6 +40,12 @@ async fn proxy(server: SocketAddr, drop_first: usize) -> Proxy {
         let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
         loop {
             tokio::select! {
+                // A move is taken before any packet that arrives after it was sent.
+                biased;
+                s = rx.recv() => match s {
+                    Some(s) => back = s,
+                    None => break,
+                },
                 r = front.recv_from(&mut a) => {
                     let (n, from) = r.unwrap();
                     client = Some(from);
@@ -55,10 +61,6 @@ async fn proxy(server: SocketAddr, drop_first: usize) -> Proxy {
                         front.send_to(&b[..n], c).await.unwrap();
                     }
                 }
-                s = rx.recv() => match s {
-                    Some(s) => back = s,
-                    None => break,
-                },
             }
         }
     });
