@@ -822,3 +822,66 @@ async fn hand_off(tx: &mpsc::Sender<Connection>, conn: &mut Option<Connection>) 
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Long enough for bytes written on loopback to arrive; a read that is still pending
+    /// after it has nothing to read.
+    const SETTLE: Duration = Duration::from_millis(100);
+
+    async fn pair() -> (Input, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, (theirs, _)) = tokio::try_join!(TcpStream::connect(addr), listener.accept()).unwrap();
+        let (reader, _writer) = ours.into_split();
+        (Input::tcp(reader, MAX_PACKET_LEN), theirs)
+    }
+
+    fn read_buffer(input: &Input) -> &BytesMut {
+        match input {
+            Input::Tcp { buf, .. } => buf,
+            Input::Udp(_) => unreachable!("a TCP input"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_tcp_connection_holds_no_read_buffer_but_keeps_a_partial_frame() {
+        let (mut input, mut peer) = pair().await;
+        peer.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
+        match tokio::time::timeout(SETTLE * 50, input.next()).await.unwrap() {
+            Incoming::Packet(p, None) => assert_eq!(&p[..], &[1, 2, 3]),
+            other => panic!("expected the packet, got {other:?}"),
+        }
+        // Nothing more to read: the pending read gave its buffer back.
+        assert!(tokio::time::timeout(SETTLE, input.next()).await.is_err());
+        assert_eq!(read_buffer(&input).capacity(), 0);
+
+        // Half a frame stays buffered while the rest is awaited, and the frame completes.
+        peer.write_all(&[0, 4, 9, 8]).await.unwrap();
+        // Bounded wait for the four bytes to arrive (loopback: far sooner).
+        for _ in 0..100 {
+            assert!(tokio::time::timeout(SETTLE, input.next()).await.is_err(), "half a frame is no packet");
+            if !read_buffer(&input).is_empty() {
+                break;
+            }
+        }
+        // (The codec has taken the length prefix; the bytes read of the packet stay.)
+        assert_eq!(&read_buffer(&input)[..], &[9, 8]);
+        peer.write_all(&[7, 6]).await.unwrap();
+        match tokio::time::timeout(SETTLE * 50, input.next()).await.unwrap() {
+            Incoming::Packet(p, None) => assert_eq!(&p[..], &[9, 8, 7, 6]),
+            other => panic!("expected the packet, got {other:?}"),
+        }
+
+        drop(peer);
+        assert!(matches!(tokio::time::timeout(SETTLE * 50, input.next()).await.unwrap(), Incoming::End));
+    }
+}
