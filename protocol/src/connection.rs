@@ -868,6 +868,38 @@ impl Connection {
         r
     }
 
+    /// [`handle_input`](Self::handle_input) for a packet the caller gives away: a transport
+    /// packet is decrypted in place, and the messages it carries are handed out as slices of
+    /// it, without a copy or an allocation. Same results and errors as `handle_input`.
+    ///
+    /// # Errors
+    /// As [`handle_input`](Self::handle_input).
+    pub fn handle_input_owned(&mut self, now: Timestamp, packet: BytesMut) -> Result<(), ConnectionError> {
+        let len = packet.len() as u64;
+        let transport = !self.is_closed()
+            && matches!(self.phase, Phase::Established(_))
+            && packet
+                .first()
+                .is_some_and(|t| t & !(wire::FLAG_GENERATION | wire::FLAG_EPOCH_ADVANCE) == wire::TYPE_TRANSPORT);
+        let r = if transport {
+            match wire::parse(self.config.mode, self.config.limits.packet_len(), &packet) {
+                Ok(Packet::Transport(header, _)) => self.on_transport(now, header, packet),
+                Ok(_) => self.handle_input_inner(now, &packet),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            self.handle_input_inner(now, &packet)
+        };
+        match &r {
+            Ok(()) => {
+                self.stats.packets_received += 1;
+                self.stats.bytes_received += len;
+            }
+            Err(_) => self.stats.packets_dropped += 1,
+        }
+        r
+    }
+
     fn handle_input_inner(&mut self, now: Timestamp, packet: &[u8]) -> Result<(), ConnectionError> {
         if self.is_closed() {
             return Err(ConnectionError::Closed);
@@ -916,7 +948,7 @@ impl Connection {
             Packet::InitCookie { init, header, header_bytes, body, .. } => {
                 self.on_init(now, init, &header, header_bytes, body)
             }
-            Packet::Transport(header, _) => self.on_transport(now, header, packet),
+            Packet::Transport(header, _) => self.on_transport(now, header, BytesMut::from(packet)),
         }
     }
 
@@ -1186,13 +1218,17 @@ impl Connection {
         self.advance_handshake(now)
     }
 
-    fn on_transport(&mut self, now: Timestamp, header: TransportHeader, packet: &[u8]) -> Result<(), ConnectionError> {
+    fn on_transport(
+        &mut self,
+        now: Timestamp,
+        header: TransportHeader,
+        mut buf: BytesMut,
+    ) -> Result<(), ConnectionError> {
         let mode = self.config.mode;
         let completes_xx = self.awaiting_xx_confirmation();
         let Phase::Established(est) = &mut self.phase else {
             return Err(HandshakeError::UnexpectedPacket.into());
         };
-        let mut buf = BytesMut::from(packet);
         // Route to the session the header names (spec §6.2, §7.3).
         let which = est.route(mode, &header);
         let keep_previous = est.keeps_previous();

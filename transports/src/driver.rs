@@ -58,8 +58,9 @@ thread_local! {
 /// What a read produced.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    /// One packet, with its source address (UDP).
-    Packet(Bytes, Option<SocketAddr>),
+    /// One packet, with its source address (UDP). Owned, so that the core decrypts it in
+    /// place (`handle_input_owned`).
+    Packet(BytesMut, Option<SocketAddr>),
     /// The carrier has nothing more to give.
     End,
     /// The carrier failed (I/O or framing).
@@ -92,7 +93,7 @@ impl Input {
                         if buf.is_empty() && buf.capacity() > IDLE_BUFFER_MAX {
                             *buf = BytesMut::new();
                         }
-                        return Incoming::Packet(frame.freeze(), None);
+                        return Incoming::Packet(frame, None);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -123,7 +124,10 @@ impl Input {
                 }
             },
             Self::Udp(rx) => match rx.recv().await {
-                Some((p, from)) => Incoming::Packet(p, Some(from)),
+                // The socket task's copy is this connection's alone: no second copy.
+                Some((p, from)) => {
+                    Incoming::Packet(p.try_into_mut().unwrap_or_else(|p| BytesMut::from(&p[..])), Some(from))
+                }
                 None => Incoming::End,
             },
         }
@@ -444,26 +448,29 @@ impl Driver {
     fn on_input(&mut self, incoming: Incoming) {
         let now = self.ep.clock.now();
         match incoming {
-            Incoming::Packet(packet, from) => match self.core.handle_input(now, &packet) {
-                Ok(()) => {
-                    if let Some(from) = from {
-                        self.maybe_roam(&packet, from);
-                    }
-                }
-                Err(e) => match self.transport {
-                    // spec §10.1: in datagram mode anyone can inject a packet; a refused one
-                    // is dropped and the session goes on.
-                    Transport::Udp => tracing::trace!(error = %e, "datagram dropped"),
-                    // spec §10.1: in stream mode any refused packet ends the connection.
-                    Transport::Tcp => {
-                        tracing::debug!(error = %e, "packet refused");
-                        if !self.core.is_closed() {
-                            self.fail(Error::Protocol(e));
-                            self.request_close(CloseReason::ProtocolViolation);
+            Incoming::Packet(packet, from) => {
+                let is_transport = packet.first().is_some_and(|t| t & !wire::FLAG_GENERATION == wire::TYPE_TRANSPORT);
+                match self.core.handle_input_owned(now, packet) {
+                    Ok(()) => {
+                        if let Some(from) = from {
+                            self.maybe_roam(is_transport, from);
                         }
                     }
-                },
-            },
+                    Err(e) => match self.transport {
+                        // spec §10.1: in datagram mode anyone can inject a packet; a refused one
+                        // is dropped and the session goes on.
+                        Transport::Udp => tracing::trace!(error = %e, "datagram dropped"),
+                        // spec §10.1: in stream mode any refused packet ends the connection.
+                        Transport::Tcp => {
+                            tracing::debug!(error = %e, "packet refused");
+                            if !self.core.is_closed() {
+                                self.fail(Error::Protocol(e));
+                                self.request_close(CloseReason::ProtocolViolation);
+                            }
+                        }
+                    },
+                }
+            }
             Incoming::End => {
                 self.input_done = true;
                 if self.transport == Transport::Tcp {
@@ -494,8 +501,7 @@ impl Driver {
 
     /// Roaming (UDP): follow the peer to a new address once a packet from there has
     /// authenticated — a transport packet that the core accepted — and never before.
-    fn maybe_roam(&mut self, packet: &[u8], from: SocketAddr) {
-        let is_transport = packet.first().is_some_and(|t| t & !wire::FLAG_GENERATION == wire::TYPE_TRANSPORT);
+    fn maybe_roam(&mut self, is_transport: bool, from: SocketAddr) {
         if !is_transport || from == self.remote_addr {
             return;
         }

@@ -170,7 +170,9 @@ impl Pair {
 
     /// Delivers one packet to the given side and handles its events.
     pub fn deliver_to_b(&mut self, p: &[u8]) -> Result<(), ConnectionError> {
-        let r = self.b.handle_input(self.now, p);
+        // B takes its packets by value (`handle_input_owned`), A by reference: every test
+        // runs both entry points, which must behave alike.
+        let r = self.b.handle_input_owned(self.now, bytes::BytesMut::from(p));
         if let Err(e) = &r {
             self.b_errors.push(e.clone());
         }
