@@ -5,7 +5,10 @@
 //!   the first transport packet each way;
 //! - `transport.json`: a sequence of transport packets per mode and suite, crossing an epoch
 //!   boundary by message count and another by time (`REKEY_AFTER_TIME`);
-//! - `malformed.json`: inputs to the decoders with the error each must yield.
+//! - `malformed.json`: inputs to the decoders with the error each must yield;
+//! - `cookies.json`, `trust.json`: the cookie challenge and the trust layer (spec §5.7.4, §15);
+//! - `routing.json`: routed-mode handshakes, routing messages and a relayed message (spec §16);
+//! - `certificate_handshakes.json`: handshakes carrying certificate chains (spec §5.4.1, §15.4).
 //!
 //! Everything is derived from fixed inputs (the ephemeral keys come from
 //! `Connection::new_with_fixed_ephemeral_for_testing_only`, time from a virtual clock), so
@@ -44,6 +47,12 @@ mod trust_vectors;
 
 #[path = "cookie_vectors/mod.rs"]
 mod cookie_vectors;
+
+#[path = "routing_vectors/mod.rs"]
+mod routing_vectors;
+
+#[path = "certificate_vectors/mod.rs"]
+mod certificate_vectors;
 
 /// Fixed inputs of one side.
 struct Party {
@@ -198,6 +207,7 @@ struct MalformedCase {
 const fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Stream => "stream",
+        Mode::Routed => "routed",
         _ => "datagram",
     }
 }
@@ -486,6 +496,18 @@ struct Mirror {
 /// Runs the handshake with snow alone from the fixed inputs and `prologue`; every message
 /// carries Veil's minimal payload. Checks each body against the recorded packets.
 fn mirror(pattern: Pattern, suite: Suite, prologue: &[u8], bodies: &[Vec<u8>]) -> Mirror {
+    mirror_parties(pattern, suite, prologue, bodies, &INITIATOR, &RESPONDER)
+}
+
+/// [`mirror`] between any two parties.
+fn mirror_parties(
+    pattern: Pattern,
+    suite: Suite,
+    prologue: &[u8],
+    bodies: &[Vec<u8>],
+    initiator: &Party,
+    responder: &Party,
+) -> Mirror {
     let params: snow::params::NoiseParams = noise_protocol(pattern, suite).parse().unwrap();
     let build = |me: &Party, peer: &Party, initiator: bool| {
         let mut b = snow::Builder::with_resolver(params.clone(), Box::new(MirrorResolver))
@@ -509,8 +531,8 @@ fn mirror(pattern: Pattern, suite: Suite, prologue: &[u8], bodies: &[Vec<u8>]) -
             b.build_responder().unwrap()
         }
     };
-    let mut i = build(&INITIATOR, &RESPONDER, true);
-    let mut r = build(&RESPONDER, &INITIATOR, false);
+    let mut i = build(initiator, responder, true);
+    let mut r = build(responder, initiator, false);
     let payload = min_payload();
     let mut out = vec![0u8; 1024];
     let mut read = vec![0u8; 1024];
@@ -816,7 +838,7 @@ type Case = (Target, Vec<u8>, Option<(u8, usize)>, DecodeError, &'static str);
 
 fn malformed_cases() -> Vec<MalformedCase> {
     use DecodeError as E;
-    use Mode::{Datagram as D, Stream as S};
+    use Mode::{Datagram as D, Routed as R, Stream as S};
     const MAX: usize = wire::MAX_PACKET_LEN;
     let parse = |m: Mode| Target::Parse(m, MAX);
     let tag = [0u8; 16];
@@ -922,12 +944,10 @@ fn malformed_cases() -> Vec<MalformedCase> {
         (Target::Message, vec![], None, E::Truncated, "empty input"),
         (Target::Message, vec![0x00, 0x00], None, E::UnknownMessageKind(0x00), "kind 0x00"),
         (Target::Message, vec![0x02, 0x00], None, E::UnknownMessageKind(0x02), "reserved kind Ack"),
-        (Target::Message, vec![0x06, 0x00], None, E::UnknownMessageKind(0x06), "reserved kind Forward"),
-        (Target::Message, vec![0x07, 0x00], None, E::UnknownMessageKind(0x07), "reserved kind Deliver"),
         (Target::Message, vec![0x08, 0x80], None, E::MalformedMessage, "RevocationPush with a truncated length"),
         (Target::Message, vec![0x09, 0x00], None, E::UnknownMessageKind(0x09), "reserved kind FlowReport"),
         (Target::Message, vec![0x0a], None, E::MalformedMessage, "TimeSync without a body"),
-        (Target::Message, vec![0x0c], None, E::UnknownMessageKind(0x0c), "first unassigned kind"),
+        (Target::Message, vec![0x0f], None, E::UnknownMessageKind(0x0f), "first unassigned kind"),
         (Target::Message, vec![0x80, 0x01, 0x02], None, E::UnknownMessageKind(0x80), "extension kind 0x80"),
         (Target::Message, vec![0xff], None, E::UnknownMessageKind(0xff), "kind 0xff"),
         (Target::Message, vec![0x01], None, E::MalformedMessage, "Data without a body"),
@@ -946,6 +966,46 @@ fn malformed_cases() -> Vec<MalformedCase> {
         (Target::Message, vec![0x05], None, E::MalformedMessage, "Close without a reason"),
         (Target::Message, vec![0x05, 0xff, 0xff, 0x07], None, E::MalformedMessage, "Close reason > u16"),
         (Target::Message, vec![0x0b, 0x05, 0x01], None, E::MalformedMessage, "Handshake packet cut short"),
+        // spec §16.2: routed mode.
+        (
+            parse(R),
+            with_tag(&[0x10, 0, 0, 5], 1),
+            None,
+            E::Truncated,
+            "routed transport one byte short of header + tag",
+        ),
+        (parse(R), vec![0x10, 0, 0], None, E::Truncated, "routed transport header cut"),
+        (parse(R), with_tag(&[0x12, 0, 0, 0], 0), None, E::WrongMode, "routed transport with the epoch-advance flag"),
+        (parse(R), vec![0x01, 0x01, 0x11, 0, 0, 0], None, E::Truncated, "routed HANDSHAKE_INIT with 3 index bytes"),
+        (parse(R), vec![0x03, 0, 0, 1], None, E::Truncated, "routed HANDSHAKE_FINAL cut in its index"),
+        (
+            parse(R),
+            [&[0x05, 0, 0, 0, 1][..], &[0xc0; 16]].concat(),
+            None,
+            E::WrongMode,
+            "COOKIE_REPLY in routed mode (no cookies through relays)",
+        ),
+        // spec §9.2, §16: routing messages.
+        (Target::Message, vec![0x06], None, E::MalformedMessage, "Forward without a body"),
+        (Target::Message, vec![0x06, 0x00, 0x00], None, E::MalformedMessage, "Forward with an empty packet"),
+        (Target::Message, vec![0x07, 0x01, 0x02, 0x10], None, E::MalformedMessage, "Deliver packet cut short"),
+        (Target::Message, vec![0x07, 0x00, 0x00], None, E::MalformedMessage, "Deliver with an empty packet"),
+        (
+            Target::Message,
+            vec![0x06, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x01, 0x10],
+            None,
+            E::MalformedMessage,
+            "Forward route > u32",
+        ),
+        (
+            Target::Message,
+            [&[0x0c, 0x01][..], &[0xab; 15]].concat(),
+            None,
+            E::MalformedMessage,
+            "Route node id cut short (15 of 16 bytes)",
+        ),
+        (Target::Message, vec![0x0d, 0x01], None, E::MalformedMessage, "Withdraw without a reason"),
+        (Target::Message, vec![0x0e, 0x80], None, E::MalformedMessage, "Unreachable route varint cut"),
     ];
     cases
         .into_iter()
@@ -1034,6 +1094,15 @@ fn generate() -> Output {
         });
     }
     malformed.iter().filter(|c| c.pad.is_none()).for_each(|c| seed_hex(&c.input));
+    let routing = routing_vectors::generate();
+    for v in &routing.handshakes {
+        v.handshake_packets.iter().for_each(|p| seed_hex(&p.packet));
+        v.transport_packets.iter().for_each(|p| {
+            seed_hex(&p.packet);
+            seed_hex(&p.plaintext);
+        });
+    }
+    routing.relayed.hops.iter().for_each(|h| seed_hex(&h.packet));
     seeds.retain(|s| !s.is_empty());
 
     let hs = VectorFile {
@@ -1081,6 +1150,8 @@ fn generate() -> Output {
             ("malformed.json", to_json(&mf)),
             ("cookies.json", to_json(&cookies)),
             ("trust.json", to_json(&trust)),
+            ("routing.json", to_json(&routing)),
+            ("certificate_handshakes.json", to_json(&certificate_vectors::generate(GENERATOR))),
         ],
         seeds,
         trust_seeds,

@@ -252,7 +252,7 @@ impl Run {
                     let verdict = if ok { "allows (expected key)" } else { "refuses" };
                     println!("       {who}: {verdict} peer {}", short(&remote_static));
                     let now = self.now;
-                    self.conn(side).authorize(now, if ok { Decision::allow() } else { Decision::Deny })?;
+                    self.conn(side).authorize(now, if ok { Decision::allow() } else { Decision::deny() })?;
                 }
                 Event::Connected { remote_static, .. } => {
                     println!("       {who}: connected to {}", short(&remote_static));

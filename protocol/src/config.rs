@@ -6,6 +6,7 @@ use alloc::vec::Vec;
 use crate::crypto::{Psk, PublicKey, StaticKeypair};
 use crate::params::{Mode, Pattern, Suite};
 use crate::time::Duration;
+use crate::trust::{CertificateChain, TrustError};
 use crate::wire::{MAX_PACKET_LEN, MIN_PACKET_LEN};
 
 /// spec §7.7: default `REKEY_AFTER_TIME`.
@@ -114,6 +115,16 @@ pub struct Config {
     pub psk: Option<Psk>,
     /// Timers and limits.
     pub limits: Limits,
+    /// This node's certificate chain (spec §15.4, the encoding of
+    /// [`CertificateChain`]), sent in the `certificate` field of its handshake payloads
+    /// where spec §5.4.1 puts it: never in XX/XXpsk3 message 1, never in a re-handshake.
+    /// At most [`MAX_CHAIN_LEN`](crate::trust::MAX_CHAIN_LEN) bytes. `None` in allowlist mode.
+    pub certificate_chain: Option<Vec<u8>>,
+    /// An IK, IKpsk2 or KK initiator also asks for an authorization decision about the
+    /// responder, after reading message 2 and before its session starts (spec §5.5), so that
+    /// it can check the certificate the responder sent there. XX/XXpsk3 initiators always
+    /// decide. Default `false`: the responder's key, known in advance, is the trust.
+    pub authorize_responder: bool,
 }
 
 impl Config {
@@ -130,7 +141,19 @@ impl Config {
             accept_suites: Suite::ALL.to_vec(),
             psk: None,
             limits: Limits::default(),
+            certificate_chain: None,
+            authorize_responder: false,
         }
+    }
+
+    /// Sets this node's certificate chain (spec §15.4).
+    ///
+    /// # Errors
+    /// [`TrustError::TooLong`] if its encoding exceeds
+    /// [`MAX_CHAIN_LEN`](crate::trust::MAX_CHAIN_LEN).
+    pub fn set_certificate_chain(&mut self, chain: &CertificateChain) -> Result<(), TrustError> {
+        self.certificate_chain = Some(chain.encode()?);
+        Ok(())
     }
 
     /// The static public key.

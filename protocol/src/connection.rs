@@ -24,11 +24,12 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 use crate::cookie::MAX_COOKIE_REPLIES;
 use crate::crypto::{Psk, PublicKey};
-use crate::error::{ConnectionError, DecodeError, HandshakeError, SessionError};
+use crate::error::{ConnectionError, DecodeError, DenyReason, HandshakeError, SessionError};
 use crate::handshake::{Handshake, HandshakeParams, HANDSHAKE_HASH_LEN};
 use crate::message::{self, CloseReason, Message, Messages};
 use crate::params::{Mode, Pattern};
 use crate::payload::HandshakePayload;
+use crate::routing::RoutingMessage;
 use crate::session::{Role, Session};
 use crate::time::{Duration, Timestamp};
 use crate::wire::{self, InitHeader, Packet, RejectReason, TransportHeader};
@@ -42,8 +43,9 @@ pub enum Decision {
         /// Per-peer pre-shared key (IKpsk2 responder only); `None` uses the configured one.
         psk: Option<Psk>,
     },
-    /// Refuse the peer: no session, nothing kept.
-    Deny,
+    /// Refuse the peer: no session, nothing kept. The reason picks the REJECT a
+    /// stream-mode responder sends and the local close reason (spec §5.5, §15.9).
+    Deny(DenyReason),
 }
 
 impl Decision {
@@ -51,6 +53,12 @@ impl Decision {
     #[must_use]
     pub const fn allow() -> Self {
         Self::Allow { psk: None }
+    }
+
+    /// Deny as [`DenyReason::Unauthorized`].
+    #[must_use]
+    pub const fn deny() -> Self {
+        Self::Deny(DenyReason::Unauthorized)
     }
 }
 
@@ -74,7 +82,8 @@ pub enum Event {
     AuthorizationRequired {
         /// The peer's authenticated static key.
         remote_static: PublicKey,
-        /// The certificate the peer sent, if any (opaque until the trust layer).
+        /// The `certificate` field of the peer's handshake payload, if any: a certificate
+        /// chain (spec §15.4) to check with `veil_protocol::trust::Trust::check`.
         certificate: Option<Vec<u8>>,
     },
     /// The session is established and confirmed (spec §5.7); messages flow.
@@ -116,6 +125,10 @@ pub enum Event {
         /// Seconds since 1970-01-01T00:00:00Z.
         unix_time: u64,
     },
+    /// The peer sent a routing message (spec §16): an envelope, an announcement or a notice.
+    /// The connection does not interpret it; the routing layer does (`veil_protocol::routing`).
+    /// A node that does not route drops it (spec §16.7).
+    Routing(RoutingMessage),
     /// The connection is over. No further events follow.
     Closed(Closed),
 }
@@ -268,6 +281,8 @@ enum Outgoing {
     RevocationPush(Bytes),
     /// The local Unix time (spec §15.7).
     TimeSync(u64),
+    /// A routing message (spec §16).
+    Routing(RoutingMessage),
 }
 
 impl Outgoing {
@@ -279,6 +294,18 @@ impl Outgoing {
             Self::Rehandshake(p, _) => Message::Handshake { packet: p },
             Self::RevocationPush(list) => Message::RevocationPush { list },
             Self::TimeSync(unix_time) => Message::TimeSync { unix_time: *unix_time },
+            Self::Routing(m) => m.message(),
+        }
+    }
+
+    /// Bytes this message counts against `send_queue_bytes`: data payloads and envelope packets.
+    fn queued_len(&self) -> usize {
+        match self {
+            Self::Data { payload, .. } => payload.len(),
+            Self::Routing(RoutingMessage::Forward { packet, .. } | RoutingMessage::Deliver { packet, .. }) => {
+                packet.len()
+            }
+            _ => 0,
         }
     }
 }
@@ -332,7 +359,8 @@ impl Connection {
     /// [`Connection::poll_transmit`] next.
     ///
     /// # Errors
-    /// [`HandshakeError::Config`] when the configuration cannot run the pattern.
+    /// [`HandshakeError::Config`] when the configuration cannot run the pattern, or its
+    /// certificate chain is too long for a handshake payload (spec §15.4).
     pub fn new(
         config: Arc<Config>,
         role: Role,
@@ -340,6 +368,10 @@ impl Connection {
         now: Timestamp,
         rng: &mut dyn rand_core::CryptoRngCore,
     ) -> Result<Self, ConnectionError> {
+        if config.certificate_chain.as_ref().is_some_and(|c| c.len() > crate::trust::MAX_CHAIN_LEN) {
+            // spec §15.4: a longer chain cannot fit a handshake payload.
+            return Err(HandshakeError::Config("certificate chain longer than MAX_CHAIN_LEN").into());
+        }
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
         let mut c = Self {
@@ -607,6 +639,47 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues a routing message for the peer (spec §16). Envelopes (`Forward`, `Deliver`)
+    /// join the data queue and count against `send_queue_bytes`; `Route` and `Unreachable`
+    /// leave ahead of queued data (an announcement precedes the envelopes that use it,
+    /// spec §16.3); `Withdraw` follows the envelopes already queued and is never refused for
+    /// space. Messages queued before the connection is confirmed leave once it is.
+    ///
+    /// # Errors
+    /// [`ConnectionError::Closed`]; for envelopes: [`ConnectionError::QueueFull`] (a relay
+    /// answers `Unreachable { Congested }`), [`ConnectionError::MessageTooLarge`] when the
+    /// envelope does not fit one packet to this peer (`Unreachable { TooLarge }`), and
+    /// `ConnectionError::Decode(DecodeError::MalformedMessage)` for an empty packet (spec §9.2).
+    pub fn send_routing(&mut self, msg: RoutingMessage) -> Result<(), ConnectionError> {
+        if self.is_closed() || self.close_pending.is_some() {
+            return Err(ConnectionError::Closed);
+        }
+        let out = Outgoing::Routing(msg);
+        match &out {
+            Outgoing::Routing(RoutingMessage::Forward { packet, .. } | RoutingMessage::Deliver { packet, .. }) => {
+                if packet.is_empty() {
+                    return Err(DecodeError::MalformedMessage.into());
+                }
+                let limit = match &self.phase {
+                    Phase::Established(e) => e.current.max_plaintext_len(),
+                    _ => self.config.limits.packet_len() - wire::transport_overhead(self.config.mode),
+                };
+                if out.message().encoded_len() > limit {
+                    return Err(ConnectionError::MessageTooLarge);
+                }
+                let len = out.queued_len();
+                if self.queued_bytes + len > self.config.limits.send_queue_bytes && !self.queue.is_empty() {
+                    return Err(ConnectionError::QueueFull);
+                }
+                self.queued_bytes += len;
+                self.queue.push_back(out);
+            }
+            Outgoing::Routing(RoutingMessage::Withdraw { .. }) => self.queue.push_back(out),
+            _ => self.priority.push_back(out),
+        }
+        Ok(())
+    }
+
     /// Queues the local Unix time for the peer (`TimeSync`, spec §15.7), ahead of data.
     ///
     /// # Errors
@@ -639,12 +712,14 @@ impl Connection {
             _ => return Err(ConnectionError::NoDecisionPending),
         };
         let psk = match decision {
-            Decision::Deny => {
+            Decision::Deny(reason) => {
+                // spec §5.5, §15.9: only a stream-mode responder answers, with the mapped
+                // reason; a datagram responder and any initiator send nothing.
                 if self.role == Role::Responder && self.config.mode == Mode::Stream {
-                    self.control.push_back(alloc::vec![wire::TYPE_HANDSHAKE_REJECT, RejectReason::Unauthorized.code()]);
+                    self.control.push_back(alloc::vec![wire::TYPE_HANDSHAKE_REJECT, reason.reject_reason().code()]);
                 }
-                let e = ConnectionError::Handshake(HandshakeError::Denied);
-                self.finish(now, CloseReason::Unauthorized, false, Some(e.clone()));
+                let e = ConnectionError::Handshake(HandshakeError::Denied(reason));
+                self.finish(now, reason.close_reason(), false, Some(e.clone()));
                 return Err(e);
             }
             Decision::Allow { psk } => psk,
@@ -707,6 +782,8 @@ impl Connection {
         Ok(())
     }
 
+    /// The payload of a re-handshake message: no certificate (spec §5.4.1: re-handshakes
+    /// run no decision, §5.5).
     fn payload(&self) -> HandshakePayload {
         let limit = self.config.limits.packet_len();
         HandshakePayload {
@@ -715,8 +792,22 @@ impl Connection {
         }
     }
 
+    /// The payload of message `step` (0-based) of the first handshake: the local certificate
+    /// chain goes in every message except XX/XXpsk3 message 1, which has no confidentiality
+    /// (spec §5.3, §5.4.1, §15.4).
+    fn first_payload(&self, pattern: Pattern, step: usize) -> HandshakePayload {
+        let cleartext = step == 0 && matches!(pattern, Pattern::XX | Pattern::XXpsk3);
+        HandshakePayload {
+            certificate: if cleartext { None } else { self.config.certificate_chain.clone() },
+            ..self.payload()
+        }
+    }
+
     fn send_handshake_packet(&mut self, now: Timestamp) -> Result<(), ConnectionError> {
-        let payload = self.payload();
+        let payload = match &self.phase {
+            Phase::Handshaking(d) => self.first_payload(d.hs.pattern(), d.hs.step()),
+            _ => return Ok(()),
+        };
         let mode = self.config.mode;
         let rto = self.config.limits.handshake_rto;
         let Phase::Handshaking(driver) = &mut self.phase else {
@@ -737,7 +828,7 @@ impl Connection {
         }
         driver.rto = rto;
         // spec §5.7: only the initiator retransmits on a timer.
-        if mode == Mode::Datagram && driver.hs.role() == Role::Initiator {
+        if mode.is_lossy() && driver.hs.role() == Role::Initiator {
             self.timers.set(Timer::Retransmit, now + rto);
         }
         self.control.push_back(buf);
@@ -765,7 +856,7 @@ impl Connection {
             (Role::Responder, _) => true,
         };
         self.timers.clear(Timer::Retransmit);
-        let awaiting_peer = self.config.mode == Mode::Datagram && role == Role::Initiator;
+        let awaiting_peer = self.config.mode.is_lossy() && role == Role::Initiator;
         if awaiting_peer {
             // spec §5.7.2: repeat FINAL (XX) or the confirmation packet (IK, KK) until the
             // responder's first authenticated packet proves it arrived.
@@ -777,15 +868,14 @@ impl Connection {
             previous: None,
             pending: None,
             rehandshake: None,
-            final_sent: if self.config.mode == Mode::Datagram && role == Role::Initiator && pattern.message_count() == 3
-            {
+            final_sent: if self.config.mode.is_lossy() && role == Role::Initiator && pattern.message_count() == 3 {
                 last_sent
             } else {
                 None
             },
             // A repeated packet can only still come before the peer proved it has our answer:
             // an XX responder that read FINAL has nothing left to answer.
-            reply: if self.config.mode == Mode::Datagram && !(role == Role::Responder && pattern.message_count() == 3) {
+            reply: if self.config.mode.is_lossy() && !(role == Role::Responder && pattern.message_count() == 3) {
                 reply
             } else {
                 None
@@ -1010,7 +1100,7 @@ impl Connection {
             let reason = RejectReason::for_decode_error(e);
             match self.config.mode {
                 Mode::Stream => self.control.push_back(alloc::vec![wire::TYPE_HANDSHAKE_REJECT, reason.code()]),
-                Mode::Datagram => {
+                Mode::Datagram | Mode::Routed => {
                     // spec §4.3: bytes 3..7 of a datagram INIT hold the sender index in every version.
                     if let Some(idx) = packet.get(3..7) {
                         let mut p = alloc::vec![wire::TYPE_HANDSHAKE_REJECT];
@@ -1063,7 +1153,7 @@ impl Connection {
             Err(e) => return Err(self.fail(now, e)),
         };
         let mut driver = Box::new(Driver::new(hs, &config, false));
-        if config.mode == Mode::Datagram && header.pattern.message_count() == 3 {
+        if config.mode.is_lossy() && header.pattern.message_count() == 3 {
             driver.replay_seed = Some(seed);
         }
         if let Err(e) = driver.hs.read(body, header.sender_index) {
@@ -1097,7 +1187,7 @@ impl Connection {
             Phase::Closed | Phase::AwaitingInit => None,
         };
         if let Some((read, answer)) = reply {
-            if self.config.mode == Mode::Datagram && read.as_slice() == packet {
+            if self.config.mode.is_lossy() && read.as_slice() == packet {
                 let answer = answer.clone();
                 self.control.push_back(answer);
                 return Ok(());
@@ -1129,7 +1219,7 @@ impl Connection {
             return match self.config.mode {
                 // spec §10: in datagram mode an unauthenticated packet is dropped and the
                 // handshake goes on (anyone can inject one).
-                Mode::Datagram => {
+                Mode::Datagram | Mode::Routed => {
                     if half_read {
                         self.restore_responder();
                     }
@@ -1157,7 +1247,8 @@ impl Connection {
     /// changes no state.
     fn restore_responder(&mut self) {
         let config = Arc::clone(&self.config);
-        let payload = self.payload();
+        // Only datagram XX/XXpsk3 responders are restored: their RESP is message 2.
+        let payload = self.first_payload(Pattern::XX, 1);
         let eph = self.fixed_ephemeral();
         let remote = self.expected_peer;
         let local_index = self.local_index;
@@ -1203,9 +1294,12 @@ impl Connection {
         };
         let pattern = driver.hs.pattern();
         let step = driver.hs.step();
+        // spec §5.5: who decides when.
         let decide = match driver.hs.role() {
             Role::Responder => step == pattern.responder_decision_after() + 1,
-            Role::Initiator => matches!(pattern, Pattern::XX | Pattern::XXpsk3) && step == 2,
+            Role::Initiator => {
+                step == 2 && (matches!(pattern, Pattern::XX | Pattern::XXpsk3) || self.config.authorize_responder)
+            }
         };
         if decide {
             if let Some(remote_static) = driver.hs.remote_static() {
@@ -1280,7 +1374,7 @@ impl Connection {
                 self.on_confirmed(now);
                 // spec §5.7.2: in datagram mode the responder answers at once, so that the
                 // initiator stops repeating its confirmation.
-                if mode == Mode::Datagram {
+                if mode.is_lossy() {
                     self.empty_packet_due = true;
                 }
             } else if est.awaiting_peer && which == Route::Current {
@@ -1334,6 +1428,16 @@ impl Connection {
                     self.events.push_back(Event::RevocationList { list: plain.slice_ref(list) });
                 }
                 Message::TimeSync { unix_time } => self.events.push_back(Event::TimeSync { unix_time }),
+                // spec §16.7: the routing layer decides what these are worth.
+                Message::Forward { .. }
+                | Message::Deliver { .. }
+                | Message::Route { .. }
+                | Message::Withdraw { .. }
+                | Message::Unreachable { .. } => {
+                    if let Some(r) = RoutingMessage::from_message(&m, plain) {
+                        self.events.push_back(Event::Routing(r));
+                    }
+                }
                 Message::Close { reason } => {
                     self.finish(now, reason, true, None);
                     return Ok(());
@@ -1366,7 +1470,7 @@ impl Connection {
             est.previous = Some((old, now + overlap));
             self.timers.set(Timer::Overlap, now + overlap);
             // spec §7.3: answer at once, so that the peer stops repeating its confirmation.
-            if self.config.mode == Mode::Datagram {
+            if self.config.mode.is_lossy() {
                 self.empty_packet_due = true;
             }
             self.after_rehandshake(now);
@@ -1495,16 +1599,16 @@ impl Connection {
                 out.shrink_to_fit();
                 let (session, hash) = driver.hs.into_session(now, config.limits, driver.generation)?;
                 est.pending = Some(Box::new((session, hash)));
-                est.rehandshake_final = (config.mode == Mode::Datagram).then(|| out.clone());
+                est.rehandshake_final = config.mode.is_lossy().then(|| out.clone());
                 self.priority.push_back(Outgoing::Rehandshake(out, false));
-                if config.mode == Mode::Datagram {
+                if config.mode.is_lossy() {
                     self.timers.set(Timer::Retransmit, now + config.limits.handshake_rto);
                 }
                 Ok(())
             }
             Packet::Final { body, .. } if self.role == Role::Responder => {
                 let Some(driver) = est.rehandshake.as_mut() else {
-                    if est.answered == Some(digest) && config.mode == Mode::Datagram {
+                    if est.answered == Some(digest) && config.mode.is_lossy() {
                         // Our confirmation was lost: confirm again on the new session.
                         self.empty_packet_due = true;
                         return Ok(());
@@ -1553,9 +1657,9 @@ impl Connection {
         self.timers.set(Timer::Overlap, now + config.limits.key_overlap);
         self.handshake_hash = Some(hash);
         self.empty_packet_due = true;
-        let repeat = config.mode == Mode::Datagram && self.role == Role::Initiator;
+        let repeat = config.mode.is_lossy() && self.role == Role::Initiator;
         est.awaiting_peer = repeat;
-        est.peer_unproven = config.mode == Mode::Datagram;
+        est.peer_unproven = config.mode.is_lossy();
         self.after_rehandshake(now);
         if repeat {
             // spec §7.3: repeat the confirmation until the responder answers on the new session.
@@ -1602,7 +1706,7 @@ impl Connection {
             est.rehandshake = Some(driver);
         }
         self.timers.set(Timer::Handshake, now + self.config.limits.handshake_timeout);
-        if self.config.mode == Mode::Datagram {
+        if self.config.mode.is_lossy() {
             self.timers.set(Timer::Retransmit, now + self.config.limits.handshake_rto);
         }
         Ok(())
@@ -1780,6 +1884,7 @@ impl Connection {
                         taken_data += 1;
                         taken_bytes += payload.len();
                     }
+                    Some(m @ Outgoing::Routing(_)) => taken_bytes += m.queued_len(),
                     Some(Outgoing::Rehandshake(_, true)) => switch = true,
                     _ => {}
                 }

@@ -2,10 +2,11 @@
 //!
 //! Errors are detailed here, for local logs. What goes on the wire is coarse
 //! (spec §10): a peer learns at most a [`RejectReason`]
-//! or a [`CloseReason`](crate::message::CloseReason), never why a decryption failed.
+//! or a [`CloseReason`], never why a decryption failed.
 
 use core::fmt;
 
+use crate::message::CloseReason;
 use crate::replay::ReplayError;
 use crate::wire::RejectReason;
 
@@ -58,6 +59,56 @@ impl fmt::Display for DecodeError {
 
 impl core::error::Error for DecodeError {}
 
+/// Why the application denied a peer (spec §5.5, §15.9). It picks the REJECT reason a
+/// stream-mode responder sends ([`DenyReason::reject_reason`]) and the local close reason
+/// ([`DenyReason::close_reason`]); the trust layer maps its errors here with
+/// [`TrustError::deny_reason`](crate::trust::TrustError::deny_reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// Not allowed: not listed, wrong role, no time to check validity, or any policy of the
+    /// application's own.
+    #[default]
+    Unauthorized,
+    /// The peer's certificate, an issuer above it, or its key is revoked (spec §15.5).
+    Revoked,
+    /// The peer's certificate chain is missing, malformed, unverifiable, bound to another
+    /// key, or not valid now (spec §15.9).
+    BadCertificate,
+}
+
+impl DenyReason {
+    /// The REJECT reason a stream-mode responder sends (spec §5.8).
+    #[must_use]
+    pub const fn reject_reason(self) -> RejectReason {
+        match self {
+            Self::Unauthorized => RejectReason::Unauthorized,
+            Self::Revoked => RejectReason::Revoked,
+            Self::BadCertificate => RejectReason::BadCertificate,
+        }
+    }
+
+    /// The local close reason of the denied connection (spec §9.3).
+    #[must_use]
+    pub const fn close_reason(self) -> CloseReason {
+        match self {
+            Self::Unauthorized => CloseReason::Unauthorized,
+            Self::Revoked => CloseReason::Revoked,
+            Self::BadCertificate => CloseReason::BadCertificate,
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Revoked => "revoked",
+            Self::BadCertificate => "bad certificate",
+        })
+    }
+}
+
 /// A handshake failed (spec §5, §10).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -72,8 +123,8 @@ pub enum HandshakeError {
     UnknownIndex,
     /// The peer refused the handshake with an (unauthenticated) reason.
     Rejected(RejectReason),
-    /// The local authorization decision denied the peer (spec §5.5).
-    Denied,
+    /// The local authorization decision denied the peer (spec §5.5), for this reason.
+    Denied(DenyReason),
     /// The handshake did not complete in time (spec §5.7).
     Timeout,
     /// A re-handshake presented a different static key than the established peer (spec §5.9).
@@ -98,7 +149,7 @@ impl fmt::Display for HandshakeError {
             Self::UnexpectedPacket => f.write_str("unexpected packet during handshake"),
             Self::UnknownIndex => f.write_str("handshake packet for an unknown session index"),
             Self::Rejected(r) => write!(f, "handshake rejected by peer (unauthenticated): {r}"),
-            Self::Denied => f.write_str("peer denied by local authorization"),
+            Self::Denied(r) => write!(f, "peer denied by local authorization: {r}"),
             Self::Timeout => f.write_str("handshake timed out"),
             Self::PeerKeyChanged => f.write_str("peer static key changed on re-handshake"),
             Self::NotAccepted => f.write_str("pattern or suite not accepted by local policy"),

@@ -18,7 +18,9 @@
 #[cfg(not(feature = "std"))]
 extern crate std;
 
+mod routing;
 mod trust;
+pub use routing::routing;
 pub use trust::{certificate, revocation_list};
 
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -145,6 +147,7 @@ impl Params {
         let mode = match self.mode {
             Mode::Stream => "stream",
             Mode::Datagram => "datagram",
+            Mode::Routed => "routed",
         };
         let suite = match self.suite {
             Suite::ChaChaPolyBlake2s => "chachapoly",
@@ -342,7 +345,7 @@ fn transcript(p: Params) -> Arc<Transcript> {
 /// decoding back to the same value), with `encoded_len` exact; and that
 /// [`message::validate`] agrees with message-by-message decoding.
 pub fn decode(data: &[u8]) {
-    for mode in [Mode::Stream, Mode::Datagram] {
+    for mode in [Mode::Stream, Mode::Datagram, Mode::Routed] {
         let full = wire::parse(mode, MAX_PACKET_LEN, data);
         let small = wire::parse(mode, MIN_PACKET_LEN, data);
         // spec §4.4 step 1: the length is checked before anything else.
@@ -479,7 +482,8 @@ fn be32(b: &[u8]) -> u32 {
 
 /// spec §4.2: the layout of each packet type, checked against a parsed packet.
 fn check_packet(mode: Mode, data: &[u8], packet: Packet<'_>) {
-    let dg = mode == Mode::Datagram;
+    // Handshake packets have the datagram layouts in routed mode too (spec §16.2).
+    let dg = mode.has_indices();
     let receiver_index = match packet {
         Packet::Init { header, header_bytes, body } => {
             let hlen = InitHeader::len(mode);
@@ -517,7 +521,7 @@ fn check_packet(mode: Mode, data: &[u8], packet: Packet<'_>) {
             receiver_index
         }
         Packet::CookieReply { receiver_index, cookie } => {
-            assert!(dg, "COOKIE_REPLY accepted in stream mode");
+            assert_eq!(mode, Mode::Datagram, "COOKIE_REPLY accepted outside datagram mode");
             assert_eq!(data.len(), wire::COOKIE_REPLY_LEN, "COOKIE_REPLY is exactly its layout");
             assert_eq!(receiver_index, be32(&data[1..]));
             assert_eq!(&cookie[..], &data[5..]);
@@ -527,7 +531,7 @@ fn check_packet(mode: Mode, data: &[u8], packet: Packet<'_>) {
             Some(receiver_index)
         }
         Packet::InitCookie { cookie, init, header, header_bytes, body } => {
-            assert!(dg, "INIT_COOKIE accepted in stream mode");
+            assert_eq!(mode, Mode::Datagram, "INIT_COOKIE accepted outside datagram mode");
             let p = wire::INIT_COOKIE_PREFIX_LEN;
             assert_eq!((&cookie[..], init), (&data[1..p], &data[p..]));
             assert_eq!(wire::parse(mode, MAX_PACKET_LEN, init), Ok(Packet::Init { header, header_bytes, body }));
@@ -540,9 +544,10 @@ fn check_packet(mode: Mode, data: &[u8], packet: Packet<'_>) {
             let hlen = wire::transport_header_len(mode);
             assert_eq!(bytes, data);
             assert!(data.len() >= hlen + TAG_LEN);
-            assert_eq!(h.receiver_index.is_some(), dg);
-            assert_eq!(h.counter_lo.is_some(), dg);
-            assert!(!(dg && h.epoch_advance), "epoch-advance flag accepted in datagram mode");
+            // spec §16.2: routed transport headers have a counter and no index.
+            assert_eq!(h.receiver_index.is_some(), mode == Mode::Datagram);
+            assert_eq!(h.counter_lo.is_some(), mode.is_lossy());
+            assert!(!(mode.is_lossy() && h.epoch_advance), "epoch-advance flag accepted in {mode:?} mode");
             assert!(h.counter_lo.is_none_or(|c| c < 1 << COUNTER_LO_BITS));
             let mut buf = [0u8; 8];
             let n = h.encode(mode, &mut buf).unwrap();
@@ -550,10 +555,19 @@ fn check_packet(mode: Mode, data: &[u8], packet: Packet<'_>) {
             h.receiver_index
         }
     };
-    if dg {
-        if let Some(i) = receiver_index {
-            assert_eq!(wire::datagram_receiver_index(data), Some(i), "demultiplexing disagrees with parsing");
+    match mode {
+        Mode::Datagram => {
+            if let Some(i) = receiver_index {
+                assert_eq!(wire::datagram_receiver_index(data), Some(i), "demultiplexing disagrees with parsing");
+            }
         }
+        // spec §16.6: a routed endpoint reads the index of RESP, FINAL and REJECT only.
+        Mode::Routed => {
+            let handshake = matches!(packet, Packet::Resp { .. } | Packet::Final { .. } | Packet::Reject { .. });
+            let want = if handshake { receiver_index } else { None };
+            assert_eq!(wire::routed_receiver_index(data), want, "demultiplexing disagrees with parsing");
+        }
+        _ => {}
     }
 }
 
@@ -1011,7 +1025,9 @@ impl SessionRun {
             // spec §6.2: counters are implicit, so only the next packet in order opens.
             Mode::Stream => f.counter == lane.expected,
             // spec §8: new, and not REPLAY_WINDOW or more below the highest.
-            Mode::Datagram => lane.highest.is_none_or(|h| f.counter > h || h - f.counter < REPLAY_WINDOW),
+            Mode::Datagram | Mode::Routed => {
+                lane.highest.is_none_or(|h| f.counter > h || h - f.counter < REPLAY_WINDOW)
+            }
         }
     }
 
@@ -1191,6 +1207,17 @@ fn expected_events(plaintext: &[u8]) -> Option<Vec<Event>> {
                 events.push(Event::Closed(Closed { reason, by_peer: true, error: None }));
                 break;
             }
+            // spec §16.7: routing messages are reported as they are.
+            Message::Forward { .. }
+            | Message::Deliver { .. }
+            | Message::Route { .. }
+            | Message::Withdraw { .. }
+            | Message::Unreachable { .. } => {
+                let buf = Bytes::copy_from_slice(plaintext);
+                if let Some(r) = crate::routing::RoutingMessage::from_message(&m, &buf) {
+                    events.push(Event::Routing(r));
+                }
+            }
             Message::Handshake { .. } => return None,
         }
     }
@@ -1277,7 +1304,42 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     seed_responder(&mut out);
     seed_session(&mut out);
     seed_replay_window(&mut out);
+    seed_routing(&mut out);
     out
+}
+
+fn seed_routing(out: &mut Seeds) {
+    let ops = |list: &[[u8; 4]]| -> Vec<u8> { list.iter().flatten().copied().collect() };
+    // Fill the table, overflow it, churn, let time pass, repeat announcements, use them.
+    let mut fill: Vec<[u8; 4]> = (0..10).map(|i| [0, i, 0, 0]).collect();
+    fill.extend([[4, 0, 0, 0], [3, 0, 10, 0], [4, 0, 0, 0], [2, 0, 0, 0], [2, 3, 0, 0], [3, 0, 20, 0], [4, 0, 0, 0]]);
+    out.push(("routing", "seed-fill-and-repeat".into(), ops(&fill)));
+    let mut churn = Vec::new();
+    for i in 0..12u8 {
+        churn.extend([[0, i, 0, 0], [1, i, 0, 0], [5, i, 0, 0], [5, i, 0, 0]]);
+    }
+    churn.extend([[3, 0, 255, 255], [0, 1, 0, 0], [0, 2, 0, 0]]);
+    out.push(("routing", "seed-churn".into(), ops(&churn)));
+    let peer: Vec<[u8; 4]> =
+        (0..12u8).map(|i| [6, i, i / 2, 0]).chain([[7, 3, 0, 0], [6, 3, 9, 0], [7, 99, 0, 0]]).collect();
+    out.push(("routing", "seed-peer-routes".into(), ops(&peer)));
+    // Routing messages after the operations (a multiple of 4 bytes of no-ops would do too).
+    let node = crate::trust::NodeId([0xab; 16]);
+    let msgs = [
+        Message::Forward { route: 0, packet: &[0x10, 0, 0, 1, 0xee] },
+        Message::Deliver { route: 300, packet: &[0x01; 20] },
+        Message::Route { route: 2, node },
+        Message::Withdraw { route: 2, reason: crate::routing::RouteReason::Detached },
+        Message::Unreachable { route: 0, reason: crate::routing::RouteReason::UplinkDown },
+    ];
+    let mut all = Vec::new();
+    for m in &msgs {
+        let mut buf = vec![0u8; m.encoded_len()];
+        m.encode(&mut buf).unwrap();
+        all.extend_from_slice(&buf);
+    }
+    out.push(("routing", "seed-messages".into(), all.clone()));
+    out.push(("decode", "seed-routing-messages".into(), all));
 }
 
 type Seeds = Vec<(&'static str, String, Vec<u8>)>;
@@ -1481,6 +1543,7 @@ mod tests {
                 "session" => session(&input),
                 "session_lifetime" => session_lifetime(&input),
                 "replay_window" => replay_window(&input),
+                "routing" => routing(&input),
                 t => panic!("unknown target {t} for {name}"),
             }
         }

@@ -155,7 +155,7 @@ impl Handshake {
             version: PROTOCOL_VERSION,
             pattern: p.pattern,
             suite: p.suite,
-            sender_index: matches!(p.config.mode, Mode::Datagram).then_some(p.local_index),
+            sender_index: p.config.mode.has_indices().then_some(p.local_index),
         };
         let mut init_header = [0u8; 7];
         let init_header_len = header.encode(p.config.mode, &mut init_header)?;
@@ -266,28 +266,35 @@ impl Handshake {
 
     /// Writes the next handshake packet (header and Noise message) into `out`.
     pub(crate) fn write(&mut self, payload: &HandshakePayload, out: &mut [u8]) -> Result<usize, HandshakeError> {
-        let hlen = match (self.step, self.mode) {
+        if self.step == 0 && self.is_xx() && payload.certificate.is_some() {
+            // spec §5.3, §5.4.1: XX message 1 is cleartext; a certificate there would be
+            // shown to anyone on the path.
+            return Err(HandshakeError::Config("no certificate in XX message 1"));
+        }
+        // spec §16.2: routed handshake packets have the datagram layouts.
+        let indexed = self.mode.has_indices();
+        let hlen = match (self.step, indexed) {
             (0, _) => {
                 let h = &self.init_header[..self.init_header_len];
                 out.get_mut(..h.len()).ok_or(HandshakeError::BufferTooSmall)?.copy_from_slice(h);
                 h.len()
             }
-            (1, Mode::Stream) => {
+            (1, false) => {
                 *out.first_mut().ok_or(HandshakeError::BufferTooSmall)? = TYPE_HANDSHAKE_RESP;
                 1
             }
-            (1, Mode::Datagram) => {
+            (1, true) => {
                 let o = out.get_mut(..9).ok_or(HandshakeError::BufferTooSmall)?;
                 o[0] = TYPE_HANDSHAKE_RESP;
                 o[1..5].copy_from_slice(&self.remote_index.unwrap_or(0).to_be_bytes());
                 o[5..9].copy_from_slice(&self.local_index.to_be_bytes());
                 9
             }
-            (_, Mode::Stream) => {
+            (_, false) => {
                 *out.first_mut().ok_or(HandshakeError::BufferTooSmall)? = TYPE_HANDSHAKE_FINAL;
                 1
             }
-            (_, Mode::Datagram) => {
+            (_, true) => {
                 let o = out.get_mut(..5).ok_or(HandshakeError::BufferTooSmall)?;
                 o[0] = TYPE_HANDSHAKE_FINAL;
                 o[1..5].copy_from_slice(&self.remote_index.unwrap_or(0).to_be_bytes());

@@ -6,6 +6,8 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DecodeError;
+use crate::routing::RouteReason;
+use crate::trust::NodeId;
 
 /// spec §9.2: application data.
 pub const KIND_DATA: u8 = 0x01;
@@ -17,9 +19,9 @@ pub const KIND_PING: u8 = 0x03;
 pub const KIND_PONG: u8 = 0x04;
 /// spec §9.2: authenticated close.
 pub const KIND_CLOSE: u8 = 0x05;
-/// spec §9.2: reserved for routing (`Forward`).
+/// spec §9.2, §16.4: a routed packet for a node the receiver announced.
 pub const KIND_FORWARD: u8 = 0x06;
-/// spec §9.2: reserved for routing (`Deliver`).
+/// spec §9.2, §16.4: a routed packet from a node the sender announced.
 pub const KIND_DELIVER: u8 = 0x07;
 /// spec §9.2, §15.8: a revocation list pushed over the session.
 pub const KIND_REVOCATION_PUSH: u8 = 0x08;
@@ -29,6 +31,12 @@ pub const KIND_FLOW_REPORT: u8 = 0x09;
 pub const KIND_TIME_SYNC: u8 = 0x0A;
 /// spec §9.2: a re-handshake packet carried inside the current session (spec §7.3).
 pub const KIND_HANDSHAKE: u8 = 0x0B;
+/// spec §9.2, §16.3: the sender binds a route handle to a node id.
+pub const KIND_ROUTE: u8 = 0x0C;
+/// spec §9.2, §16.3: the sender's route handle is gone.
+pub const KIND_WITHDRAW: u8 = 0x0D;
+/// spec §9.2, §16.5: a `Forward` naming the sender's route handle was dropped.
+pub const KIND_UNREACHABLE: u8 = 0x0E;
 
 /// Why a connection closed (spec §9.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,6 +158,63 @@ pub enum Message<'a> {
         /// Seconds since 1970-01-01T00:00:00Z.
         unix_time: u64,
     },
+    /// A routed packet for the node the receiver announced as `route` (spec §16.4).
+    Forward {
+        /// A handle the receiver announced.
+        route: u32,
+        /// One routed-mode packet (at least 1 byte).
+        packet: &'a [u8],
+    },
+    /// A routed packet from the node the sender announced as `route` (spec §16.4).
+    Deliver {
+        /// A handle the sender announced.
+        route: u32,
+        /// One routed-mode packet (at least 1 byte).
+        packet: &'a [u8],
+    },
+    /// The sender binds `route` to `node` (spec §16.3).
+    Route {
+        /// The handle.
+        route: u32,
+        /// The node id (16 raw bytes on the wire).
+        node: NodeId,
+    },
+    /// The sender's `route` is gone (spec §16.3).
+    Withdraw {
+        /// The handle.
+        route: u32,
+        /// Why (spec §16.5).
+        reason: RouteReason,
+    },
+    /// A `Forward` naming the sender's `route` was dropped, or will be (spec §16.5).
+    Unreachable {
+        /// The handle.
+        route: u32,
+        /// Why.
+        reason: RouteReason,
+    },
+}
+
+/// spec §16.4: `Forward` and `Deliver` bodies.
+#[derive(Serialize, Deserialize)]
+struct EnvelopeBody<'a> {
+    route: u32,
+    #[serde(borrow, serialize_with = "as_bytes")]
+    packet: &'a [u8],
+}
+
+/// spec §16.3: `Route` body; the node id is a postcard array (no length prefix).
+#[derive(Serialize, Deserialize)]
+struct RouteBody {
+    route: u32,
+    node: [u8; crate::trust::NODE_ID_LEN],
+}
+
+/// spec §16.3, §16.5: `Withdraw` and `Unreachable` bodies.
+#[derive(Serialize, Deserialize)]
+struct NoticeBody {
+    route: u32,
+    reason: u8,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -194,6 +259,11 @@ impl<'a> Message<'a> {
                 varint_len(packet.len() as u64) + packet.len()
             }
             Self::TimeSync { unix_time } => varint_len(unix_time),
+            Self::Forward { route, packet } | Self::Deliver { route, packet } => {
+                varint_len(u64::from(route)) + varint_len(packet.len() as u64) + packet.len()
+            }
+            Self::Route { route, .. } => varint_len(u64::from(route)) + crate::trust::NODE_ID_LEN,
+            Self::Withdraw { route, .. } | Self::Unreachable { route, .. } => varint_len(u64::from(route)) + 1,
         }
     }
 
@@ -231,6 +301,26 @@ impl<'a> Message<'a> {
             Self::TimeSync { unix_time } => {
                 *kind = KIND_TIME_SYNC;
                 postcard::to_slice(&unix_time, body)
+            }
+            Self::Forward { route, packet } => {
+                *kind = KIND_FORWARD;
+                postcard::to_slice(&EnvelopeBody { route, packet }, body)
+            }
+            Self::Deliver { route, packet } => {
+                *kind = KIND_DELIVER;
+                postcard::to_slice(&EnvelopeBody { route, packet }, body)
+            }
+            Self::Route { route, node } => {
+                *kind = KIND_ROUTE;
+                postcard::to_slice(&RouteBody { route, node: node.0 }, body)
+            }
+            Self::Withdraw { route, reason } => {
+                *kind = KIND_WITHDRAW;
+                postcard::to_slice(&NoticeBody { route, reason: reason.code() }, body)
+            }
+            Self::Unreachable { route, reason } => {
+                *kind = KIND_UNREACHABLE;
+                postcard::to_slice(&NoticeBody { route, reason: reason.code() }, body)
             }
         }
         .map_err(|_| DecodeError::Truncated)?
@@ -278,6 +368,34 @@ impl<'a> Message<'a> {
             KIND_TIME_SYNC => {
                 let (unix_time, rest) = postcard::take_from_bytes(body).map_err(bad)?;
                 Ok((Self::TimeSync { unix_time }, rest))
+            }
+            KIND_FORWARD | KIND_DELIVER => {
+                // Borrowed: the packet is a slice of the plaintext, nothing is allocated.
+                let (e, rest): (EnvelopeBody<'a>, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                // spec §9.2: an envelope carries a packet.
+                if e.packet.is_empty() {
+                    return Err(DecodeError::MalformedMessage);
+                }
+                let m = if kind == KIND_FORWARD {
+                    Self::Forward { route: e.route, packet: e.packet }
+                } else {
+                    Self::Deliver { route: e.route, packet: e.packet }
+                };
+                Ok((m, rest))
+            }
+            KIND_ROUTE => {
+                let (r, rest): (RouteBody, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Route { route: r.route, node: NodeId(r.node) }, rest))
+            }
+            KIND_WITHDRAW | KIND_UNREACHABLE => {
+                let (n, rest): (NoticeBody, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                let reason = RouteReason::from_code(n.reason);
+                let m = if kind == KIND_WITHDRAW {
+                    Self::Withdraw { route: n.route, reason }
+                } else {
+                    Self::Unreachable { route: n.route, reason }
+                };
+                Ok((m, rest))
             }
             other => Err(DecodeError::UnknownMessageKind(other)),
         }
@@ -383,11 +501,50 @@ mod tests {
 
     #[test]
     fn reserved_and_malformed_kinds_are_errors() {
-        for k in [0u8, KIND_ACK, KIND_FORWARD, KIND_DELIVER, KIND_FLOW_REPORT, 0x0c, 0x80] {
+        for k in [0u8, KIND_ACK, KIND_FLOW_REPORT, 0x0f, 0x80] {
             assert_eq!(Message::decode(&[k, 0]), Err(DecodeError::UnknownMessageKind(k)));
         }
         assert_eq!(Message::decode(&[KIND_DATA, 1, 1, 9, 0]), Err(DecodeError::MalformedMessage));
         assert_eq!(validate(&[KIND_PING, 1, KIND_PING]), Err(DecodeError::MalformedMessage));
+    }
+
+    #[test]
+    fn routing_messages_round_trip_with_exact_lengths() {
+        let packet = alloc::vec![0x10u8; 200];
+        let msgs = [
+            Message::Forward { route: 0, packet: &packet[..56] },
+            Message::Deliver { route: 300, packet: &packet },
+            Message::Route { route: u32::MAX, node: NodeId([0xab; 16]) },
+            Message::Withdraw { route: 5, reason: RouteReason::Detached },
+            Message::Unreachable { route: 127, reason: RouteReason::Unknown(200) },
+        ];
+        let mut buf = [0u8; 512];
+        let mut at = 0;
+        for m in &msgs {
+            let n = m.encode(&mut buf[at..]).unwrap();
+            assert_eq!(n, m.encoded_len(), "{m:?}");
+            at += n;
+        }
+        let decoded: alloc::vec::Vec<_> = Messages::new(&buf[..at]).map(Result::unwrap).collect();
+        assert_eq!(decoded, msgs);
+        // spec §12.6: kind, a one-byte handle and a one-byte length around a 56-byte packet.
+        assert_eq!(msgs[0].encoded_len(), 3 + 56);
+        assert_eq!(Message::Route { route: 1, node: NodeId([0; 16]) }.encoded_len(), 18);
+    }
+
+    #[test]
+    fn malformed_routing_messages_are_errors() {
+        for bad in [
+            &[KIND_FORWARD][..],
+            &[KIND_FORWARD, 0x00, 0x00],                               // empty packet
+            &[KIND_DELIVER, 0x01, 0x02, 0x10],                         // packet cut short
+            &[KIND_FORWARD, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x01, 0x10], // route > u32
+            &[KIND_ROUTE, 0x01, 0xab],                                 // node id cut short
+            &[KIND_WITHDRAW, 0x01],                                    // no reason
+            &[KIND_UNREACHABLE, 0x80],                                 // route varint cut
+        ] {
+            assert_eq!(Message::decode(bad), Err(DecodeError::MalformedMessage), "{bad:02x?}");
+        }
     }
 
     #[test]

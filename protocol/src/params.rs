@@ -169,9 +169,12 @@ impl fmt::Display for Suite {
 pub enum Mode {
     /// Reliable, ordered carrier (TCP): implicit counters, no session indices (spec §3.1).
     Stream,
-    /// Lossy, reordering carrier (UDP, end to end through relays): session indices,
-    /// explicit truncated counters and a replay window (spec §3.2).
+    /// Lossy, reordering carrier (UDP): session indices, explicit truncated counters and a
+    /// replay window (spec §3.2).
     Datagram,
+    /// End-to-end sessions inside routing envelopes (spec §16.2): datagram mode whose
+    /// transport header has no index (the route identifies the session), and no cookies.
+    Routed,
 }
 
 impl Mode {
@@ -181,7 +184,22 @@ impl Mode {
         match self {
             Self::Stream => 1,
             Self::Datagram => 2,
+            Self::Routed => 3,
         }
+    }
+
+    /// Whether the carrier may lose, duplicate and reorder packets (datagram and routed
+    /// modes): explicit counters, replay windows, handshake retransmissions and repeats
+    /// (spec §5.7.2, §6.3, §16.2).
+    #[must_use]
+    pub const fn is_lossy(self) -> bool {
+        matches!(self, Self::Datagram | Self::Routed)
+    }
+
+    /// Whether handshake packets carry session indices (datagram and routed modes, spec §4.2).
+    #[must_use]
+    pub const fn has_indices(self) -> bool {
+        self.is_lossy()
     }
 }
 
@@ -211,6 +229,9 @@ mod tests {
         assert_eq!(Pattern::from_code(6), None);
         assert_eq!(Suite::from_code(0), None);
         assert_eq!(Suite::from_code(3), None);
+        // spec §5.2: every mode has its own prologue byte.
+        assert_eq!([Mode::Stream.code(), Mode::Datagram.code(), Mode::Routed.code()], [1, 2, 3]);
+        assert!(!Mode::Stream.is_lossy() && Mode::Datagram.is_lossy() && Mode::Routed.is_lossy());
     }
 
     #[test]

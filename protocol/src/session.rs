@@ -174,7 +174,7 @@ impl Session {
                 key: EpochKey { epoch: 0, aead: Aead::new(p.suite, recv_key) },
                 previous: None,
                 expected: 0,
-                window: matches!(p.mode, Mode::Datagram).then(|| Box::new(ReplayWindow::new())),
+                window: p.mode.is_lossy().then(|| Box::new(ReplayWindow::new())),
             },
             stats: SessionStats::default(),
             limits,
@@ -340,8 +340,10 @@ impl Session {
                     self.recv.expected
                 }
             }
-            Mode::Datagram => {
-                if header.receiver_index != Some(self.local_index) || header.generation != self.generation {
+            Mode::Datagram | Mode::Routed => {
+                // spec §16.2: a routed packet has no index; its route picked this session.
+                let index_ok = self.mode == Mode::Routed || header.receiver_index == Some(self.local_index);
+                if !index_ok || header.generation != self.generation {
                     return Err(SessionError::WrongSession);
                 }
                 let window = self.recv.window.as_deref().ok_or(SessionError::WrongSession)?;
@@ -390,7 +392,7 @@ impl Session {
             let old = core::mem::replace(&mut self.recv.key, key);
             let prev = before.unwrap_or(old);
             self.recv.previous = match self.mode {
-                Mode::Datagram => {
+                Mode::Datagram | Mode::Routed => {
                     // The old window goes with the old key when the epochs are adjacent;
                     // an epoch that was skipped entirely starts with an empty one.
                     let fresh = Box::new(ReplayWindow::new());
@@ -404,7 +406,7 @@ impl Session {
         }
         match self.mode {
             Mode::Stream => self.recv.expected = counter + 1,
-            Mode::Datagram => {
+            Mode::Datagram | Mode::Routed => {
                 if let Some(w) = self.recv.window.as_deref_mut() {
                     // Invariant: check() passed above (or the window is new for this
                     // epoch) and nothing else touched it.

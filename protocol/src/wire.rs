@@ -46,6 +46,8 @@ pub const FLAG_EPOCH_ADVANCE: u8 = 0x02;
 pub const STREAM_TRANSPORT_HEADER_LEN: usize = 1;
 /// spec §4.2: transport header length in datagram mode.
 pub const DATAGRAM_TRANSPORT_HEADER_LEN: usize = 8;
+/// spec §4.2, §16.2: transport header length in routed mode (type and counter, no index).
+pub const ROUTED_TRANSPORT_HEADER_LEN: usize = 4;
 
 /// Transport header length for a mode.
 #[must_use]
@@ -53,6 +55,7 @@ pub const fn transport_header_len(mode: Mode) -> usize {
     match mode {
         Mode::Stream => STREAM_TRANSPORT_HEADER_LEN,
         Mode::Datagram => DATAGRAM_TRANSPORT_HEADER_LEN,
+        Mode::Routed => ROUTED_TRANSPORT_HEADER_LEN,
     }
 }
 
@@ -167,9 +170,10 @@ impl InitHeader {
     /// Header length in a mode.
     #[must_use]
     pub const fn len(mode: Mode) -> usize {
-        match mode {
-            Mode::Stream => 3,
-            Mode::Datagram => 7,
+        if mode.has_indices() {
+            7
+        } else {
+            3
         }
     }
 
@@ -183,7 +187,7 @@ impl InitHeader {
         out[0] = TYPE_HANDSHAKE_INIT;
         out[1] = self.version;
         out[2] = (self.pattern.code() << 4) | self.suite.code();
-        if let Mode::Datagram = mode {
+        if mode.has_indices() {
             out[3..7].copy_from_slice(&self.sender_index.unwrap_or(0).to_be_bytes());
         }
         Ok(len)
@@ -258,9 +262,9 @@ pub struct TransportHeader {
     pub generation: bool,
     /// Epoch-advance flag (stream mode only).
     pub epoch_advance: bool,
-    /// Receiver's session index (datagram mode).
+    /// Receiver's session index (datagram mode; routed mode has none, spec §16.2).
     pub receiver_index: Option<u32>,
-    /// Low 24 bits of the counter (datagram mode).
+    /// Low 24 bits of the counter (datagram and routed modes).
     pub counter_lo: Option<u32>,
 }
 
@@ -288,6 +292,11 @@ impl TransportHeader {
                 out[1..5].copy_from_slice(&self.receiver_index.unwrap_or(0).to_be_bytes());
                 let c = self.counter_lo.unwrap_or(0).to_be_bytes();
                 out[5..8].copy_from_slice(&c[1..4]);
+            }
+            Mode::Routed => {
+                out[0] = if self.generation { TYPE_TRANSPORT | FLAG_GENERATION } else { TYPE_TRANSPORT };
+                let c = self.counter_lo.unwrap_or(0).to_be_bytes();
+                out[1..4].copy_from_slice(&c[1..4]);
             }
         }
         Ok(len)
@@ -317,7 +326,7 @@ fn parse_init(mode: Mode, bytes: &[u8]) -> Result<(InitHeader, &[u8], &[u8]), De
     let ps = bytes[2];
     let pattern = Pattern::from_code(ps >> 4).ok_or(DecodeError::UnsupportedPattern(ps >> 4))?;
     let suite = Suite::from_code(ps & 0x0f).ok_or(DecodeError::UnsupportedSuite(ps & 0x0f))?;
-    let sender_index = if matches!(mode, Mode::Datagram) { Some(be_u32(&bytes[3..])?) } else { None };
+    let sender_index = if mode.has_indices() { Some(be_u32(&bytes[3..])?) } else { None };
     Ok((InitHeader { version, pattern, suite, sender_index }, &bytes[..hlen], &bytes[hlen..]))
 }
 
@@ -361,14 +370,15 @@ pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'
     if bytes.len() > max_packet_len.min(MAX_PACKET_LEN) {
         return Err(DecodeError::TooLong);
     }
-    let datagram = matches!(mode, Mode::Datagram);
+    // Handshake packets have the datagram layouts in routed mode too (spec §16.2).
+    let datagram = mode.has_indices();
     match ty {
         TYPE_HANDSHAKE_INIT => {
             let (header, header_bytes, body) = parse_init(mode, bytes)?;
             Ok(Packet::Init { header, header_bytes, body })
         }
-        // spec §4.1, §4.4 step 4: cookies exist only in datagram mode.
-        TYPE_COOKIE_REPLY | TYPE_HANDSHAKE_INIT_COOKIE if !datagram => Err(DecodeError::WrongMode),
+        // spec §4.1, §4.4 step 4: cookies exist only in datagram mode (not stream, not routed).
+        TYPE_COOKIE_REPLY | TYPE_HANDSHAKE_INIT_COOKIE if mode != Mode::Datagram => Err(DecodeError::WrongMode),
         TYPE_COOKIE_REPLY => match rest.len() {
             n if n < COOKIE_REPLY_LEN - 1 => Err(DecodeError::Truncated),
             n if n > COOKIE_REPLY_LEN - 1 => Err(DecodeError::TooLong),
@@ -419,25 +429,31 @@ pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'
             if bytes.len() < hlen + TAG_LEN {
                 return Err(DecodeError::Truncated);
             }
-            let header = if datagram {
-                // spec §6.2: the epoch-advance flag exists only in stream mode.
-                if t & FLAG_EPOCH_ADVANCE != 0 {
-                    return Err(DecodeError::WrongMode);
-                }
-                let c = u32::from_be_bytes([0, rest[4], rest[5], rest[6]]);
-                TransportHeader {
-                    generation: t & FLAG_GENERATION != 0,
+            // spec §6.2: the epoch-advance flag exists only in stream mode.
+            if mode.is_lossy() && t & FLAG_EPOCH_ADVANCE != 0 {
+                return Err(DecodeError::WrongMode);
+            }
+            let generation = t & FLAG_GENERATION != 0;
+            let header = match mode {
+                Mode::Datagram => TransportHeader {
+                    generation,
                     epoch_advance: false,
                     receiver_index: Some(be_u32(rest)?),
-                    counter_lo: Some(c),
-                }
-            } else {
-                TransportHeader {
-                    generation: t & FLAG_GENERATION != 0,
+                    counter_lo: Some(u32::from_be_bytes([0, rest[4], rest[5], rest[6]])),
+                },
+                // spec §16.2: no index; the route names the session.
+                Mode::Routed => TransportHeader {
+                    generation,
+                    epoch_advance: false,
+                    receiver_index: None,
+                    counter_lo: Some(u32::from_be_bytes([0, rest[0], rest[1], rest[2]])),
+                },
+                Mode::Stream => TransportHeader {
+                    generation,
                     epoch_advance: t & FLAG_EPOCH_ADVANCE != 0,
                     receiver_index: None,
                     counter_lo: None,
-                }
+                },
             };
             Ok(Packet::Transport(header, bytes))
         }
@@ -448,6 +464,9 @@ pub fn parse(mode: Mode, max_packet_len: usize, bytes: &[u8]) -> Result<Packet<'
 /// Reads the session index a datagram is addressed to, without parsing the rest.
 /// Used by endpoints to demultiplex (spec §4.2); `None` for `HANDSHAKE_INIT` and
 /// `INIT_COOKIE` (which name the sender's index only) and for unknown types.
+///
+/// Datagram mode only: a routed-mode transport packet has no index (bytes 1..5 are its
+/// counter and ciphertext); use [`routed_receiver_index`] there.
 #[must_use]
 pub fn datagram_receiver_index(bytes: &[u8]) -> Option<u32> {
     match bytes.first()? {
@@ -457,6 +476,17 @@ pub fn datagram_receiver_index(bytes: &[u8]) -> Option<u32> {
         | &TYPE_COOKIE_REPLY
         | &TYPE_TRANSPORT
         | &0x11 => be_u32(bytes.get(1..)?).ok(),
+        _ => None,
+    }
+}
+
+/// Reads the session index a routed-mode handshake packet (RESP, FINAL, REJECT) is addressed
+/// to (spec §16.6); `None` for every other type, transport packets included: those are
+/// demultiplexed by route, then by trying the connections of that route.
+#[must_use]
+pub fn routed_receiver_index(bytes: &[u8]) -> Option<u32> {
+    match bytes.first()? {
+        &TYPE_HANDSHAKE_RESP | &TYPE_HANDSHAKE_FINAL | &TYPE_HANDSHAKE_REJECT => be_u32(bytes.get(1..)?).ok(),
         _ => None,
     }
 }
@@ -541,6 +571,31 @@ mod tests {
         assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &reply), Err(DecodeError::WrongMode));
         assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &buf[..n]), Err(DecodeError::WrongMode));
         assert_eq!(parse(Mode::Stream, MAX_PACKET_LEN, &[0x07]), Err(DecodeError::UnknownPacketType(7)));
+        // spec §16.2: routed mode has no cookies either (the relay authenticated the link).
+        assert_eq!(parse(Mode::Routed, MAX_PACKET_LEN, &reply), Err(DecodeError::WrongMode));
+        assert_eq!(parse(Mode::Routed, MAX_PACKET_LEN, &buf[..n]), Err(DecodeError::WrongMode));
+    }
+
+    #[test]
+    fn routed_handshake_packets_have_the_datagram_layouts() {
+        let h = InitHeader {
+            version: PROTOCOL_VERSION,
+            pattern: Pattern::IK,
+            suite: Suite::ChaChaPolyBlake2s,
+            sender_index: Some(0x0a0b_0c0d),
+        };
+        let mut buf = [0u8; 8];
+        assert_eq!(h.encode(Mode::Routed, &mut buf), Ok(7));
+        assert_eq!(&buf[..7], &[TYPE_HANDSHAKE_INIT, 1, 0x11, 0x0a, 0x0b, 0x0c, 0x0d]);
+        assert!(matches!(parse(Mode::Routed, MAX_PACKET_LEN, &buf), Ok(Packet::Init { header, .. }) if header == h));
+        let resp = [TYPE_HANDSHAKE_RESP, 0, 0, 0, 7, 0, 0, 0, 9, 0xee];
+        assert_eq!(
+            parse(Mode::Routed, MAX_PACKET_LEN, &resp),
+            Ok(Packet::Resp { receiver_index: Some(7), sender_index: Some(9), body: &[0xee] })
+        );
+        assert_eq!(routed_receiver_index(&resp), Some(7));
+        assert_eq!(routed_receiver_index(&[TYPE_HANDSHAKE_REJECT, 0, 0, 1, 0, 2]), Some(256));
+        assert_eq!(routed_receiver_index(&buf), None);
     }
 
     #[test]
@@ -556,6 +611,21 @@ mod tests {
         assert_eq!(&buf[..8], &[0x10, 0, 0, 0, 7, 0xab, 0xcd, 0xef]);
         assert_eq!(parse(Mode::Datagram, MAX_PACKET_LEN, &buf), Ok(Packet::Transport(h, &buf[..])));
         assert_eq!(datagram_receiver_index(&buf), Some(7));
+        // spec §16.2: routed mode has the datagram header without its index.
+        let r = TransportHeader {
+            generation: true,
+            epoch_advance: false,
+            receiver_index: None,
+            counter_lo: Some(0x0001_0203),
+        };
+        let mut buf = [0u8; 4 + TAG_LEN];
+        assert_eq!(r.encode(Mode::Routed, &mut buf), Ok(4));
+        assert_eq!(&buf[..4], &[0x11, 1, 2, 3]);
+        assert_eq!(parse(Mode::Routed, MAX_PACKET_LEN, &buf), Ok(Packet::Transport(r, &buf[..])));
+        assert_eq!(routed_receiver_index(&buf), None);
+        buf[0] = 0x13;
+        assert_eq!(parse(Mode::Routed, MAX_PACKET_LEN, &buf), Err(DecodeError::WrongMode));
+        assert_eq!(parse(Mode::Routed, MAX_PACKET_LEN, &buf[..4 + TAG_LEN - 1]), Err(DecodeError::Truncated));
         let s = TransportHeader { generation: true, epoch_advance: true, receiver_index: None, counter_lo: None };
         let mut buf = [0u8; 1 + TAG_LEN];
         s.encode(Mode::Stream, &mut buf).unwrap();

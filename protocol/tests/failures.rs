@@ -10,11 +10,11 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use util::*;
-use veil_protocol::message::{KIND_DATA, KIND_FORWARD};
+use veil_protocol::message::{KIND_DATA, KIND_FLOW_REPORT, KIND_FORWARD};
 use veil_protocol::wire::{InitHeader, RejectReason, TYPE_HANDSHAKE_FINAL, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_REJECT};
 use veil_protocol::{
-    CloseReason, Closed, Connection, ConnectionError, Decision, DecodeError, Duration, Event, HandshakeError, Limits,
-    Mode, Pattern, SessionError, Suite, Timestamp,
+    CloseReason, Closed, Connection, ConnectionError, Decision, DecodeError, DenyReason, Duration, Event,
+    HandshakeError, Limits, Mode, Pattern, SessionError, Suite, Timestamp,
 };
 
 const MODES: [Mode; 2] = [Mode::Stream, Mode::Datagram];
@@ -120,7 +120,7 @@ fn responder_denial_leaves_no_session_on_either_side() {
             let (hook, log) = recorder();
             let mut pair = Pair::new(pattern, Suite::ChaChaPolyBlake2s, mode);
             pair.hook = Some(hook);
-            pair.decide_b = Some(Decision::Deny);
+            pair.decide_b = Some(Decision::deny());
             pair.a.send(1, Bytes::from_static(b"must not arrive")).unwrap();
             pair.drive();
             // The responder asked, was told no, and closed without a session (spec §5.5).
@@ -133,7 +133,7 @@ fn responder_denial_leaves_no_session_on_either_side() {
             assert!(pair.b.is_closed(), "{what}");
             let c = closed(&pair.b_events).unwrap();
             assert_eq!(c.reason, CloseReason::Unauthorized, "{what}");
-            assert_eq!(handshake_error(Some(c)), Some(HandshakeError::Denied), "{what}");
+            assert_eq!(handshake_error(Some(c)), Some(HandshakeError::Denied(DenyReason::Unauthorized)), "{what}");
             assert!(connected_hashes(&pair.b_events).is_empty(), "{what}");
             assert!(pair.b_messages().is_empty(), "{what}");
             assert_eq!(pair.b.session().map(|s| s.local_index()), None, "{what}: responder kept a session");
@@ -177,7 +177,7 @@ fn xx_initiator_denying_the_responder_abandons_the_handshake() {
         for mode in MODES {
             let what = format!("{pattern:?} {mode:?}");
             let mut pair = Pair::new(pattern, Suite::ChaChaPolyBlake2s, mode);
-            pair.decide_a = Some(Decision::Deny);
+            pair.decide_a = Some(Decision::deny());
             pair.drive();
             assert!(
                 pair.a_events.iter().any(
@@ -188,7 +188,7 @@ fn xx_initiator_denying_the_responder_abandons_the_handshake() {
             assert!(pair.a.is_closed(), "{what}");
             let c = closed(&pair.a_events).unwrap();
             assert_eq!((c.reason, c.by_peer), (CloseReason::Unauthorized, false), "{what}");
-            assert_eq!(handshake_error(Some(c)), Some(HandshakeError::Denied), "{what}");
+            assert_eq!(handshake_error(Some(c)), Some(HandshakeError::Denied(DenyReason::Unauthorized)), "{what}");
             // spec §5.5: the denying initiator sends nothing after INIT.
             assert_eq!(pair.a.stats().packets_sent, 1, "{what}");
             pair.advance(Duration::from_secs(11));
@@ -691,11 +691,13 @@ fn send_queue_bound_applies_backpressure_until_drained() {
 fn malformed_or_reserved_messages_close_with_protocol_violation() {
     let valid_data = [KIND_DATA, 1, 0, 2, b'h', b'i'];
     let cases: Vec<(Vec<u8>, DecodeError)> = vec![
-        (vec![KIND_FORWARD, 0], DecodeError::UnknownMessageKind(KIND_FORWARD)),
+        (vec![KIND_FLOW_REPORT, 0], DecodeError::UnknownMessageKind(KIND_FLOW_REPORT)),
+        // spec §9.2: an envelope without a packet is malformed (routing kinds are defined).
+        (vec![KIND_FORWARD, 0, 0], DecodeError::MalformedMessage),
         (vec![0x80, 0], DecodeError::UnknownMessageKind(0x80)),
         (vec![0x00], DecodeError::UnknownMessageKind(0)),
         // A valid message followed by a reserved one: the packet is refused as a whole.
-        ([&valid_data[..], &[KIND_FORWARD, 0]].concat(), DecodeError::UnknownMessageKind(KIND_FORWARD)),
+        ([&valid_data[..], &[KIND_FLOW_REPORT, 0]].concat(), DecodeError::UnknownMessageKind(KIND_FLOW_REPORT)),
         // Data whose payload length claims more bytes than present.
         (vec![KIND_DATA, 1, 1, 9, 0], DecodeError::MalformedMessage),
         // A truncated ping after a valid message.

@@ -80,6 +80,7 @@ fn mode_of(v: &Value) -> Mode {
     match s(v, "mode") {
         "stream" => Mode::Stream,
         "datagram" => Mode::Datagram,
+        "routed" => Mode::Routed,
         m => panic!("mode {m}"),
     }
 }
@@ -109,13 +110,16 @@ const fn spec_suite_code(s: Suite) -> u8 {
 const fn spec_mode_code(m: Mode) -> u8 {
     match m {
         Mode::Stream => 1,
-        _ => 2,
+        Mode::Datagram => 2,
+        Mode::Routed => 3,
+        _ => panic!("a mode the vectors do not know"),
     }
 }
 
 /// The expected header of the k-th handshake packet (spec §4.2).
 fn spec_handshake_header(k: usize, mode: Mode, pattern: Pattern, suite: Suite, i_idx: u32, r_idx: u32) -> Vec<u8> {
-    let dgram = mode == Mode::Datagram;
+    // Routed mode (spec §16.2) has the datagram handshake layouts.
+    let dgram = mode != Mode::Stream;
     let mut h = match k {
         0 => vec![0x01, 0x01, (spec_pattern_code(pattern) << 4) | spec_suite_code(suite)],
         1 => vec![0x02],
@@ -138,6 +142,12 @@ fn spec_handshake_header(k: usize, mode: Mode, pattern: Pattern, suite: Suite, i
 fn spec_transport_header(mode: Mode, receiver_index: u32, counter: u64, epoch_advance: bool) -> Vec<u8> {
     match mode {
         Mode::Stream => vec![if epoch_advance { 0x12 } else { 0x10 }],
+        // spec §16.2: type and counter, no index.
+        Mode::Routed => {
+            let mut h = vec![0x10];
+            h.extend_from_slice(&(counter as u32 & 0x00ff_ffff).to_be_bytes()[1..]);
+            h
+        }
         _ => {
             let mut h = vec![0x10];
             h.extend_from_slice(&receiver_index.to_be_bytes());
@@ -545,9 +555,25 @@ fn handshake_vectors_cover_every_pattern_suite_and_mode() {
     assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), all_combinations());
 }
 
+/// The handshake vectors of `handshakes.json` and the routed ones of `routing.json` (spec §16.10).
+fn handshake_vectors() -> Vec<Value> {
+    let mut all = vectors(&load("handshakes.json")).to_vec();
+    all.extend(list(&load("routing.json"), "handshakes").iter().cloned());
+    all
+}
+
+#[test]
+fn routed_handshake_vectors_cover_every_pattern_and_suite() {
+    let file = load("routing.json");
+    let got: BTreeSet<_> = list(&file, "handshakes").iter().map(combination).collect();
+    let want: BTreeSet<_> = all_combinations().into_iter().filter(|c| c.2 == 1).map(|(p, s, _)| (p, s, 3)).collect();
+    assert_eq!(list(&file, "handshakes").len(), 10);
+    assert_eq!(got, want);
+}
+
 #[test]
 fn handshake_vectors_are_reproduced_byte_for_byte() {
-    for v in vectors(&load("handshakes.json")) {
+    for v in &handshake_vectors() {
         let name = s(v, "name");
         let mut pair = Pair::new(v);
         // Data the vector shows in the first transport packets was queued before the handshake.
@@ -589,7 +615,7 @@ fn handshake_vectors_are_reproduced_byte_for_byte() {
 
 #[test]
 fn handshake_vectors_are_noise_as_snow_runs_it() {
-    for v in vectors(&load("handshakes.json")) {
+    for v in &handshake_vectors() {
         let name = s(v, "name");
         check_inputs(v);
         let (pattern, suite, mode) = (pattern_of(v), suite_of(v), mode_of(v));
@@ -776,7 +802,7 @@ fn malformed_vectors_yield_exactly_the_recorded_error() {
         functions.insert(function);
     }
     assert_eq!(functions.len(), 3, "every decoder has vectors");
-    for k in [0x02, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x80] {
+    for k in [0x02, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0c, 0x0d, 0x0e, 0x80] {
         assert!(kinds.contains(&k), "reserved kind {k:#04x} has a vector");
     }
 }

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use veil_protocol::trust::{Authorized, RoleSet};
 use veil_protocol::{Decision, PublicKey, Role};
+
+use crate::trust::{PeerRoles, TrustState};
 
 /// The carrier a connection runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -131,15 +134,19 @@ impl Default for EndpointLimits {
 pub struct AuthRequest<'a> {
     /// The peer's authenticated static key.
     pub remote_static: &'a PublicKey,
-    /// The certificate the peer sent, if any (opaque until the trust layer).
+    /// The certificate chain the peer sent, if any (spec §15.4).
     pub certificate: Option<&'a [u8]>,
     /// Where the peer's packets come from (not authenticated).
     pub remote_addr: SocketAddr,
     /// The carrier.
     pub transport: Transport,
-    /// This side's role: responders decide about every initiator; an XX initiator
-    /// decides about the responder it reached.
+    /// This side's role: responders decide about every initiator; an XX initiator (and,
+    /// with a trust authorizer, any initiator) decides about the responder it reached.
     pub role: Role,
+    /// The certificate roles expected from this peer (spec §15.6): the authorizer's
+    /// [`PeerRoles`] for this direction, or what the connect call named; empty for a
+    /// callback authorizer unless the connect call named some.
+    pub expected_roles: RoleSet,
 }
 
 type AuthorizeFn = dyn Fn(&AuthRequest<'_>) -> Decision + Send + Sync;
@@ -148,14 +155,41 @@ type AuthorizeFn = dyn Fn(&AuthRequest<'_>) -> Decision + Send + Sync;
 /// peer's static key is known, before any message is accepted. It runs on the
 /// connection's task, so it must not block.
 ///
+/// Either a callback ([`Authorizer::new`]) or a trust check ([`Authorizer::trust`]).
 /// An endpoint without one denies every peer it has to decide about.
 #[derive(Clone)]
-pub struct Authorizer(Arc<AuthorizeFn>);
+pub struct Authorizer(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    Callback(Arc<AuthorizeFn>),
+    Trust { state: TrustState, roles: PeerRoles },
+}
 
 impl Authorizer {
     /// Wraps a callback.
     pub fn new(f: impl Fn(&AuthRequest<'_>) -> Decision + Send + Sync + 'static) -> Self {
-        Self(Arc::new(f))
+        Self(Kind::Callback(Arc::new(f)))
+    }
+
+    /// Checks every peer against `state` (spec §15.6): allowlist or fleet-CA certificates,
+    /// with revocation and validity at the state's time, expecting `roles` (spec §15.6) from
+    /// peers by direction. A failure denies the peer with the mapped reason (spec §15.9): a
+    /// stream-mode initiator sees `REJECT(Revoked)`, `REJECT(BadCertificate)` or
+    /// `REJECT(Unauthorized)`.
+    ///
+    /// With it an endpoint also:
+    /// - checks the responders it connects to, IK and KK included (their certificate arrives
+    ///   in message 2; in allowlist mode their key must be listed);
+    /// - re-checks every live connection whenever `state` changes (a revocation list
+    ///   accepted, a time learned) and when the peer's certificate expires, and closes each
+    ///   one that now fails with the mapped close reason (`Revoked` within a second of the
+    ///   update, spec §15.8);
+    /// - applies revocation lists that peers push (`RevocationPush`), and follows the
+    ///   `TimeSync` policy of spec §15.7 (see [`TimeSource`](crate::TimeSource)).
+    #[must_use]
+    pub fn trust(state: TrustState, roles: PeerRoles) -> Self {
+        Self(Kind::Trust { state, roles })
     }
 
     /// Allows every peer that completes the handshake (for tests and open services).
@@ -167,18 +201,47 @@ impl Authorizer {
     /// Denies every peer.
     #[must_use]
     pub fn deny_all() -> Self {
-        Self::new(|_| Decision::Deny)
+        Self::new(|_| Decision::deny())
     }
 
     /// Allows exactly the listed static keys.
     pub fn allowlist(keys: impl IntoIterator<Item = PublicKey>) -> Self {
         // Public keys are not secret: a hash lookup's timing reveals nothing worth hiding.
         let keys: HashSet<PublicKey> = keys.into_iter().collect();
-        Self::new(move |req| if keys.contains(req.remote_static) { Decision::allow() } else { Decision::Deny })
+        Self::new(move |req| if keys.contains(req.remote_static) { Decision::allow() } else { Decision::deny() })
     }
 
-    pub(crate) fn decide(&self, req: &AuthRequest<'_>) -> Decision {
-        (self.0)(req)
+    /// The trust state of an [`Authorizer::trust`].
+    #[must_use]
+    pub fn trust_state(&self) -> Option<&TrustState> {
+        match &self.0 {
+            Kind::Trust { state, .. } => Some(state),
+            Kind::Callback(_) => None,
+        }
+    }
+
+    /// The roles of an [`Authorizer::trust`].
+    #[must_use]
+    pub fn roles(&self) -> Option<PeerRoles> {
+        match &self.0 {
+            Kind::Trust { roles, .. } => Some(*roles),
+            Kind::Callback(_) => None,
+        }
+    }
+
+    /// The decision, and who the peer is when a trust check allowed it.
+    pub(crate) fn decide(&self, req: &AuthRequest<'_>) -> (Decision, Option<Authorized>) {
+        match &self.0 {
+            Kind::Callback(f) => (f(req), None),
+            Kind::Trust { state, .. } => match state.check(req.remote_static, req.certificate, req.expected_roles) {
+                Ok(peer) => (Decision::allow(), Some(peer)),
+                Err(e) => {
+                    // The error is detailed locally (spec §15.9); the peer learns the coarse reason.
+                    tracing::info!(remote = ?req.remote_static, error = %e, "peer refused by trust check");
+                    (Decision::Deny(e.deny_reason()), None)
+                }
+            },
+        }
     }
 }
 

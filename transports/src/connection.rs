@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use veil_protocol::handshake::HANDSHAKE_HASH_LEN;
+use veil_protocol::trust::{Authorized, MAX_REVOCATION_LIST_LEN};
 use veil_protocol::{CloseReason, ConnectionStats, PublicKey, Role};
 
 use crate::config::Transport;
@@ -29,7 +30,12 @@ pub struct Message {
 /// follows every message sent before it.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Send { channel: u16, payload: Bytes },
+    Send {
+        channel: u16,
+        payload: Bytes,
+    },
+    /// spec §15.8: a revocation list for the peer.
+    PushRevocationList(Bytes),
     Close(CloseReason),
 }
 
@@ -44,6 +50,8 @@ pub(crate) struct ConnShared {
     pub(crate) transport: Transport,
     pub(crate) role: Role,
     pub(crate) remote_static: PublicKey,
+    /// Who the trust check said the peer is (spec §15.6).
+    pub(crate) peer: Option<Box<Authorized>>,
     pub(crate) remote_addr: Mutex<SocketAddr>,
     pub(crate) handshake_hash: Mutex<[u8; HANDSHAKE_HASH_LEN]>,
     pub(crate) max_payload: AtomicUsize,
@@ -146,6 +154,25 @@ impl Connection {
         Ok(())
     }
 
+    /// Pushes a revocation list to the peer (`RevocationPush`, spec §15.8), ahead of queued
+    /// data: the cloud to its gateways, a gateway on to its devices. The peer verifies it
+    /// itself; a list it cannot verify changes nothing there.
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`] if the list is longer than `MAX_REVOCATION_LIST_LEN` or
+    /// does not fit one packet to this peer (it must then get the list by other means); the
+    /// connection's outcome if it has ended.
+    pub async fn push_revocation_list(&self, list: Bytes) -> Result<(), Error> {
+        let max = self.max_message_len().min(MAX_REVOCATION_LIST_LEN);
+        if list.len() > max {
+            return Err(Error::MessageTooLarge { len: list.len(), max });
+        }
+        if self.inner.cmd.send(Command::PushRevocationList(list)).await.is_err() {
+            return Err(self.outcome().await);
+        }
+        Ok(())
+    }
+
     /// The next message from the peer.
     ///
     /// # Errors
@@ -196,6 +223,14 @@ impl Connection {
     #[must_use]
     pub fn remote_static(&self) -> PublicKey {
         self.inner.shared.remote_static
+    }
+
+    /// Who the peer is, as the trust check found it (spec §15.6): its allowlist name, or its
+    /// verified certificate (name, role, groups, serial, issuer, validity). `None` when no
+    /// trust check ran (a callback [`Authorizer`](crate::Authorizer)).
+    #[must_use]
+    pub fn peer(&self) -> Option<&Authorized> {
+        self.inner.shared.peer.as_deref()
     }
 
     /// The handshake hash of the current session (spec §5.5), for channel binding.

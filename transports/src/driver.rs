@@ -20,16 +20,18 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+use veil_protocol::trust::{Authorized, CertRole, RoleSet};
 use veil_protocol::wire::{self, RejectReason, MAX_PACKET_LEN};
-use veil_protocol::{CloseReason, Closed, ConnectionError, Decision, Event, Role};
+use veil_protocol::{CloseReason, Closed, ConnectionError, Decision, Event, PublicKey, Role};
 
 use crate::config::{AuthRequest, Transport};
 use crate::connection::{lock, Command, ConnShared, Connection, DriverEnds, Message};
-use crate::endpoint::{EndpointShared, Slot};
+use crate::endpoint::{EndpointShared, ReceivedRevocationList, Slot};
 use crate::error::Error;
+use crate::trust::{TimeSource, TrustState};
 use crate::udp::Registration;
 
 /// Bytes of TCP frames buffered for writing before the driver stops producing packets.
@@ -220,6 +222,33 @@ pub(crate) enum Ready {
     Responder,
 }
 
+/// A connection whose peer passed a trust check: what it is re-checked with whenever the
+/// trust state changes or its certificate expires (spec §15.6, §15.8). Boxed in the driver:
+/// connections without a trust authorizer pay one pointer.
+struct PeerTrust {
+    state: TrustState,
+    /// Who the trust check said the peer is.
+    peer: Authorized,
+    remote: PublicKey,
+    /// The chain the peer sent in its handshake.
+    certificate: Option<Vec<u8>>,
+    changes: watch::Receiver<u64>,
+    /// When the chain's validity (plus the skew tolerance) ends, by the monotonic clock.
+    expires: Option<Instant>,
+}
+
+/// When a verified peer's chain stops being valid at the state's time: one second past its
+/// `valid_until` plus the skew tolerance (spec §15.7), at least a second from now. `None`
+/// for allowlisted peers and while the time is unknown (a change of time re-checks anyway).
+fn expiry_of(state: &TrustState, peer: &Authorized) -> Option<Instant> {
+    let Authorized::Certified(p) = peer else { return None };
+    let now = state.now()?.as_secs();
+    let end = p.valid_until.as_secs().saturating_add(state.clock_skew()).saturating_add(1);
+    let wait = std::time::Duration::from_secs(end.saturating_sub(now).max(1));
+    // A deadline too far to represent never comes.
+    Instant::now().checked_add(wait)
+}
+
 /// Why the select loop woke up.
 enum Wake {
     Shutdown,
@@ -230,9 +259,11 @@ enum Wake {
     HandedOff(bool),
     Command(Option<Command>),
     Timer,
-    /// The close linger or the write-stall timeout (one timer for both: it sits in every
-    /// connection's task).
+    /// The close linger, the write-stall timeout or the peer certificate's expiry (one timer
+    /// for all: it sits in every connection's task).
     Deadline,
+    /// The trust state changed: re-check the peer (spec §15.8).
+    TrustChanged,
 }
 
 /// One connection's task state. Deliberately not `Debug`: the core's state includes
@@ -271,6 +302,9 @@ pub(crate) struct Driver {
     shutdown_seen: bool,
     /// Largest packet we produce: the frame maximum (TCP) or the datagram size (UDP).
     send_limit: usize,
+    /// Certificate roles expected from the peer (spec §15.6).
+    expected: RoleSet,
+    trust: Option<Box<PeerTrust>>,
 }
 
 impl Driver {
@@ -290,6 +324,11 @@ impl Driver {
         let send_limit = match transport {
             Transport::Tcp => MAX_PACKET_LEN,
             Transport::Udp => ep.datagram_config.limits.packet_len(),
+        };
+        let expected = match (ep.authorizer.roles(), core.role()) {
+            (Some(r), Role::Responder) => r.inbound,
+            (Some(r), Role::Initiator) => r.outbound,
+            (None, _) => RoleSet::NONE,
         };
         Self {
             id: ep.next_id(),
@@ -318,7 +357,17 @@ impl Driver {
             carrier_dead: false,
             shutdown_seen: false,
             send_limit,
+            expected,
+            trust: None,
         }
+    }
+
+    /// Expects `roles` from the peer instead of the authorizer's default for this direction.
+    pub(crate) fn expecting(mut self, roles: Option<RoleSet>) -> Self {
+        if let Some(r) = roles {
+            self.expected = r;
+        }
+        self
     }
 
     /// The tracing span every event of this connection is logged in. Peer keys are public;
@@ -356,13 +405,16 @@ impl Driver {
             let can_write = !self.output.is_empty() && !self.carrier_dead;
             let watch_shutdown = !self.shutdown_seen;
             let watch_linger = linger.is_some() && !self.linger_expired;
-            let deadline = [linger.filter(|_| watch_linger), self.stall_deadline()].into_iter().flatten().min();
+            let watch_trust = self.trust.is_some() && self.closed.is_none() && self.close_requested.is_none();
+            let expiry = self.trust.as_ref().and_then(|t| t.expires).filter(|_| watch_trust);
+            let deadline = [linger.filter(|_| watch_linger), self.stall_deadline(), expiry].into_iter().flatten().min();
             let wake = {
-                let Self { ep, input, output, ends, pending, handoff, .. } = self;
+                let Self { ep, input, output, ends, pending, handoff, trust, .. } = self;
                 let (cmd, force, incoming) = match ends {
                     Some(e) => (Some(&mut e.cmd), Some(&mut e.force_close), Some(&e.incoming)),
                     None => (None, None, None),
                 };
+                let changes = trust.as_mut().map(|t| &mut t.changes);
                 tokio::select! {
                     () = ep.shutdown.cancelled(), if watch_shutdown => Wake::Shutdown,
                     r = force_changed(force), if has_ends => Wake::ForceClose(r),
@@ -373,6 +425,7 @@ impl Driver {
                     c = recv_command(cmd), if take_commands => Wake::Command(c),
                     () = sleep_until(timer), if timer.is_some() => Wake::Timer,
                     () = sleep_until(deadline), if deadline.is_some() => Wake::Deadline,
+                    () = trust_changed(changes), if watch_trust => Wake::TrustChanged,
                 }
             };
             self.on_wake(wake);
@@ -436,7 +489,12 @@ impl Driver {
                     self.fail(Error::WriteStalled);
                     self.carrier_dead = true;
                 }
+                if self.trust.as_ref().and_then(|t| t.expires).is_some_and(|t| t <= at) {
+                    // spec §15.6: a certificate's `not_after` passed.
+                    self.recheck();
+                }
             }
+            Wake::TrustChanged => self.recheck(),
         }
         // Whatever woke us, run the core's timers that are due (they may fire late,
         // never early).
@@ -556,7 +614,56 @@ impl Driver {
     fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Send { channel, payload } => self.send(channel, payload),
+            Command::PushRevocationList(list) => {
+                if let Err(e) = self.core.push_revocation_list(list) {
+                    tracing::debug!(error = %e, "revocation list not pushed");
+                }
+            }
             Command::Close(reason) => self.request_close(reason),
+        }
+    }
+
+    /// Checks the peer again against the current trust state (spec §15.6, §15.8) and closes
+    /// the connection with the mapped reason if it now fails: `Revoked` for a revocation,
+    /// `BadCertificate` for an expired chain, `Unauthorized` otherwise.
+    fn recheck(&mut self) {
+        let Some(t) = self.trust.as_mut() else { return };
+        match t.state.check(&t.remote, t.certificate.as_deref(), self.expected) {
+            Ok(peer) => t.expires = expiry_of(&t.state, &peer),
+            Err(e) => {
+                t.expires = None;
+                tracing::info!(error = %e, "peer no longer passes the trust check, closing");
+                self.request_close(e.close_reason());
+            }
+        }
+    }
+
+    /// spec §15.7: a node with a real-time clock tells each device peer the time, when the
+    /// session starts and after each re-handshake.
+    fn send_time_sync(&mut self) {
+        let Some(t) = &self.trust else { return };
+        let device = matches!(&t.peer, Authorized::Certified(p) if p.role == CertRole::Device);
+        if !device || t.state.time_source() != TimeSource::SystemClock {
+            return;
+        }
+        if let Some(now) = t.state.now() {
+            if let Err(e) = self.core.send_time_sync(now.as_secs()) {
+                tracing::debug!(error = %e, "TimeSync not sent");
+            }
+        }
+    }
+
+    /// spec §15.8: a list a peer pushed is applied to the trust state (which logs a refusal
+    /// and keeps its current list), then published for the application.
+    fn on_revocation_list(&mut self, list: Bytes) {
+        let result = match self.ep.authorizer.trust_state() {
+            Some(state) => state.update_revocation_list(&list).map_err(Error::from),
+            None => Err(Error::NoTrust),
+        };
+        if let Some(remote_static) = self.core.remote_static().copied() {
+            // No subscriber is fine: the trust state has applied (or refused) it.
+            let _ =
+                self.ep.revocations.send(ReceivedRevocationList { remote_static, connection: self.id, list, result });
         }
     }
 
@@ -630,16 +737,29 @@ impl Driver {
         // No clock read here for the other events: this runs once per received message.
         match ev {
             Event::AuthorizationRequired { remote_static, certificate } => {
+                // Subscribed before the check, so that no change after it goes unseen.
+                let changes = self.ep.authorizer.trust_state().map(TrustState::subscribe);
                 let req = AuthRequest {
                     remote_static: &remote_static,
                     certificate: certificate.as_deref(),
                     remote_addr: self.remote_addr,
                     transport: self.transport,
                     role: self.core.role(),
+                    expected_roles: self.expected,
                 };
-                let decision = self.ep.authorizer.decide(&req);
-                if matches!(decision, Decision::Deny) {
-                    tracing::info!(remote = ?remote_static, "peer denied");
+                let (decision, peer) = self.ep.authorizer.decide(&req);
+                match (&decision, peer) {
+                    (Decision::Deny(reason), _) => tracing::info!(remote = ?remote_static, %reason, "peer denied"),
+                    (_, Some(peer)) => {
+                        if let (Some(state), Some(changes)) = (self.ep.authorizer.trust_state(), changes) {
+                            let expires = expiry_of(state, &peer);
+                            let state = state.clone();
+                            let remote = remote_static;
+                            self.trust =
+                                Some(Box::new(PeerTrust { state, peer, remote, certificate, changes, expires }));
+                        }
+                    }
+                    _ => {}
                 }
                 // A denial closes the core, which reports it with `Closed`.
                 let _ = self.core.authorize(self.ep.clock.now(), decision);
@@ -651,6 +771,7 @@ impl Driver {
                     transport: self.transport,
                     role: self.core.role(),
                     remote_static,
+                    peer: self.trust.as_ref().map(|t| Box::new(t.peer.clone())),
                     remote_addr: Mutex::new(self.remote_addr),
                     handshake_hash: Mutex::new(handshake_hash),
                     max_payload: self.max_payload().into(),
@@ -672,6 +793,7 @@ impl Driver {
                     }
                     Ready::Responder => self.handoff = Some(conn),
                 }
+                self.send_time_sync();
             }
             Event::Message { channel, id, payload } => self.pending.push_back(Message { channel, id, payload }),
             Event::Rehandshaked { handshake_hash } => {
@@ -679,7 +801,15 @@ impl Driver {
                 if let Some(s) = &self.shared {
                     *lock(&s.handshake_hash) = handshake_hash;
                 }
+                self.send_time_sync();
             }
+            Event::RevocationList { list } => self.on_revocation_list(list),
+            Event::TimeSync { unix_time } => match &self.trust {
+                Some(t) => {
+                    t.state.accept_time_sync(&t.remote, Some(&t.peer), unix_time);
+                }
+                None => tracing::debug!("TimeSync ignored: no trust state"),
+            },
             Event::Closed(c) => {
                 tracing::debug!(reason = %c.reason, by_peer = c.by_peer, error = ?c.error, "session closed");
                 self.closing_since.get_or_insert_with(Instant::now);
@@ -778,6 +908,18 @@ impl Driver {
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn trust_changed(rx: Option<&mut watch::Receiver<u64>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                // The trust state is gone (it never is while the endpoint lives).
+                std::future::pending::<()>().await;
+            }
+        }
         None => std::future::pending().await,
     }
 }

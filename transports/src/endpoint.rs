@@ -4,9 +4,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use veil_protocol::trust::{CertificateChain, RevocationUpdate, RoleSet, TrustError};
 use veil_protocol::{Config, Mode, Pattern, Psk, PublicKey, StaticKeypair, Suite, Timestamp};
 
 use crate::clock::Clock;
@@ -14,11 +16,29 @@ use crate::config::{Authorizer, EndpointLimits, Transport, MAX_DATAGRAM_SIZE};
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::limiter::RateLimiter;
+use crate::trust::TrustState;
 use crate::{tcp, udp};
 
 /// Failures kept for slow [`Endpoint::handshake_failures`] subscribers before the oldest
 /// are dropped (they then see `Lagged`).
 const FAILURE_BACKLOG: usize = 256;
+
+/// A revocation list a peer pushed over a session (`RevocationPush`, spec §15.8), and what
+/// applying it to the endpoint's trust state gave. A gateway passes accepted lists on to its
+/// devices with [`Connection::push_revocation_list`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReceivedRevocationList {
+    /// The peer that pushed it.
+    pub remote_static: PublicKey,
+    /// The connection it came over ([`Connection::id`]).
+    pub connection: u64,
+    /// The list as received (verified only if `result` is `Ok`).
+    pub list: Bytes,
+    /// The update, or why the list was refused ([`Error::Trust`]: the current list stays in
+    /// force) or not applied ([`Error::NoTrust`]).
+    pub result: Result<RevocationUpdate, Error>,
+}
 
 /// An inbound peer that never became a [`Connection`]: refused by a limit, or whose
 /// handshake failed (garbage, oversized frame, silence, denial…).
@@ -89,6 +109,8 @@ pub(crate) struct EndpointShared {
     pub(crate) counters: Counters,
     rate: RateLimiter,
     failures: broadcast::Sender<HandshakeFailure>,
+    /// Revocation lists pushed by peers, for the application (spec §15.8).
+    pub(crate) revocations: broadcast::Sender<ReceivedRevocationList>,
     /// Cancelled by [`Endpoint::close`]: every connection closes with `ShuttingDown`.
     pub(crate) shutdown: CancellationToken,
     pub(crate) accept_tx: mpsc::Sender<Connection>,
@@ -202,6 +224,8 @@ pub struct EndpointBuilder {
     kk_initiator: Option<PublicKey>,
     tcp: Option<SocketAddr>,
     udp: Option<SocketAddr>,
+    /// The local chain, or why it cannot be used (reported by `bind`).
+    chain: Option<Result<Vec<u8>, TrustError>>,
 }
 
 impl EndpointBuilder {
@@ -216,7 +240,19 @@ impl EndpointBuilder {
             kk_initiator: None,
             tcp: None,
             udp: None,
+            chain: None,
         }
+    }
+
+    /// This node's certificate chain (spec §15.4), sent in its handshakes where spec §5.4.1
+    /// says. Its leaf must certify this endpoint's static key ([`EndpointBuilder::bind`]
+    /// checks).
+    #[must_use]
+    pub fn certificate_chain(mut self, chain: &CertificateChain) -> Self {
+        // Public keys: no need for a constant-time comparison.
+        let bound = chain.leaf().body().public_key == *self.config.public_key().as_bytes();
+        self.chain = Some(if bound { chain.encode() } else { Err(TrustError::KeyMismatch) });
+        self
     }
 
     /// The handshake pattern this endpoint uses when it connects (default IK). As a
@@ -302,8 +338,16 @@ impl EndpointBuilder {
     /// Opens the sockets and starts the endpoint's tasks. Needs a tokio runtime.
     ///
     /// # Errors
-    /// [`Error::Io`] if a socket cannot be bound.
-    pub async fn bind(self) -> Result<Endpoint, Error> {
+    /// [`Error::Io`] if a socket cannot be bound; [`Error::Trust`] if the certificate chain
+    /// does not certify this endpoint's key (`KeyMismatch`) or is too long.
+    pub async fn bind(mut self) -> Result<Endpoint, Error> {
+        if let Some(chain) = self.chain.take() {
+            self.config.certificate_chain = Some(chain?);
+        }
+        if self.authorizer.trust_state().is_some() {
+            // spec §5.5: with a trust check, initiators check the responder's certificate too.
+            self.config.authorize_responder = true;
+        }
         let mut stream = self.config.clone();
         stream.mode = Mode::Stream;
         let mut datagram = self.config;
@@ -333,6 +377,7 @@ impl EndpointBuilder {
             limits: self.limits,
             counters: Counters::default(),
             failures: broadcast::channel(FAILURE_BACKLOG).0,
+            revocations: broadcast::channel(FAILURE_BACKLOG).0,
             shutdown: CancellationToken::new(),
             accept_tx,
             udp: udp.clone(),
@@ -414,7 +459,7 @@ impl Endpoint {
     /// [`Error::Io`], [`Error::ConnectTimeout`], [`Error::Protocol`] for a failed or
     /// rejected handshake, [`Error::TooManyConnections`].
     pub async fn connect_tcp(&self, addr: SocketAddr, remote_static: Option<PublicKey>) -> Result<Connection, Error> {
-        tcp::connect(&self.inner.shared, addr, remote_static).await
+        tcp::connect(&self.inner.shared, addr, remote_static, None).await
     }
 
     /// Connects over UDP through the endpoint's socket (see
@@ -423,7 +468,7 @@ impl Endpoint {
     /// # Errors
     /// [`Error::NotBound`] without a UDP socket; otherwise as [`Endpoint::connect_tcp`].
     pub async fn connect_udp(&self, addr: SocketAddr, remote_static: Option<PublicKey>) -> Result<Connection, Error> {
-        udp::connect(&self.inner.shared, addr, remote_static).await
+        udp::connect(&self.inner.shared, addr, remote_static, None).await
     }
 
     /// Connects over `transport`.
@@ -440,6 +485,57 @@ impl Endpoint {
             Transport::Tcp => self.connect_tcp(addr, remote_static).await,
             Transport::Udp => self.connect_udp(addr, remote_static).await,
         }
+    }
+
+    /// Connects over `transport`, expecting a peer certified with one of `expected` roles
+    /// (spec §15.6) instead of the authorizer's [`PeerRoles::outbound`]. For example a
+    /// gateway's uplink expects `RoleSet::CLOUD`; a device expects `RoleSet::UPSTREAM`.
+    ///
+    /// [`PeerRoles::outbound`]: crate::PeerRoles::outbound
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect`]; a responder that fails the check is denied
+    /// ([`Error::deny_reason`]).
+    pub async fn connect_expecting(
+        &self,
+        transport: Transport,
+        addr: SocketAddr,
+        remote_static: Option<PublicKey>,
+        expected: RoleSet,
+    ) -> Result<Connection, Error> {
+        let ep = &self.inner.shared;
+        match transport {
+            Transport::Tcp => tcp::connect(ep, addr, remote_static, Some(expected)).await,
+            Transport::Udp => udp::connect(ep, addr, remote_static, Some(expected)).await,
+        }
+    }
+
+    /// The trust state of the endpoint's [`Authorizer::trust`](crate::Authorizer::trust).
+    #[must_use]
+    pub fn trust_state(&self) -> Option<&TrustState> {
+        self.inner.shared.authorizer.trust_state()
+    }
+
+    /// Applies a revocation list (spec §15.5, §15.8): verified against the trust anchors and
+    /// the held epoch; if accepted, every live connection whose peer is now revoked closes
+    /// with reason `Revoked` (within a second; each connection re-checks on its own task).
+    /// The list is shared with every endpoint built with the same [`TrustState`].
+    ///
+    /// # Errors
+    /// [`Error::NoTrust`] without a trust state; [`Error::Trust`] for a list that does not
+    /// verify (`BadSignature`, `UnknownIssuer`), is stale (`StaleRevocationList`) or
+    /// malformed: the current list stays in force, and the reason is logged.
+    pub fn update_revocation_list(&self, list: &[u8]) -> Result<RevocationUpdate, Error> {
+        let state = self.trust_state().ok_or(Error::NoTrust)?;
+        Ok(state.update_revocation_list(list)?)
+    }
+
+    /// Subscribes to the revocation lists peers push over sessions (spec §15.8). With a
+    /// trust state each is applied before it is published (see
+    /// [`ReceivedRevocationList::result`]). Only lists after the call are seen.
+    #[must_use]
+    pub fn revocation_lists(&self) -> broadcast::Receiver<ReceivedRevocationList> {
+        self.inner.shared.revocations.subscribe()
     }
 
     /// Stops accepting and closes every connection with `ShuttingDown`.

@@ -4,7 +4,9 @@
 use std::io;
 use std::sync::Arc;
 
-use veil_protocol::{CloseReason, ConnectionError, HandshakeError};
+use veil_protocol::trust::TrustError;
+use veil_protocol::wire::RejectReason;
+use veil_protocol::{CloseReason, ConnectionError, DenyReason, HandshakeError};
 
 use crate::config::Transport;
 
@@ -80,6 +82,14 @@ pub enum Error {
     /// The endpoint was closed, or its driver task is gone.
     #[error("endpoint closed")]
     EndpointClosed,
+    /// A trust operation was refused (spec §15.9): a revocation list that does not verify, is
+    /// stale or malformed (the current one stays in force), or a certificate chain that does
+    /// not fit this endpoint.
+    #[error("trust: {0}")]
+    Trust(#[from] TrustError),
+    /// The endpoint has no trust state (see [`Authorizer::trust`](crate::Authorizer::trust)).
+    #[error("the endpoint has no trust state")]
+    NoTrust,
 }
 
 impl Error {
@@ -87,6 +97,24 @@ impl Error {
     #[must_use]
     pub fn is_handshake_timeout(&self) -> bool {
         matches!(self, Self::Protocol(ConnectionError::Handshake(HandshakeError::Timeout)))
+    }
+
+    /// The reason of a REJECT that ended the handshake (spec §5.8), as the initiator saw it.
+    #[must_use]
+    pub const fn reject_reason(&self) -> Option<RejectReason> {
+        match self {
+            Self::Protocol(ConnectionError::Handshake(HandshakeError::Rejected(r))) => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// The reason this side denied the peer (spec §5.5), if that ended the handshake.
+    #[must_use]
+    pub const fn deny_reason(&self) -> Option<DenyReason> {
+        match self {
+            Self::Protocol(ConnectionError::Handshake(HandshakeError::Denied(r))) => Some(*r),
+            _ => None,
+        }
     }
 
     /// Whether the connection ended in an orderly `Close` (either side).

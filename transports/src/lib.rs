@@ -85,6 +85,30 @@
 //! ≈ 9.5 KiB (9734 B, IK, ChaChaPoly), at most `max_handshakes` of them, each for at most the
 //! handshake timeout. [`EndpointStats`] counts the cookies sent, refused and accepted.
 //!
+//! ## Trust (spec §15)
+//!
+//! [`Authorizer::trust`] checks every peer against a [`TrustState`]: an allowlist, or fleet-CA
+//! certificate chains with revocation lists (`veil_protocol::trust`). A node sends its own chain
+//! ([`EndpointBuilder::certificate_chain`]) in its encrypted handshake payloads (never in XX
+//! message 1, never in a re-handshake), and with a trust authorizer it checks the responders it
+//! connects to as well as the initiators that reach it. Roles are chosen per endpoint and
+//! direction ([`PeerRoles`]: a gateway accepts devices and expects a cloud upstream) or per
+//! connect call ([`Endpoint::connect_expecting`]); a cloud that takes gateway uplinks and devices
+//! on separate ports runs one endpoint per port over one shared `TrustState`. A refused peer gets
+//! the mapped reason: over TCP the initiator sees `REJECT(Revoked | BadCertificate |
+//! Unauthorized)` ([`Error::reject_reason`]); over UDP the responder stays silent and reports
+//! the reason through [`Endpoint::handshake_failures`] ([`Error::deny_reason`]).
+//!
+//! Live sessions follow the trust state: [`Endpoint::update_revocation_list`] (or a list a peer
+//! pushed, [`Connection::push_revocation_list`], published by [`Endpoint::revocation_lists`])
+//! makes every connection re-check its peer on its own task and close with `Revoked` (or
+//! `BadCertificate`, `Unauthorized`) if it now fails — well within the second spec §15.8
+//! allows; a list that does not verify is refused with [`Error::Trust`], logged, and the
+//! current one kept. A connection also re-checks when its peer's chain expires. Time comes from
+//! the system clock on gateways and cloud ([`TimeSource::SystemClock`], which sends `TimeSync`
+//! to device peers), or is learned by a device from `TimeSync` of a peer verified as gateway or
+//! cloud ([`TimeSource::Learned`], spec §15.7).
+//!
 //! ## Time
 //!
 //! Each endpoint reads `tokio::time::Instant` and hands the core
@@ -114,9 +138,11 @@ mod error;
 pub mod fault;
 mod limiter;
 mod tcp;
+mod trust;
 mod udp;
 
 pub use config::{AuthRequest, Authorizer, EndpointLimits, Transport, DEFAULT_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE};
 pub use connection::{Connection, Message};
-pub use endpoint::{Endpoint, EndpointBuilder, EndpointStats, HandshakeFailure};
+pub use endpoint::{Endpoint, EndpointBuilder, EndpointStats, HandshakeFailure, ReceivedRevocationList};
 pub use error::Error;
+pub use trust::{PeerRoles, TimeSource, TrustState};

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use veil_protocol::trust::RoleSet;
 use veil_protocol::wire::{self, RejectReason};
 use veil_protocol::{PublicKey, Role};
 
@@ -87,11 +88,12 @@ pub(crate) async fn accept_loop(ep: Arc<EndpointShared>, listener: TcpListener, 
                 continue;
             }
         };
-        spawn(&ep, stream, addr, core, Ready::Responder, admission.connection, Some(admission.handshake));
+        spawn(&ep, stream, addr, core, Ready::Responder, admission.connection, Some(admission.handshake), None);
     }
     tracing::debug!("listener stopped");
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     ep: &Arc<EndpointShared>,
     stream: TcpStream,
@@ -100,6 +102,7 @@ fn spawn(
     ready: Ready,
     connection_slot: Slot,
     handshake_slot: Option<Slot>,
+    expected: Option<RoleSet>,
 ) {
     // Veil packs small messages into frames itself; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
@@ -116,7 +119,8 @@ fn spawn(
         connection_slot,
         handshake_slot,
         None,
-    );
+    )
+    .expecting(expected);
     let span = driver.span();
     tokio::spawn(driver.run().instrument(span));
 }
@@ -125,6 +129,7 @@ pub(crate) async fn connect(
     ep: &Arc<EndpointShared>,
     addr: SocketAddr,
     remote_static: Option<PublicKey>,
+    expected: Option<RoleSet>,
 ) -> Result<Connection, Error> {
     if ep.shutdown.is_cancelled() {
         return Err(Error::EndpointClosed);
@@ -141,6 +146,6 @@ pub(crate) async fn connect(
         &mut rand::rngs::OsRng,
     )?;
     let (tx, rx) = oneshot::channel();
-    spawn(ep, stream, addr, core, Ready::Initiator(Some(tx)), slot, None);
+    spawn(ep, stream, addr, core, Ready::Initiator(Some(tx)), slot, None, expected);
     rx.await.unwrap_or(Err(Error::EndpointClosed))
 }

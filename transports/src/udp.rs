@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use veil_protocol::cookie::{CookieChecker, CookieStatus, Verdict};
+use veil_protocol::trust::RoleSet;
 use veil_protocol::wire::{self, InitHeader, RejectReason};
 use veil_protocol::{ConnectionError, Mode, PublicKey, Role};
 
@@ -264,7 +265,8 @@ fn dispatch(
         }
     };
     let tx = lock(&udp.table).by_index.get(&registration.index).cloned();
-    spawn(ep, udp, core, from, rx, Ready::Responder, admission.connection, Some(admission.handshake), registration);
+    let ready = Ready::Responder;
+    spawn(ep, udp, core, from, rx, ready, admission.connection, Some(admission.handshake), registration, None);
     if let Some(tx) = tx {
         // The INIT alone: the cookie has done its work (spec §5.7.4).
         forward(ep, &tx, init, from);
@@ -292,6 +294,7 @@ fn spawn(
     connection_slot: crate::endpoint::Slot,
     handshake_slot: Option<crate::endpoint::Slot>,
     registration: Registration,
+    expected: Option<RoleSet>,
 ) {
     let driver = Driver::new(
         Arc::clone(ep),
@@ -304,7 +307,8 @@ fn spawn(
         connection_slot,
         handshake_slot,
         Some(registration),
-    );
+    )
+    .expecting(expected);
     let span = driver.span();
     tokio::spawn(driver.run().instrument(span));
 }
@@ -313,6 +317,7 @@ pub(crate) async fn connect(
     ep: &Arc<EndpointShared>,
     addr: SocketAddr,
     remote_static: Option<PublicKey>,
+    expected: Option<RoleSet>,
 ) -> Result<Connection, Error> {
     let udp = ep.udp.as_ref().ok_or(Error::NotBound(Transport::Udp))?;
     if ep.shutdown.is_cancelled() {
@@ -331,6 +336,6 @@ pub(crate) async fn connect(
     };
     let (core, registration, rx) = udp.register(make, None, ep.limits.datagram_queue)?;
     let (tx, ready) = oneshot::channel();
-    spawn(ep, udp, core, addr, rx, Ready::Initiator(Some(tx)), slot, None, registration);
+    spawn(ep, udp, core, addr, rx, Ready::Initiator(Some(tx)), slot, None, registration, expected);
     ready.await.unwrap_or(Err(Error::EndpointClosed))
 }

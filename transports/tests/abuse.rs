@@ -195,7 +195,7 @@ async fn denied_peers_never_reach_accept() {
             Transport::Udp => assert!(err.is_handshake_timeout(), "{err:?}"),
         }
         let f = within(failures.recv()).await.unwrap();
-        assert!(matches!(f.error, Error::Protocol(ConnectionError::Handshake(HandshakeError::Denied))), "{f:?}");
+        assert!(matches!(f.error, Error::Protocol(ConnectionError::Handshake(HandshakeError::Denied(_)))), "{f:?}");
         // The first connection accept() yields is the allowed one.
         let (_c, s) =
             within(async { tokio::try_join!(good.connect(transport, addr, Some(server_key)), server.accept()) })

@@ -3,6 +3,7 @@
 use core::fmt;
 
 use super::CertRole;
+use crate::error::DenyReason;
 use crate::message::CloseReason;
 use crate::wire::RejectReason;
 
@@ -87,26 +88,36 @@ impl TrustError {
         matches!(self, Self::RevokedCa | Self::RevokedSerial | Self::RevokedKey)
     }
 
+    /// The reason of the authorization decision that denies a peer for this error (spec
+    /// §5.5, §15.9): `Decision::Deny(error.deny_reason())`. Its REJECT and close reasons are
+    /// [`TrustError::reject_reason`] and [`TrustError::close_reason`].
+    #[must_use]
+    pub const fn deny_reason(self) -> DenyReason {
+        match self {
+            Self::RevokedCa | Self::RevokedSerial | Self::RevokedKey => DenyReason::Revoked,
+            Self::WrongRole(_) | Self::NoTime | Self::NotAllowed | Self::TooManyAnchors => DenyReason::Unauthorized,
+            _ => DenyReason::BadCertificate,
+        }
+    }
+
     /// The REJECT reason a stream-mode responder sends when it denies an initiator for this
     /// error (spec §15.9, §5.8).
     #[must_use]
     pub const fn reject_reason(self) -> RejectReason {
-        match self {
-            Self::RevokedCa | Self::RevokedSerial | Self::RevokedKey => RejectReason::Revoked,
-            Self::WrongRole(_) | Self::NoTime | Self::NotAllowed | Self::TooManyAnchors => RejectReason::Unauthorized,
-            _ => RejectReason::BadCertificate,
-        }
+        self.deny_reason().reject_reason()
     }
 
     /// The close reason for a live session whose peer fails a re-check with this error
     /// (spec §15.8, §9.3).
     #[must_use]
     pub const fn close_reason(self) -> CloseReason {
-        match self {
-            Self::RevokedCa | Self::RevokedSerial | Self::RevokedKey => CloseReason::Revoked,
-            Self::WrongRole(_) | Self::NoTime | Self::NotAllowed | Self::TooManyAnchors => CloseReason::Unauthorized,
-            _ => CloseReason::BadCertificate,
-        }
+        self.deny_reason().close_reason()
+    }
+}
+
+impl From<TrustError> for DenyReason {
+    fn from(e: TrustError) -> Self {
+        e.deny_reason()
     }
 }
 
