@@ -129,6 +129,18 @@ pub enum Event {
     /// The connection does not interpret it; the routing layer does (`veil_protocol::routing`).
     /// A node that does not route drops it (spec §16.7).
     Routing(RoutingMessage),
+    /// A data message queued before the peer announced its packet limit (spec §3.3) turned
+    /// out larger than one packet to that peer: it was taken off the queue unsent (it would
+    /// otherwise block every message behind it). The application may send it again in
+    /// smaller pieces.
+    Unsent {
+        /// Channel.
+        channel: u16,
+        /// The id it was queued with.
+        id: u64,
+        /// Payload length.
+        len: usize,
+    },
     /// The connection is over. No further events follow.
     Closed(Closed),
 }
@@ -1861,6 +1873,14 @@ impl Connection {
             est.rehandshake = None;
             est.pending = None;
             est.rehandshake_final = None;
+        }
+        // spec §3.3: data queued before the peer's limit was known may not fit it; it is
+        // reported (data) or dropped like a lost packet (an envelope), never left to block.
+        while let Some(m) = self.queue.front().filter(|m| m.message().encoded_len() > limit) {
+            self.queued_bytes -= m.queued_len();
+            if let Some(Outgoing::Data { channel, id, payload }) = self.queue.pop_front() {
+                self.events.push_back(Event::Unsent { channel, id, len: payload.len() });
+            }
         }
         let mut taken_data = 0u64;
         let mut taken_bytes = 0usize;

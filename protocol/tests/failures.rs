@@ -735,3 +735,31 @@ fn malformed_or_reserved_messages_close_with_protocol_violation() {
         assert_eq!(pair.b_messages(), vec![(1, 0, b"hi".to_vec())]);
     }
 }
+
+#[test]
+fn data_queued_before_the_handshake_that_exceeds_the_peer_limit_is_reported_not_stuck() {
+    // spec §3.3: the peer's limit is known only after the handshake. A message queued before
+    // that does not fit it is taken off the queue with `Event::Unsent`; the rest flows.
+    for mode in [Mode::Stream, Mode::Datagram] {
+        let s = Setup::new(Pattern::IK, Suite::ChaChaPolyBlake2s, mode);
+        let mut pair = Pair::with_configs(s, |_| {}, |b| b.limits.max_packet_len = 256);
+        pair.a.send(3, Bytes::from(vec![7u8; 1_000])).unwrap();
+        pair.a.send(3, Bytes::from_static(b"small")).unwrap();
+        pair.drive();
+        assert!(pair.connected(), "{mode:?}");
+        let unsent: Vec<_> = pair
+            .a_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Unsent { channel, id, len } => Some((*channel, *id, *len)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(unsent, vec![(3, 0, 1_000)], "{mode:?}");
+        assert_eq!(pair.b_messages(), vec![(3, 1, b"small".to_vec())], "{mode:?}");
+        // Nothing is left behind: new messages keep flowing.
+        pair.a.send(3, Bytes::from_static(b"after")).unwrap();
+        pair.drive();
+        assert_eq!(pair.b_messages().len(), 2, "{mode:?}");
+    }
+}

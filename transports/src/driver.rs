@@ -804,6 +804,9 @@ impl Driver {
                 self.send_time_sync();
             }
             Event::RevocationList { list } => self.on_revocation_list(list),
+            Event::Unsent { channel, id, len } => {
+                tracing::warn!(channel, id, len, "message larger than the peer's packet limit dropped unsent");
+            }
             Event::TimeSync { unix_time } => match &self.trust {
                 Some(t) => {
                     t.state.accept_time_sync(&t.remote, Some(&t.peer), unix_time);
