@@ -194,12 +194,13 @@ impl RoutingMessage {
     }
 
     /// The routing message `m`, its packet shared with `buf` (the decrypted plaintext `m` was
-    /// decoded from); `None` for messages of other kinds.
+    /// decoded from) or, if `m` was decoded from another buffer, copied; `None` for messages
+    /// of other kinds.
     #[must_use]
     pub fn from_message(m: &Message<'_>, buf: &Bytes) -> Option<Self> {
         Some(match *m {
-            Message::Forward { route, packet } => Self::Forward { route, packet: buf.slice_ref(packet) },
-            Message::Deliver { route, packet } => Self::Deliver { route, packet: buf.slice_ref(packet) },
+            Message::Forward { route, packet } => Self::Forward { route, packet: share(buf, packet) },
+            Message::Deliver { route, packet } => Self::Deliver { route, packet: share(buf, packet) },
             Message::Route { route, node } => Self::Route { route, node },
             Message::Withdraw { route, reason } => Self::Withdraw { route, reason },
             Message::Unreachable { route, reason } => Self::Unreachable { route, reason },
@@ -519,8 +520,31 @@ impl PeerRoutes {
     }
 }
 
+/// `part` as a slice of `buf` when it lies within it (no copy), else a copy of it.
+fn share(buf: &Bytes, part: &[u8]) -> Bytes {
+    let (start, base) = (part.as_ptr() as usize, buf.as_ptr() as usize);
+    if start >= base && start + part.len() <= base + buf.len() {
+        buf.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn from_message_copies_a_packet_from_another_buffer_instead_of_panicking() {
+        let packet = [1u8, 2, 3, 4];
+        let m = Message::Forward { route: 7, packet: &packet };
+        let unrelated = Bytes::from_static(b"something else entirely");
+        let r = RoutingMessage::from_message(&m, &unrelated).unwrap();
+        assert_eq!(r, RoutingMessage::Forward { route: 7, packet: Bytes::copy_from_slice(&packet) });
+        let shared = Bytes::copy_from_slice(&packet);
+        let m = Message::Deliver { route: 1, packet: &shared[1..] };
+        let r = RoutingMessage::from_message(&m, &shared).unwrap();
+        assert_eq!(r, RoutingMessage::Deliver { route: 1, packet: shared.slice(1..) });
+    }
     use super::*;
 
     fn node(b: u8) -> NodeId {
