@@ -1,24 +1,30 @@
 //! Routing (spec §16): route handles, their announcement, envelopes and unreachable notices,
 //! and the bounded per-link tables a relay and an endpoint keep. Sans IO, like the rest of
 //! the crate: the tables take the time as an argument and say what to send; the caller sends
-//! it through [`Connection::send_routing`](crate::Connection::send_routing).
+//! it through [`Connection::send_routing`].
 //!
 //! A relay keeps, per link, one [`RouteTable`] of the handles it announced to that peer
 //! (`Route` messages; `Forward` names them) and one [`PeerRoutes`] of the handles the peer
 //! announced, if the peer is a relay too. An endpoint keeps one [`PeerRoutes`] per relay link
-//! (`Deliver` names those handles) and checks every end-to-end peer with [`check_route_peer`].
+//! (`Deliver` names those handles) and sorts the routed packets they carry to its end-to-end
+//! connections with one [`E2eDemux`] (spec §16.6), which checks every end-to-end peer with
+//! [`check_route_peer`].
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use core::fmt;
 
-use bytes::Bytes;
+use blake2::{Blake2s256, Digest};
+use bytes::{Bytes, BytesMut};
 use subtle::ConstantTimeEq;
 
 use crate::config::{HANDSHAKE_RTO, HANDSHAKE_RTO_MAX};
+use crate::connection::{Connection, Decision, Event};
 use crate::crypto::PublicKey;
+use crate::error::{ConnectionError, DecodeError};
 use crate::message::Message;
 use crate::time::{Duration, Timestamp};
 use crate::trust::NodeId;
+use crate::wire;
 
 /// spec §16.3: default bound on the bindings one side of a link holds.
 pub const MAX_ROUTES: usize = 65_536;
@@ -138,8 +144,7 @@ impl fmt::Display for RoutingError {
 impl core::error::Error for RoutingError {}
 
 /// A routing message (spec §9.2, §16), owning its packet: what a link connection reports
-/// ([`Event::Routing`](crate::Event::Routing)) and takes
-/// ([`Connection::send_routing`](crate::Connection::send_routing)).
+/// ([`Event::Routing`]) and takes ([`Connection::send_routing`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RoutingMessage {
@@ -520,6 +525,446 @@ impl PeerRoutes {
     }
 }
 
+/// spec §16.6: default bound on the peer node ids an [`E2eDemux`] holds connections for.
+pub const MAX_E2E_PEERS: usize = 65_536;
+/// spec §16.6 (the SHOULD on INITs per source node): default burst of new end-to-end
+/// handshakes one node may start at once. A repeated INIT (answered from a connection's cache)
+/// costs nothing.
+pub const E2E_INIT_BURST: u32 = 4;
+/// spec §16.6: default pace at which a node's allowance of new handshakes refills, one per
+/// interval, up to [`E2E_INIT_BURST`].
+pub const E2E_INIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Which of a peer node's two end-to-end connections (spec §16.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// The established (or only) connection.
+    Current,
+    /// A connection started by a newer INIT, not yet Connected.
+    Candidate,
+}
+
+/// Why an [`E2eDemux`] did not hand a routed packet to a connection, or a connection refused it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DemuxError {
+    /// An INIT from a node not held yet, while the demultiplexer holds its bound of nodes.
+    TooManyPeers,
+    /// An INIT beyond the node's allowance of new handshakes (spec §16.6): dropped, no
+    /// handshake work done.
+    InitLimited,
+    /// No connection of the node can take the packet (no connection at all, or a RESP, FINAL
+    /// or REJECT whose index names none of them): dropped.
+    NoConnection,
+    /// The connection the packet went to refused it (or the new candidate could not be made).
+    Connection(ConnectionError),
+}
+
+impl fmt::Display for DemuxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooManyPeers => f.write_str("end-to-end peer table full"),
+            Self::InitLimited => f.write_str("too many end-to-end handshakes from this node"),
+            Self::NoConnection => f.write_str("no end-to-end connection for this packet"),
+            Self::Connection(e) => write!(f, "end-to-end connection refused the packet: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for DemuxError {}
+
+impl From<ConnectionError> for DemuxError {
+    fn from(e: ConnectionError) -> Self {
+        Self::Connection(e)
+    }
+}
+
+/// Bounds of an [`E2eDemux`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DemuxLimits {
+    /// At most this many peer node ids (each with at most two connections).
+    pub max_peers: usize,
+    /// New handshakes a node may start at once.
+    pub init_burst: u32,
+    /// One more new handshake allowed per this interval, up to `init_burst`.
+    pub init_interval: Duration,
+}
+
+impl Default for DemuxLimits {
+    fn default() -> Self {
+        Self { max_peers: MAX_E2E_PEERS, init_burst: E2E_INIT_BURST, init_interval: E2E_INIT_INTERVAL }
+    }
+}
+
+/// What an [`E2eDemux`] reports for one peer node ([`E2eDemux::poll_event`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoutedEvent {
+    /// An event of the node's connection in `slot`. `AuthorizationRequired` comes only for a
+    /// key whose node id is the node's (the check of spec §16.6 passed); answer it with
+    /// [`E2eDemux::authorize`]. A `Connected` from the candidate means it has just replaced the
+    /// current connection (spec §16.6): it is [`Slot::Current`] from now on.
+    Event {
+        /// The connection the event came from.
+        slot: Slot,
+        /// The event.
+        event: Event,
+    },
+    /// spec §16.6: a handshake revealed a static key whose node id is not the node's; the
+    /// demultiplexer denied it (`RoutingError::NodeMismatch`). The connection's `Closed`
+    /// event follows.
+    NodeMismatch {
+        /// The denied connection.
+        slot: Slot,
+    },
+}
+
+/// A digest of the INIT a responder connection read (spec §16.6: repeats go to it).
+type InitDigest = [u8; 32];
+
+fn init_digest(packet: &[u8]) -> InitDigest {
+    Blake2s256::digest(packet).into()
+}
+
+#[derive(Debug)]
+struct E2ePeer {
+    current: Option<Connection>,
+    candidate: Option<Connection>,
+    /// The INIT each responder connection read, if it is one.
+    current_init: Option<InitDigest>,
+    candidate_init: Option<InitDigest>,
+    /// spec §16.6: the node's allowance of new handshakes, and when it was last refilled.
+    init_tokens: u32,
+    refilled: Timestamp,
+}
+
+impl E2ePeer {
+    const fn new(init_burst: u32, now: Timestamp) -> Self {
+        Self {
+            current: None,
+            candidate: None,
+            current_init: None,
+            candidate_init: None,
+            init_tokens: init_burst,
+            refilled: now,
+        }
+    }
+
+    fn set(&mut self, slot: Slot, connection: Option<Connection>, init: Option<InitDigest>) {
+        match slot {
+            Slot::Current => (self.current, self.current_init) = (connection, init),
+            Slot::Candidate => (self.candidate, self.candidate_init) = (connection, init),
+        }
+    }
+
+    fn slot_mut(&mut self, slot: Slot) -> Option<&mut Connection> {
+        match slot {
+            Slot::Current => self.current.as_mut(),
+            Slot::Candidate => self.candidate.as_mut(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.current.is_none() && self.candidate.is_none()
+    }
+
+    /// Refills the allowance at `now` and reports whether it is full.
+    fn refill(&mut self, now: Timestamp, limits: &DemuxLimits) -> bool {
+        let interval = limits.init_interval.as_micros();
+        let elapsed = now.saturating_since(self.refilled).as_micros();
+        let earned = elapsed.checked_div(interval).unwrap_or(u64::MAX);
+        let tokens = u64::from(self.init_tokens).saturating_add(earned);
+        if tokens >= u64::from(limits.init_burst) {
+            self.init_tokens = limits.init_burst;
+            self.refilled = now;
+        } else {
+            // `tokens` < init_burst, a u32; the partial interval carries over.
+            self.init_tokens = u32::try_from(tokens).unwrap_or(limits.init_burst);
+            self.refilled = self.refilled + Duration::from_micros(earned.saturating_mul(interval));
+        }
+        self.init_tokens >= limits.init_burst
+    }
+}
+
+/// The end-to-end connections of an endpoint that runs routed sessions (spec §16.6): per peer
+/// node id one current connection and one candidate, and the rule that sorts routed packets
+/// from `Deliver` envelopes to them. Sans IO: packets, time and new connections come from the
+/// caller, which also sends what [`poll_transmit`](Self::poll_transmit) yields in a `Forward`
+/// on the node's most recent route.
+///
+/// Bounded: at most [`DemuxLimits::max_peers`] node ids, and per node at most
+/// [`DemuxLimits::init_burst`] new handshakes at once, refilled one per
+/// [`DemuxLimits::init_interval`] (routed mode has no cookie challenge; the source is a node
+/// the relay authenticated). A node whose connections are gone keeps its entry, so its
+/// allowance is not reset by failing; such entries are evicted when the table is full.
+#[derive(Debug)]
+pub struct E2eDemux {
+    limits: DemuxLimits,
+    peers: BTreeMap<NodeId, E2ePeer>,
+}
+
+impl E2eDemux {
+    /// An empty demultiplexer.
+    #[must_use]
+    pub const fn new(limits: DemuxLimits) -> Self {
+        Self { limits, peers: BTreeMap::new() }
+    }
+
+    /// Number of node ids held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no node id is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// The node ids held, in order.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// The node's connection in `slot`.
+    #[must_use]
+    pub fn connection(&self, node: &NodeId, slot: Slot) -> Option<&Connection> {
+        let p = self.peers.get(node)?;
+        match slot {
+            Slot::Current => p.current.as_ref(),
+            Slot::Candidate => p.candidate.as_ref(),
+        }
+    }
+
+    /// The node's connection in `slot`, to send on ([`Connection::send`]) or close.
+    #[must_use]
+    pub fn connection_mut(&mut self, node: &NodeId, slot: Slot) -> Option<&mut Connection> {
+        self.peers.get_mut(node)?.slot_mut(slot)
+    }
+
+    /// Adds `connection`, an initiator this endpoint started towards `node` (spec §16.6:
+    /// either end may initiate), as the node's candidate, replacing any earlier candidate; it
+    /// becomes the current connection once Connected. Not subject to the INIT allowance.
+    ///
+    /// # Errors
+    /// [`DemuxError::TooManyPeers`] when `node` is new and the table is full.
+    pub fn start(&mut self, now: Timestamp, node: NodeId, connection: Connection) -> Result<(), DemuxError> {
+        if !self.peers.contains_key(&node) {
+            self.make_room(now)?;
+        }
+        let burst = self.limits.init_burst;
+        let peer = self.peers.entry(node).or_insert_with(|| E2ePeer::new(burst, now));
+        peer.set(Slot::Candidate, Some(connection), None);
+        Ok(())
+    }
+
+    /// Feeds a routed packet that a `Deliver` from `node` carried (spec §16.4, §16.6) and
+    /// returns the connection that took it; then drain that node's
+    /// [`poll_event`](Self::poll_event).
+    ///
+    /// - INIT: a byte-identical repeat of the INIT the current connection or the candidate
+    ///   read goes to that connection, which answers it from its cache or drops it (spec
+    ///   §5.7.2); any other INIT makes a new candidate with
+    ///   `new_responder` (a routed-mode [`Role::Responder`](crate::Role::Responder)
+    ///   connection, called only here, after the limits), replacing any earlier candidate once
+    ///   it has read the INIT.
+    /// - RESP, FINAL, REJECT: the connection whose index the packet names.
+    /// - Anything else: the candidate, then, if it refused it, the current connection.
+    ///
+    /// # Errors
+    /// [`DemuxError`]: the packet was dropped; nothing of any connection changed, except that
+    /// an INIT the new candidate could not read leaves the earlier candidate in place.
+    pub fn handle_input(
+        &mut self,
+        now: Timestamp,
+        node: NodeId,
+        packet: BytesMut,
+        new_responder: impl FnOnce() -> Result<Connection, ConnectionError>,
+    ) -> Result<Slot, DemuxError> {
+        match packet.first().copied() {
+            None => Err(ConnectionError::Decode(DecodeError::Empty).into()),
+            Some(wire::TYPE_HANDSHAKE_INIT) => self.on_init(now, node, packet, new_responder),
+            Some(wire::TYPE_HANDSHAKE_RESP | wire::TYPE_HANDSHAKE_FINAL | wire::TYPE_HANDSHAKE_REJECT) => {
+                let peer = self.peers.get_mut(&node).ok_or(DemuxError::NoConnection)?;
+                let index = wire::routed_receiver_index(&packet);
+                for slot in [Slot::Candidate, Slot::Current] {
+                    if let Some(c) = peer.slot_mut(slot).filter(|c| Some(c.local_index()) == index) {
+                        c.handle_input_owned(now, packet)?;
+                        return Ok(slot);
+                    }
+                }
+                Err(DemuxError::NoConnection)
+            }
+            Some(_) => {
+                let peer = self.peers.get_mut(&node).ok_or(DemuxError::NoConnection)?;
+                // spec §16.6, §10.1: a refused packet changes no state, so trying the candidate
+                // first costs at most one more AEAD opening. The packet (decrypted in place) is
+                // copied only when both connections may need it.
+                if let Some(c) = peer.candidate.as_mut() {
+                    if peer.current.is_none() {
+                        c.handle_input_owned(now, packet)?;
+                        return Ok(Slot::Candidate);
+                    }
+                    if c.handle_input_owned(now, packet.clone()).is_ok() {
+                        return Ok(Slot::Candidate);
+                    }
+                }
+                let c = peer.current.as_mut().ok_or(DemuxError::NoConnection)?;
+                c.handle_input_owned(now, packet)?;
+                Ok(Slot::Current)
+            }
+        }
+    }
+
+    fn on_init(
+        &mut self,
+        now: Timestamp,
+        node: NodeId,
+        packet: BytesMut,
+        new_responder: impl FnOnce() -> Result<Connection, ConnectionError>,
+    ) -> Result<Slot, DemuxError> {
+        let digest = init_digest(&packet);
+        if let Some(peer) = self.peers.get_mut(&node) {
+            // spec §16.6: a repeat goes to the connection that read the INIT, which answers
+            // it or, once past the point of caching an answer, drops it (§5.7.2). It never
+            // starts a handshake again, however late a relay delivers it.
+            for (slot, read) in [(Slot::Current, peer.current_init), (Slot::Candidate, peer.candidate_init)] {
+                if read == Some(digest) {
+                    if let Some(c) = peer.slot_mut(slot) {
+                        c.handle_input_owned(now, packet)?;
+                        return Ok(slot);
+                    }
+                }
+            }
+        } else {
+            self.make_room(now)?;
+        }
+        let limits = self.limits;
+        let peer = self.peers.entry(node).or_insert_with(|| E2ePeer::new(limits.init_burst, now));
+        peer.refill(now, &limits);
+        if peer.init_tokens == 0 {
+            return Err(DemuxError::InitLimited);
+        }
+        peer.init_tokens -= 1;
+        let mut c = new_responder()?;
+        // A responder that cannot read message 1 keeps nothing (spec §10): neither does the
+        // demultiplexer, so a bad INIT does not end a good candidate.
+        c.handle_input_owned(now, packet)?;
+        peer.set(Slot::Candidate, Some(c), Some(digest));
+        Ok(Slot::Candidate)
+    }
+
+    /// Evicts one node without connections whose allowance is full; else the table is full.
+    fn make_room(&mut self, now: Timestamp) -> Result<(), DemuxError> {
+        if self.peers.len() < self.limits.max_peers {
+            return Ok(());
+        }
+        let limits = self.limits;
+        let idle = self.peers.iter_mut().find_map(|(n, p)| (p.is_idle() && p.refill(now, &limits)).then_some(*n));
+        match idle {
+            Some(n) => {
+                self.peers.remove(&n);
+                Ok(())
+            }
+            None => Err(DemuxError::TooManyPeers),
+        }
+    }
+
+    /// The next event of `node`'s connections: the current connection's first, then the
+    /// candidate's. Checks every revealed peer key against `node` (spec §16.6) and denies a
+    /// mismatch itself; promotes a candidate that becomes Connected. Connections that are
+    /// closed and drained are dropped. Call after [`handle_input`](Self::handle_input) and
+    /// [`handle_timeout`](Self::handle_timeout) until `None`.
+    pub fn poll_event(&mut self, now: Timestamp, node: &NodeId) -> Option<RoutedEvent> {
+        let peer = self.peers.get_mut(node)?;
+        for slot in [Slot::Current, Slot::Candidate] {
+            let Some(c) = peer.slot_mut(slot) else { continue };
+            let Some(event) = c.poll_event() else {
+                if c.is_closed() {
+                    peer.set(slot, None, None);
+                }
+                continue;
+            };
+            match &event {
+                Event::AuthorizationRequired { remote_static, .. }
+                    if check_route_peer(remote_static, node).is_err() =>
+                {
+                    // The connection closes on the denial; its Closed event follows.
+                    let _ = c.authorize(now, Decision::deny());
+                    return Some(RoutedEvent::NodeMismatch { slot });
+                }
+                Event::Connected { .. } if slot == Slot::Candidate => {
+                    // spec §5.9, §16.6: the Connected candidate replaces the current connection
+                    // (whose events were drained first).
+                    let init = peer.candidate_init.take();
+                    let promoted = peer.candidate.take();
+                    peer.set(Slot::Current, promoted, init);
+                }
+                _ => {}
+            }
+            return Some(RoutedEvent::Event { slot, event });
+        }
+        None
+    }
+
+    /// Answers an `AuthorizationRequired` of `node`'s connection in `slot` (spec §5.5).
+    ///
+    /// # Errors
+    /// [`DemuxError::NoConnection`] when there is no such connection; else as
+    /// [`Connection::authorize`].
+    pub fn authorize(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        slot: Slot,
+        decision: Decision,
+    ) -> Result<(), DemuxError> {
+        let c = self.connection_mut(node, slot).ok_or(DemuxError::NoConnection)?;
+        Ok(c.authorize(now, decision)?)
+    }
+
+    /// The next routed packet to send to `node`, from its current connection first, then its
+    /// candidate: wrap it in a `Forward` on the node's most recent route (spec §16.6).
+    ///
+    /// # Errors
+    /// As [`Connection::poll_transmit`].
+    pub fn poll_transmit(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, ConnectionError> {
+        let Some(peer) = self.peers.get_mut(node) else { return Ok(None) };
+        for c in [&mut peer.current, &mut peer.candidate].into_iter().flatten() {
+            if let Some(n) = c.poll_transmit(now, buf)? {
+                return Ok(Some(n));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs every connection's timers at `now`; then drain [`poll_event`](Self::poll_event)
+    /// and [`poll_transmit`](Self::poll_transmit) of every node. Scans all nodes (O(n)).
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        for p in self.peers.values_mut() {
+            for c in [&mut p.current, &mut p.candidate].into_iter().flatten() {
+                c.handle_timeout(now);
+            }
+        }
+    }
+
+    /// The earliest timer of any connection. Scans all nodes (O(n)).
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.peers
+            .values()
+            .flat_map(|p| [&p.current, &p.candidate])
+            .filter_map(|c| c.as_ref().and_then(Connection::poll_timeout))
+            .min()
+    }
+}
+
 /// `part` as a slice of `buf` when it lies within it (no copy), else a copy of it.
 fn share(buf: &Bytes, part: &[u8]) -> Bytes {
     let (start, base) = (part.as_ptr() as usize, buf.as_ptr() as usize);
@@ -666,5 +1111,289 @@ mod tests {
         let key = PublicKey([9; 32]);
         assert_eq!(check_route_peer(&key, &NodeId::from_public_key(&key)), Ok(()));
         assert_eq!(check_route_peer(&key, &node(0)), Err(RoutingError::NodeMismatch));
+    }
+
+    // ---------------------------------------------------------------------------------
+    // E2eDemux (spec §16.6)
+
+    mod demux {
+        use alloc::sync::Arc;
+        use alloc::vec::Vec;
+
+        use rand_core::SeedableRng;
+
+        use super::super::*;
+        use super::node;
+        use crate::{Config, Mode, Role, StaticKeypair};
+
+        const CLOUD: u8 = 3;
+        const T0: Timestamp = Timestamp::from_millis(1_000);
+
+        struct Device {
+            conn: Connection,
+            init: BytesMut,
+            node: NodeId,
+        }
+
+        fn key(seed: u8) -> StaticKeypair {
+            StaticKeypair::from_secret_bytes([seed; 32])
+        }
+
+        fn rng(seed: u64) -> rand_chacha::ChaCha20Rng {
+            rand_chacha::ChaCha20Rng::seed_from_u64(seed)
+        }
+
+        /// A routed IK initiator towards the cloud and its first packet.
+        fn device(seed: u8, rng_seed: u64) -> Device {
+            let cfg = Arc::new(Config::new(key(seed), Mode::Routed));
+            let cloud = *key(CLOUD).public();
+            let mut conn = Connection::new(cfg, Role::Initiator, Some(cloud), T0, &mut rng(rng_seed)).unwrap();
+            let mut buf = [0u8; 2048];
+            let n = conn.poll_transmit(T0, &mut buf).unwrap().unwrap();
+            assert_eq!(buf[0], wire::TYPE_HANDSHAKE_INIT);
+            Device { conn, init: BytesMut::from(&buf[..n]), node: NodeId::from_public_key(key(seed).public()) }
+        }
+
+        fn responder(rng_seed: u64) -> impl FnOnce() -> Result<Connection, ConnectionError> {
+            move || {
+                let cfg = Arc::new(Config::new(key(CLOUD), Mode::Routed));
+                Connection::new(cfg, Role::Responder, None, T0, &mut rng(rng_seed))
+            }
+        }
+
+        fn never() -> Result<Connection, ConnectionError> {
+            panic!("no connection may be made here")
+        }
+
+        fn events(d: &mut E2eDemux, now: Timestamp, node: &NodeId) -> Vec<RoutedEvent> {
+            let mut out = Vec::new();
+            for _ in 0..64 {
+                let Some(e) = d.poll_event(now, node) else { return out };
+                if let RoutedEvent::Event { slot, event: Event::AuthorizationRequired { .. } } = &e {
+                    d.authorize(now, node, *slot, Decision::allow()).unwrap();
+                }
+                out.push(e);
+            }
+            panic!("endless events")
+        }
+
+        fn index(d: &E2eDemux, node: &NodeId, slot: Slot) -> Option<u32> {
+            d.connection(node, slot).map(Connection::local_index)
+        }
+
+        /// Runs the handshake between `dev` and the demux until both are Connected (bounded).
+        fn connect(d: &mut E2eDemux, dev: &mut Device) -> Vec<RoutedEvent> {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 2048];
+            for _ in 0..16 {
+                seen.extend(events(d, T0, &dev.node));
+                while let Some(n) = d.poll_transmit(T0, &dev.node, &mut buf).unwrap() {
+                    let _ = dev.conn.handle_input(T0, &buf[..n]);
+                }
+                while let Some(n) = dev.conn.poll_transmit(T0, &mut buf).unwrap() {
+                    let _ = d.handle_input(T0, dev.node, BytesMut::from(&buf[..n]), never);
+                }
+                let up = d.connection(&dev.node, Slot::Current).is_some_and(Connection::is_connected);
+                if up && dev.conn.is_connected() {
+                    seen.extend(events(d, T0, &dev.node));
+                    return seen;
+                }
+            }
+            panic!("no handshake")
+        }
+
+        #[test]
+        fn packets_from_an_unknown_node_are_dropped_with_a_typed_error() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let n = node(1);
+            let mut transport = BytesMut::from(&[wire::TYPE_TRANSPORT, 0, 0, 1][..]);
+            transport.extend_from_slice(&[0; 16]);
+            assert_eq!(d.handle_input(T0, n, transport, never), Err(DemuxError::NoConnection));
+            let resp = BytesMut::from(&[wire::TYPE_HANDSHAKE_RESP, 0, 0, 0, 7, 1, 2][..]);
+            assert_eq!(d.handle_input(T0, n, resp, never), Err(DemuxError::NoConnection));
+            assert_eq!(
+                d.handle_input(T0, n, BytesMut::new(), never),
+                Err(DemuxError::Connection(ConnectionError::Decode(DecodeError::Empty)))
+            );
+            // Nothing was allocated for the node.
+            assert!(d.is_empty());
+            assert_eq!(d.poll_event(T0, &n), None);
+            assert_eq!(d.poll_transmit(T0, &n, &mut [0u8; 64]), Ok(None));
+        }
+
+        #[test]
+        fn a_connected_candidate_is_promoted_and_traffic_flows() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let mut dev = device(10, 1);
+            assert_eq!(d.handle_input(T0, dev.node, dev.init.clone(), responder(2)), Ok(Slot::Candidate));
+            let cand = index(&d, &dev.node, Slot::Candidate);
+            let seen = connect(&mut d, &mut dev);
+            assert!(seen.contains(&RoutedEvent::Event {
+                slot: Slot::Candidate,
+                event: Event::Connected {
+                    remote_static: *key(10).public(),
+                    handshake_hash: *d.connection(&dev.node, Slot::Current).unwrap().handshake_hash().unwrap(),
+                },
+            }));
+            assert_eq!(index(&d, &dev.node, Slot::Current), cand, "the candidate became current");
+            assert_eq!(index(&d, &dev.node, Slot::Candidate), None);
+            // A late copy of the INIT the current connection read goes to it, which no longer
+            // caches an answer (spec §5.7.2) and drops it: no new handshake starts.
+            assert_eq!(
+                d.handle_input(T0, dev.node, dev.init.clone(), never),
+                Err(DemuxError::Connection(ConnectionError::Handshake(crate::HandshakeError::UnexpectedPacket)))
+            );
+            assert_eq!(index(&d, &dev.node, Slot::Candidate), None);
+            // Transport packets reach the current connection.
+            dev.conn.send(1, Bytes::from_static(b"reading")).unwrap();
+            let mut buf = [0u8; 256];
+            let n = dev.conn.poll_transmit(T0, &mut buf).unwrap().unwrap();
+            assert_eq!(d.handle_input(T0, dev.node, BytesMut::from(&buf[..n]), never), Ok(Slot::Current));
+            let got = events(&mut d, T0, &dev.node);
+            assert!(got.iter().any(|e| matches!(e,
+                RoutedEvent::Event { slot: Slot::Current, event: Event::Message { payload, .. } } if &payload[..] == b"reading")));
+            // A replay is refused by both connections and changes nothing.
+            let replay = d.handle_input(T0, dev.node, BytesMut::from(&buf[..n]), never);
+            assert!(matches!(replay, Err(DemuxError::Connection(_))), "{replay:?}");
+        }
+
+        #[test]
+        fn a_newer_init_replaces_a_stale_candidate_and_the_current_connection_stays() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let mut dev = device(10, 1);
+            assert_eq!(d.handle_input(T0, dev.node, dev.init.clone(), responder(2)), Ok(Slot::Candidate));
+            let _ = connect(&mut d, &mut dev);
+            let current = index(&d, &dev.node, Slot::Current);
+            // The device restarts twice; the first new handshake goes stale.
+            let stale = device(10, 3);
+            assert_eq!(d.handle_input(T0, stale.node, stale.init.clone(), responder(4)), Ok(Slot::Candidate));
+            let first = index(&d, &dev.node, Slot::Candidate);
+            // A repeat of the candidate's own INIT goes to it: dropped while the candidate awaits
+            // its authorization, answered from its cache after; never a new handshake.
+            let r = d.handle_input(T0, stale.node, stale.init.clone(), never);
+            assert!(matches!(r, Err(DemuxError::Connection(_))), "{r:?}");
+            let _ = events(&mut d, T0, &dev.node);
+            assert_eq!(d.handle_input(T0, stale.node, stale.init.clone(), never), Ok(Slot::Candidate));
+            assert_eq!(index(&d, &dev.node, Slot::Candidate), first);
+            let mut fresh = device(10, 5);
+            assert_eq!(d.handle_input(T0, fresh.node, fresh.init.clone(), responder(6)), Ok(Slot::Candidate));
+            let second = index(&d, &dev.node, Slot::Candidate);
+            assert!(second.is_some() && second != first, "the newer INIT replaced the candidate");
+            assert_eq!(index(&d, &dev.node, Slot::Current), current, "current kept until the candidate connects");
+            // A RESP-type packet for the stale candidate's index reaches nobody.
+            let mut resp = BytesMut::from(&[wire::TYPE_HANDSHAKE_FINAL][..]);
+            resp.extend_from_slice(&first.unwrap().to_be_bytes());
+            resp.extend_from_slice(&[0; 48]);
+            assert_eq!(d.handle_input(T0, fresh.node, resp, never), Err(DemuxError::NoConnection));
+            let _ = connect(&mut d, &mut fresh);
+            assert_eq!(index(&d, &dev.node, Slot::Current), second);
+            assert_eq!(d.len(), 1);
+        }
+
+        #[test]
+        fn an_init_that_cannot_be_read_leaves_the_candidate_alone() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let dev = device(10, 1);
+            let _ = d.handle_input(T0, dev.node, dev.init.clone(), responder(2)).unwrap();
+            let cand = index(&d, &dev.node, Slot::Candidate);
+            let mut bad = dev.init.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            let r = d.handle_input(T0, dev.node, bad, responder(3));
+            assert!(matches!(r, Err(DemuxError::Connection(_))), "{r:?}");
+            assert_eq!(index(&d, &dev.node, Slot::Candidate), cand);
+        }
+
+        #[test]
+        fn a_key_that_is_not_the_routes_node_is_denied_by_the_demux() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let dev = device(10, 1);
+            // The relay labels device 10's INIT with another node's route (spec §16.6).
+            let other = node(0x77);
+            assert_eq!(d.handle_input(T0, other, dev.init.clone(), responder(2)), Ok(Slot::Candidate));
+            let ev = events(&mut d, T0, &other);
+            assert_eq!(ev.first(), Some(&RoutedEvent::NodeMismatch { slot: Slot::Candidate }));
+            assert!(ev
+                .iter()
+                .all(|e| !matches!(e, RoutedEvent::Event { event: Event::AuthorizationRequired { .. }, .. })));
+            assert!(ev.iter().any(|e| matches!(e, RoutedEvent::Event { event: Event::Closed(_), .. })));
+            // The denied connection is gone once drained; the node's entry stays.
+            assert!(d.connection(&other, Slot::Candidate).is_none());
+            assert_eq!(d.len(), 1);
+        }
+
+        #[test]
+        fn new_handshakes_per_node_are_limited_and_refill_over_time() {
+            let limits = DemuxLimits { init_burst: 2, init_interval: Duration::from_secs(1), ..DemuxLimits::default() };
+            let mut d = E2eDemux::new(limits);
+            let devs: Vec<Device> = (0..4).map(|i| device(10, 100 + i)).collect();
+            let n = devs[0].node;
+            assert_eq!(d.handle_input(T0, n, devs[0].init.clone(), responder(1)), Ok(Slot::Candidate));
+            assert_eq!(d.handle_input(T0, n, devs[1].init.clone(), responder(2)), Ok(Slot::Candidate));
+            let held = index(&d, &n, Slot::Candidate);
+            assert_eq!(d.handle_input(T0, n, devs[2].init.clone(), never), Err(DemuxError::InitLimited));
+            // A repeat costs nothing, and the limit does not touch the candidate.
+            let _ = events(&mut d, T0, &n);
+            assert_eq!(d.handle_input(T0, n, devs[1].init.clone(), never), Ok(Slot::Candidate));
+            assert_eq!(index(&d, &n, Slot::Candidate), held);
+            // Another node has its own allowance.
+            let other = device(11, 9);
+            assert_eq!(d.handle_input(T0, other.node, other.init.clone(), responder(3)), Ok(Slot::Candidate));
+            let half = T0 + Duration::from_millis(999);
+            assert_eq!(d.handle_input(half, n, devs[2].init.clone(), never), Err(DemuxError::InitLimited));
+            let later = T0 + Duration::from_secs(1);
+            assert_eq!(d.handle_input(later, n, devs[2].init.clone(), responder(4)), Ok(Slot::Candidate));
+            assert_eq!(d.handle_input(later, n, devs[3].init.clone(), never), Err(DemuxError::InitLimited));
+        }
+
+        #[test]
+        fn the_number_of_nodes_is_bounded_and_idle_nodes_make_room() {
+            let limits = DemuxLimits { max_peers: 2, ..DemuxLimits::default() };
+            let mut d = E2eDemux::new(limits);
+            let dev = device(10, 1);
+            // Node ids are the routing layer's labels: the same INIT under three of them.
+            for (i, b) in [1u8, 2].into_iter().enumerate() {
+                let r = d.handle_input(T0, node(b), dev.init.clone(), responder(10 + i as u64));
+                assert_eq!(r, Ok(Slot::Candidate));
+            }
+            assert_eq!(d.handle_input(T0, node(3), dev.init.clone(), never), Err(DemuxError::TooManyPeers));
+            let cfg = Arc::new(Config::new(key(CLOUD), Mode::Routed));
+            let init = Connection::new(cfg, Role::Initiator, Some(*key(10).public()), T0, &mut rng(5)).unwrap();
+            assert_eq!(d.start(T0, node(3), init), Err(DemuxError::TooManyPeers));
+            assert_eq!(d.len(), 2);
+            // Node 1's candidate is denied (its key is not node 1's) and dropped: once its
+            // allowance is full again, its entry makes room for a new node.
+            let _ = events(&mut d, T0, &node(1));
+            assert!(d.connection(&node(1), Slot::Candidate).is_none());
+            assert_eq!(d.handle_input(T0, node(3), dev.init.clone(), never), Err(DemuxError::TooManyPeers));
+            let later = T0 + E2E_INIT_INTERVAL;
+            assert_eq!(d.handle_input(later, node(3), dev.init.clone(), responder(20)), Ok(Slot::Candidate));
+            assert_eq!(d.nodes().collect::<Vec<_>>(), [node(2), node(3)]);
+        }
+
+        #[test]
+        fn timers_reach_every_connection() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let dev = device(10, 1);
+            let _ = d.handle_input(T0, dev.node, dev.init.clone(), responder(2)).unwrap();
+            let _ = events(&mut d, T0, &dev.node);
+            let deadline = d.poll_timeout().unwrap();
+            assert!(deadline > T0);
+            // The handshake times out without a confirmation: the candidate closes and is dropped.
+            let end = T0 + crate::config::HANDSHAKE_TIMEOUT;
+            let mut now = T0;
+            for _ in 0..64 {
+                let Some(t) = d.poll_timeout().filter(|t| *t <= end) else { break };
+                now = t;
+                d.handle_timeout(now);
+                let _ = events(&mut d, now, &dev.node);
+                while d.poll_transmit(now, &dev.node, &mut [0u8; 2048]).unwrap().is_some() {}
+            }
+            d.handle_timeout(end);
+            let _ = events(&mut d, end, &dev.node);
+            assert!(now > T0, "no timer fired");
+            assert!(d.connection(&dev.node, Slot::Candidate).is_none());
+            assert_eq!(d.poll_timeout(), None);
+        }
     }
 }

@@ -15,7 +15,8 @@ use rand_chacha::ChaCha20Rng;
 use veil_protocol::error::HandshakeError;
 use veil_protocol::message::Message;
 use veil_protocol::routing::{
-    check_route_peer, PeerRoutes, RouteReason, RouteTable, RoutingMessage, MAX_ROUTES, UNREACHABLE_INTERVAL,
+    check_route_peer, DemuxLimits, E2eDemux, PeerRoutes, RouteReason, RouteTable, RoutedEvent, RoutingMessage, Slot,
+    MAX_ROUTES, UNREACHABLE_INTERVAL,
 };
 use veil_protocol::trust::NodeId;
 use veil_protocol::{
@@ -120,13 +121,6 @@ struct Device {
     connected: usize,
 }
 
-/// A cloud endpoint's end-to-end connections with one peer node (spec §16.6).
-#[derive(Default)]
-struct Peer {
-    current: Option<Connection>,
-    candidate: Option<Connection>,
-}
-
 struct Cloud {
     id: NodeId,
     e2e_config: Arc<Config>,
@@ -134,7 +128,8 @@ struct Cloud {
     routes: BTreeMap<LinkId, PeerRoutes>,
     /// spec §16.6: the most recent route to each node.
     best: BTreeMap<NodeId, (LinkId, u32)>,
-    peers: BTreeMap<NodeId, Peer>,
+    /// spec §16.6: the end-to-end connections per peer node.
+    e2e: E2eDemux,
     /// Provisioned device keys (KK needs the initiator's key in advance).
     device_keys: BTreeMap<NodeId, PublicKey>,
     received: Vec<(NodeId, u16, u64, Vec<u8>)>,
@@ -201,7 +196,7 @@ impl Net {
                 e2e_config: Arc::new(e2e_config(CLOUD_SEED, pattern, suite)),
                 routes: BTreeMap::new(),
                 best: BTreeMap::new(),
-                peers: BTreeMap::new(),
+                e2e: E2eDemux::new(DemuxLimits::default()),
                 device_keys,
                 received: Vec::new(),
                 connected: Vec::new(),
@@ -368,14 +363,8 @@ impl Net {
     fn next_deadline(&self) -> Option<Timestamp> {
         let links = self.links.iter().flat_map(|l| l.ends.iter().filter_map(|e| e.conn.poll_timeout()));
         let devices = self.devices.iter().filter_map(|d| d.e2e.as_ref().and_then(Connection::poll_timeout));
-        let peers = self
-            .cloud
-            .peers
-            .values()
-            .flat_map(|p| [&p.current, &p.candidate])
-            .filter_map(|c| c.as_ref().and_then(Connection::poll_timeout));
         let tables = self.gateways.iter().flat_map(|g| g.announced.values().filter_map(RouteTable::next_timeout));
-        links.chain(devices).chain(peers).chain(tables).min()
+        links.chain(devices).chain(self.cloud.e2e.poll_timeout()).chain(tables).min()
     }
 
     fn fire_timers(&mut self) {
@@ -392,13 +381,9 @@ impl Net {
             }
             self.device_e2e_events(d);
         }
-        let nodes: Vec<NodeId> = self.cloud.peers.keys().copied().collect();
+        self.cloud.e2e.handle_timeout(now);
+        let nodes: Vec<NodeId> = self.cloud.e2e.nodes().collect();
         for n in nodes {
-            if let Some(p) = self.cloud.peers.get_mut(&n) {
-                for c in [&mut p.current, &mut p.candidate].into_iter().flatten() {
-                    c.handle_timeout(now);
-                }
-            }
             self.cloud_e2e_events(n);
         }
     }
@@ -710,81 +695,43 @@ impl Net {
         }
     }
 
-    /// spec §16.6: demultiplexes a routed packet from `node` to its end-to-end connections.
+    /// spec §16.6: hands a routed packet from `node` to its end-to-end connections.
     fn cloud_input(&mut self, node: NodeId, packet: Bytes) {
         let now = self.now;
         let cfg = Arc::clone(&self.cloud.e2e_config);
-        let kk_key = self.cloud.device_keys.get(&node).copied();
-        let pattern = self.pattern;
-        let peer = self.cloud.peers.entry(node).or_default();
-        let feed = |c: &mut Connection| c.handle_input_owned(now, BytesMut::from(&packet[..]));
-        match packet.first().copied() {
-            Some(wire::TYPE_HANDSHAKE_INIT) => {
-                let dup = peer.current.as_mut().is_some_and(|c| feed(c).is_ok())
-                    || peer.candidate.as_mut().is_some_and(|c| feed(c).is_ok());
-                if !dup {
-                    let remote = if pattern.responder_knows_initiator() { kk_key } else { None };
-                    let mut c = Connection::new(cfg, Role::Responder, remote, now, &mut self.rng).unwrap();
-                    let _ = feed(&mut c);
-                    peer.candidate = Some(c);
-                }
-            }
-            Some(wire::TYPE_HANDSHAKE_RESP | wire::TYPE_HANDSHAKE_FINAL | wire::TYPE_HANDSHAKE_REJECT) => {
-                let idx = wire::routed_receiver_index(&packet);
-                for c in [&mut peer.candidate, &mut peer.current].into_iter().flatten() {
-                    if Some(c.local_index()) == idx {
-                        let _ = feed(c);
-                        break;
-                    }
-                }
-            }
-            _ => {
-                let took = peer.candidate.as_mut().is_some_and(|c| feed(c).is_ok());
-                if !took {
-                    if let Some(c) = peer.current.as_mut() {
-                        let _ = feed(c);
-                    }
-                }
-            }
-        }
+        // KK: the responder needs the initiator's key in advance.
+        let remote =
+            if self.pattern.responder_knows_initiator() { self.cloud.device_keys.get(&node).copied() } else { None };
+        let rng = &mut self.rng;
+        let new_responder = || Connection::new(cfg, Role::Responder, remote, now, rng);
+        let _ = self.cloud.e2e.handle_input(now, node, BytesMut::from(&packet[..]), new_responder);
         self.cloud_e2e_events(node);
     }
 
     fn cloud_e2e_events(&mut self, node: NodeId) {
         let now = self.now;
         let cloud = &mut self.cloud;
-        let Some(peer) = cloud.peers.get_mut(&node) else { return };
-        let mut promote = false;
-        for (is_candidate, slot) in [(true, &mut peer.candidate), (false, &mut peer.current)] {
-            let Some(c) = slot.as_mut() else { continue };
-            while let Some(ev) = c.poll_event() {
-                match ev {
+        for _ in 0..10_000 {
+            let Some(ev) = cloud.e2e.poll_event(now, &node) else { return };
+            match ev {
+                // spec §16.6: the demultiplexer denied a key that is not the route's node.
+                RoutedEvent::NodeMismatch { .. } => cloud.denied.push(node),
+                RoutedEvent::Event { slot, event } => match event {
                     Event::AuthorizationRequired { remote_static, .. } => {
-                        // spec §16.6: deny a peer whose key is not the route's node.
-                        let ok = check_route_peer(&remote_static, &node).is_ok();
-                        if !ok {
-                            cloud.denied.push(node);
-                        }
-                        let _ = c.authorize(now, if ok { Decision::allow() } else { Decision::deny() });
+                        // The node-id check already passed; this is the cloud's own policy.
+                        assert!(check_route_peer(&remote_static, &node).is_ok());
+                        cloud.e2e.authorize(now, &node, slot, Decision::allow()).unwrap();
                     }
-                    Event::Connected { .. } => {
-                        cloud.connected.push(node);
-                        promote |= is_candidate;
-                    }
+                    Event::Connected { .. } => cloud.connected.push(node),
                     Event::Message { channel, id, payload } => {
                         cloud.received.push((node, channel, id, payload.to_vec()));
                     }
                     _ => {}
-                }
-            }
-            if c.is_closed() {
-                *slot = None;
+                },
+                _ => {}
             }
         }
-        if promote {
-            // spec §5.9, §16.6: a Connected candidate replaces the current connection.
-            peer.current = peer.candidate.take();
-        }
+        panic!("endless events");
     }
 
     /// Wraps every pending end-to-end packet into a `Forward` on its route.
@@ -803,18 +750,10 @@ impl Net {
                 }
             }
         }
-        let nodes: Vec<NodeId> = self.cloud.peers.keys().copied().collect();
+        let nodes: Vec<NodeId> = self.cloud.e2e.nodes().collect();
         for node in nodes {
-            loop {
-                let peer = self.cloud.peers.get_mut(&node).unwrap();
-                let mut out = None;
-                for c in [&mut peer.current, &mut peer.candidate].into_iter().flatten() {
-                    if let Some(n) = c.poll_transmit(now, &mut self.buf).unwrap() {
-                        out = Some(Bytes::copy_from_slice(&self.buf[..n]));
-                        break;
-                    }
-                }
-                let Some(packet) = out else { break };
+            while let Some(n) = self.cloud.e2e.poll_transmit(now, &node, &mut self.buf).unwrap() {
+                let packet = Bytes::copy_from_slice(&self.buf[..n]);
                 moved = true;
                 if let Some(&(l, route)) = self.cloud.best.get(&node) {
                     let _ = self.send_on(l, Owner::Cloud, RoutingMessage::Forward { route, packet });
@@ -829,14 +768,14 @@ impl Net {
     }
 
     fn cloud_send(&mut self, node: NodeId, payload: &[u8]) -> bool {
-        let peer = self.cloud.peers.get_mut(&node);
-        peer.and_then(|p| p.current.as_mut()).is_some_and(|c| c.send(2, Bytes::copy_from_slice(payload)).is_ok())
+        let c = self.cloud.e2e.connection_mut(&node, Slot::Current);
+        c.is_some_and(|c| c.send(2, Bytes::copy_from_slice(payload)).is_ok())
     }
 
     fn e2e_connected(&self, d: usize) -> bool {
         let node = self.devices[d].id;
         self.devices[d].e2e.as_ref().is_some_and(Connection::is_connected)
-            && self.cloud.peers.get(&node).and_then(|p| p.current.as_ref()).is_some_and(Connection::is_connected)
+            && self.cloud.e2e.connection(&node, Slot::Current).is_some_and(Connection::is_connected)
     }
 
     /// Runs the clock in steps until device `d`'s end-to-end session is up both ways.
@@ -1161,12 +1100,12 @@ fn a_restarted_device_replaces_its_end_to_end_session() {
     let mut net = network(1, Pattern::IK, Suite::ChaChaPolyBlake2s, Mode::Stream);
     assert!(net.until_connected(0, Duration::from_secs(5)));
     let node = net.devices[0].id;
-    let first = net.cloud.peers[&node].current.as_ref().unwrap().local_index();
+    let first = net.cloud.e2e.connection(&node, Slot::Current).unwrap().local_index();
     net.restart_e2e(0);
     assert!(net.until_connected(0, Duration::from_secs(5)));
-    let peer = &net.cloud.peers[&node];
-    assert_ne!(peer.current.as_ref().unwrap().local_index(), first, "the new session replaced the old");
-    assert!(peer.candidate.is_none());
+    let current = net.cloud.e2e.connection(&node, Slot::Current).unwrap();
+    assert_ne!(current.local_index(), first, "the new session replaced the old");
+    assert!(net.cloud.e2e.connection(&node, Slot::Candidate).is_none());
     assert_eq!(net.cloud.connected, [node, node]);
     assert!(net.device_send(0, b"after restart"));
     assert!(net.cloud_send(node, b"welcome back"));
