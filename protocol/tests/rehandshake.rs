@@ -10,6 +10,21 @@ use bytes::Bytes;
 use util::*;
 use veil_protocol::{Decision, Duration, Mode, Pattern, Psk, Suite};
 
+/// Loses every transport packet of the first re-handshake's generation (G set) sent in
+/// direction `dir` while the returned switch is on (spec §6.2).
+fn lose_new_generation(pair: &mut Pair, dir: Dir) -> Rc<RefCell<bool>> {
+    let on = Rc::new(RefCell::new(true));
+    let on2 = Rc::clone(&on);
+    pair.hook = Some(Box::new(move |d, pkt: Vec<u8>| {
+        if d == dir && pkt[0] & 0xFC == 0x10 && pkt[0] & 0x01 != 0 && *on2.borrow() {
+            vec![]
+        } else {
+            vec![pkt]
+        }
+    }));
+    on
+}
+
 #[test]
 fn a_tampered_final_does_not_stop_the_genuine_one() {
     for p in [Pattern::XX, Pattern::XXpsk3] {
@@ -153,15 +168,7 @@ fn the_replaced_session_stays_open_while_the_initiator_awaits_the_responder() {
     // data (sent on the new session, or the old one until confirmed) keeps arriving.
     let mut pair = Pair::new(Pattern::IK, Suite::ChaChaPolyBlake2s, Mode::Datagram);
     pair.drive();
-    let drop_new = Rc::new(RefCell::new(true));
-    let d2 = Rc::clone(&drop_new);
-    pair.hook = Some(Box::new(move |d, p: Vec<u8>| {
-        if d == Dir::AtoB && p[0] & 0xFC == 0x10 && p[0] & 0x01 != 0 && *d2.borrow() {
-            vec![]
-        } else {
-            vec![p]
-        }
-    }));
+    let drop_new = lose_new_generation(&mut pair, Dir::AtoB);
     pair.a.start_rehandshake(pair.now).unwrap();
     pair.drive();
     for i in 0..8u64 {
@@ -190,15 +197,7 @@ fn a_second_rehandshake_waits_for_the_pending_one() {
     // generation.
     let mut pair = Pair::new(Pattern::XX, Suite::ChaChaPolyBlake2s, Mode::Datagram);
     pair.drive();
-    let drop_new = Rc::new(RefCell::new(true));
-    let d2 = Rc::clone(&drop_new);
-    pair.hook = Some(Box::new(move |d, p: Vec<u8>| {
-        if d == Dir::BtoA && p[0] & 0xFC == 0x10 && p[0] & 0x01 != 0 && *d2.borrow() {
-            vec![]
-        } else {
-            vec![p]
-        }
-    }));
+    let drop_new = lose_new_generation(&mut pair, Dir::BtoA);
     pair.a.start_rehandshake(pair.now).unwrap();
     pair.drive();
     pair.a.send(1, Bytes::from_static(b"up")).unwrap();
@@ -228,16 +227,8 @@ fn a_switch_survives_loss_longer_than_the_handshake_timeout() {
     for (p, dir) in [(Pattern::IK, Dir::AtoB), (Pattern::KK, Dir::AtoB), (Pattern::XX, Dir::BtoA)] {
         let mut pair = Pair::new(p, Suite::ChaChaPolyBlake2s, Mode::Datagram);
         pair.drive();
-        let drop_new = Rc::new(RefCell::new(true));
-        let d2 = Rc::clone(&drop_new);
         // Lose every new-generation packet from the side that switches at once.
-        pair.hook = Some(Box::new(move |d, pkt: Vec<u8>| {
-            if d == dir && pkt[0] & 0xFC == 0x10 && pkt[0] & 0x01 != 0 && *d2.borrow() {
-                vec![]
-            } else {
-                vec![pkt]
-            }
-        }));
+        let drop_new = lose_new_generation(&mut pair, dir);
         let old_hash = *pair.a.handshake_hash().unwrap();
         pair.a.start_rehandshake(pair.now).unwrap();
         pair.drive();
