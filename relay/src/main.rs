@@ -8,8 +8,7 @@
 //! 3 verification failed (`cert show` / `crl show` with `--ca`).
 #![forbid(unsafe_code)]
 
-mod keyfile;
-mod tooling;
+use veil_relay::tooling;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

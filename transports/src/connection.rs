@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use veil_protocol::handshake::HANDSHAKE_HASH_LEN;
+use veil_protocol::routing::RoutingMessage;
 use veil_protocol::trust::{Authorized, MAX_REVOCATION_LIST_LEN};
 use veil_protocol::{CloseReason, ConnectionStats, PublicKey, Role};
 
@@ -26,6 +27,29 @@ pub struct Message {
     pub payload: Bytes,
 }
 
+/// What [`Connection::recv_any`] returns: a data message, or a routing message (spec §16)
+/// on an endpoint that routes ([`crate::EndpointBuilder::routing`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Received {
+    /// A data message (spec §9.2 `Data`).
+    Message(Message),
+    /// A routing message: an envelope, an announcement or a notice. Envelopes share the
+    /// decrypted packet's buffer.
+    Routing(RoutingMessage),
+}
+
+/// Why [`Connection::try_send_routing`] did not queue a message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The connection's queue is full (a relay answers `Unreachable { Congested }`, spec
+    /// §16.4); the message is handed back.
+    Full(RoutingMessage),
+    /// The connection has ended, or the message cannot be sent on it (too large).
+    Failed(Error),
+}
+
 /// What a handle asks of its driver. Travels in order with the data, so a close
 /// follows every message sent before it.
 #[derive(Debug)]
@@ -36,6 +60,8 @@ pub(crate) enum Command {
     },
     /// spec §15.8: a revocation list for the peer.
     PushRevocationList(Bytes),
+    /// spec §16: a routing message.
+    Routing(RoutingMessage),
     Close(CloseReason),
 }
 
@@ -76,7 +102,7 @@ struct Inner {
     cmd: mpsc::Sender<Command>,
     /// Set by `close` when the ordered `Close` command cannot get through in time.
     force_close: watch::Sender<Option<CloseReason>>,
-    incoming: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Received>>,
     outcome: watch::Receiver<Option<Error>>,
     linger: std::time::Duration,
 }
@@ -101,7 +127,7 @@ impl std::fmt::Debug for Connection {
 pub(crate) struct DriverEnds {
     pub(crate) cmd: mpsc::Receiver<Command>,
     pub(crate) force_close: watch::Receiver<Option<CloseReason>>,
-    pub(crate) incoming: mpsc::Sender<Message>,
+    pub(crate) incoming: mpsc::Sender<Received>,
     pub(crate) outcome: watch::Sender<Option<Error>>,
 }
 
@@ -173,17 +199,80 @@ impl Connection {
         Ok(())
     }
 
-    /// The next message from the peer.
+    /// The next data message from the peer. On an endpoint that routes
+    /// ([`crate::EndpointBuilder::routing`]) routing messages are skipped (and lost): read
+    /// such a connection with [`Connection::recv_any`].
     ///
     /// # Errors
     /// Once the connection is over and every received message was read: why it ended
     /// ([`Error::Closed`] for an orderly close by either side).
     pub async fn recv(&self) -> Result<Message, Error> {
+        let mut incoming = self.inner.incoming.lock().await;
+        loop {
+            match incoming.recv().await {
+                Some(Received::Message(m)) => return Ok(m),
+                Some(Received::Routing(m)) => {
+                    tracing::debug!(route = m.route(), "routing message skipped by recv");
+                }
+                None => {
+                    drop(incoming);
+                    return Err(self.outcome().await);
+                }
+            }
+        }
+    }
+
+    /// The next data or routing message from the peer, in the order they arrived.
+    ///
+    /// # Errors
+    /// As [`Connection::recv`].
+    pub async fn recv_any(&self) -> Result<Received, Error> {
         let next = self.inner.incoming.lock().await.recv().await;
         match next {
             Some(m) => Ok(m),
             None => Err(self.outcome().await),
         }
+    }
+
+    /// Queues a routing message (spec §16): `Route`, `Withdraw` and `Unreachable` from a
+    /// relay, `Forward` from an endpoint, `Deliver` from a relay. Waits while the
+    /// connection's queue is full. Announcements and notices leave ahead of queued data
+    /// (spec §16.3).
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`] if an envelope does not fit one packet to this peer; the
+    /// connection's outcome if it has ended.
+    pub async fn send_routing(&self, msg: RoutingMessage) -> Result<(), Error> {
+        self.check_routing(&msg)?;
+        if self.inner.cmd.send(Command::Routing(msg)).await.is_err() {
+            return Err(self.outcome().await);
+        }
+        Ok(())
+    }
+
+    /// Queues a routing message without waiting: a relay that finds the next link's queue
+    /// full drops the envelope and answers `Unreachable { Congested }` (spec §16.4 step 5).
+    ///
+    /// # Errors
+    /// [`TrySendError::Full`] with the message when the queue is full;
+    /// [`TrySendError::Failed`] as [`Connection::send_routing`] otherwise.
+    pub fn try_send_routing(&self, msg: RoutingMessage) -> Result<(), TrySendError> {
+        self.check_routing(&msg).map_err(TrySendError::Failed)?;
+        match self.inner.cmd.try_send(Command::Routing(msg)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Command::Routing(m))) => Err(TrySendError::Full(m)),
+            Err(_) => Err(TrySendError::Failed(self.inner.outcome.borrow().clone().unwrap_or(Error::EndpointClosed))),
+        }
+    }
+
+    /// An envelope must fit one message to this peer (spec §16.2).
+    fn check_routing(&self, msg: &RoutingMessage) -> Result<(), Error> {
+        let len = msg.message().encoded_len();
+        let max = self.max_message_len() + crate::driver::DATA_FRAMING_MAX;
+        if len > max {
+            return Err(Error::MessageTooLarge { len, max });
+        }
+        Ok(())
     }
 
     /// Closes the connection (spec §7.6): messages already passed to `send` go first,

@@ -23,12 +23,13 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+use veil_protocol::routing::RoutingMessage;
 use veil_protocol::trust::{Authorized, CertRole, RoleSet};
 use veil_protocol::wire::{self, RejectReason, MAX_PACKET_LEN};
 use veil_protocol::{CloseReason, Closed, ConnectionError, Decision, Event, PublicKey, Role};
 
 use crate::config::{AuthRequest, Transport};
-use crate::connection::{lock, Command, ConnShared, Connection, DriverEnds, Message};
+use crate::connection::{lock, Command, ConnShared, Connection, DriverEnds, Message, Received};
 use crate::endpoint::{EndpointShared, ReceivedRevocationList, Slot};
 use crate::error::Error;
 use crate::trust::{TimeSource, TrustState};
@@ -49,7 +50,7 @@ const IDLE_BUFFER_MAX: usize = 16 * 1024;
 const COMMAND_BATCH: usize = 1_024;
 /// Worst-case framing of one data message: kind (1), channel (≤ 3), id (≤ 10), length
 /// (≤ 3) — the same bound the core's `max_message_payload` uses (spec §9.2).
-const DATA_FRAMING_MAX: usize = 17;
+pub(crate) const DATA_FRAMING_MAX: usize = 17;
 
 thread_local! {
     /// One packet buffer per worker thread instead of 64 KiB per connection: the core
@@ -213,6 +214,13 @@ impl Output {
     }
 }
 
+/// What the core could not take yet (its queue was full), sent first once it has room.
+#[derive(Debug)]
+enum Held {
+    Data(u16, Bytes),
+    Routing(RoutingMessage),
+}
+
 /// Who waits for the handshake's result.
 #[derive(Debug)]
 pub(crate) enum Ready {
@@ -286,9 +294,9 @@ pub(crate) struct Driver {
     ends: Option<DriverEnds>,
     shared: Option<Arc<ConnShared>>,
     handoff: Option<Connection>,
-    pending: VecDeque<Message>,
+    pending: VecDeque<Received>,
     /// A message the core's queue could not take yet.
-    held: Option<(u16, Bytes)>,
+    held: Option<Held>,
     /// The first local error that ends the connection; wins over the core's report.
     error: Option<Error>,
     closed: Option<Closed>,
@@ -614,6 +622,7 @@ impl Driver {
     fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Send { channel, payload } => self.send(channel, payload),
+            Command::Routing(msg) => self.send_routing(msg),
             Command::PushRevocationList(list) => {
                 if let Err(e) = self.core.push_revocation_list(list) {
                     tracing::debug!(error = %e, "revocation list not pushed");
@@ -670,8 +679,18 @@ impl Driver {
     fn send(&mut self, channel: u16, payload: Bytes) {
         match self.core.send(channel, payload.clone()) {
             Ok(_) => {}
-            Err(ConnectionError::QueueFull) => self.held = Some((channel, payload)),
+            Err(ConnectionError::QueueFull) => self.held = Some(Held::Data(channel, payload)),
             Err(e) => tracing::debug!(error = %e, "message not sent"),
+        }
+    }
+
+    /// spec §16: a routing message from the application (a relay or an endpoint that
+    /// routes). Waits like data when the core's queue is full.
+    fn send_routing(&mut self, msg: RoutingMessage) {
+        match self.core.send_routing(msg.clone()) {
+            Ok(()) => {}
+            Err(ConnectionError::QueueFull) => self.held = Some(Held::Routing(msg)),
+            Err(e) => tracing::debug!(error = %e, "routing message not sent"),
         }
     }
 
@@ -695,8 +714,10 @@ impl Driver {
         loop {
             let mut progressed = false;
             let now = self.ep.clock.now();
-            if let Some((channel, payload)) = self.held.take() {
-                self.send(channel, payload);
+            match self.held.take() {
+                Some(Held::Data(channel, payload)) => self.send(channel, payload),
+                Some(Held::Routing(msg)) => self.send_routing(msg),
+                None => {}
             }
             while let Some(ev) = self.core.poll_event() {
                 progressed = true;
@@ -795,7 +816,18 @@ impl Driver {
                 }
                 self.send_time_sync();
             }
-            Event::Message { channel, id, payload } => self.pending.push_back(Message { channel, id, payload }),
+            Event::Message { channel, id, payload } => {
+                self.pending.push_back(Received::Message(Message { channel, id, payload }));
+            }
+            Event::Routing(msg) => {
+                if self.ep.routing {
+                    self.pending.push_back(Received::Routing(msg));
+                } else {
+                    // spec §16.7: a node that does not route drops routing messages.
+                    self.ep.counters.routing_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(route = msg.route(), "routing message dropped: this endpoint does not route");
+                }
+            }
             Event::Rehandshaked { handshake_hash } => {
                 tracing::debug!("re-handshake complete");
                 if let Some(s) = &self.shared {
@@ -947,7 +979,7 @@ async fn force_changed(rx: Option<&mut tokio::sync::watch::Receiver<Option<Close
 
 /// Waits for room in the application's queue and hands over the oldest message.
 /// `false` when the application is gone.
-async fn deliver(tx: Option<&mpsc::Sender<Message>>, pending: &mut VecDeque<Message>) -> bool {
+async fn deliver(tx: Option<&mpsc::Sender<Received>>, pending: &mut VecDeque<Received>) -> bool {
     let Some(tx) = tx else { return std::future::pending().await };
     match tx.reserve().await {
         Ok(permit) => {

@@ -80,6 +80,9 @@ pub struct EndpointStats {
     pub cookies_refused: u64,
     /// UDP: INITs whose cookie verified (the address was proven).
     pub cookies_accepted: u64,
+    /// Routing messages (spec §16) dropped because this endpoint does not route
+    /// ([`EndpointBuilder::routing`] off, spec §16.7).
+    pub routing_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +97,7 @@ pub(crate) struct Counters {
     pub(crate) cookies_sent: AtomicU64,
     pub(crate) cookies_refused: AtomicU64,
     pub(crate) cookies_accepted: AtomicU64,
+    pub(crate) routing_dropped: AtomicU64,
 }
 
 /// What every task of an endpoint shares.
@@ -106,6 +110,9 @@ pub(crate) struct EndpointShared {
     pub(crate) kk_initiator: Option<PublicKey>,
     pub(crate) authorizer: Authorizer,
     pub(crate) limits: EndpointLimits,
+    /// spec §16.7: routing messages reach the application ([`Connection::recv_any`]) or are
+    /// dropped and counted.
+    pub(crate) routing: bool,
     pub(crate) counters: Counters,
     rate: RateLimiter,
     failures: broadcast::Sender<HandshakeFailure>,
@@ -224,6 +231,7 @@ pub struct EndpointBuilder {
     kk_initiator: Option<PublicKey>,
     tcp: Option<SocketAddr>,
     udp: Option<SocketAddr>,
+    routing: bool,
     /// The local chain, or why it cannot be used (reported by `bind`).
     chain: Option<Result<Vec<u8>, TrustError>>,
 }
@@ -240,6 +248,7 @@ impl EndpointBuilder {
             kk_initiator: None,
             tcp: None,
             udp: None,
+            routing: false,
             chain: None,
         }
     }
@@ -252,6 +261,16 @@ impl EndpointBuilder {
         // Public keys: no need for a constant-time comparison.
         let bound = chain.leaf().body().public_key == *self.config.public_key().as_bytes();
         self.chain = Some(if bound { chain.encode() } else { Err(TrustError::KeyMismatch) });
+        self
+    }
+
+    /// Hands routing messages (spec §16: `Route`, `Withdraw`, `Forward`, `Deliver`,
+    /// `Unreachable`) to the application through [`Connection::recv_any`]. Off by default:
+    /// a node that does not route drops them and counts them
+    /// ([`EndpointStats::routing_dropped`], spec §16.7).
+    #[must_use]
+    pub fn routing(mut self, on: bool) -> Self {
+        self.routing = on;
         self
     }
 
@@ -373,6 +392,7 @@ impl EndpointBuilder {
             datagram_config: Arc::new(datagram),
             kk_initiator: self.kk_initiator,
             authorizer: self.authorizer,
+            routing: self.routing,
             rate: RateLimiter::new(self.limits.handshake_rate_per_ip, self.limits.handshake_burst_per_ip),
             limits: self.limits,
             counters: Counters::default(),
@@ -577,6 +597,7 @@ impl Endpoint {
             cookies_sent: c.cookies_sent.load(Ordering::Relaxed),
             cookies_refused: c.cookies_refused.load(Ordering::Relaxed),
             cookies_accepted: c.cookies_accepted.load(Ordering::Relaxed),
+            routing_dropped: c.routing_dropped.load(Ordering::Relaxed),
         }
     }
 

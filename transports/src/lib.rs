@@ -142,7 +142,7 @@ mod trust;
 mod udp;
 
 pub use config::{AuthRequest, Authorizer, EndpointLimits, Transport, DEFAULT_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE};
-pub use connection::{Connection, Message};
+pub use connection::{Connection, Message, Received, TrySendError};
 pub use endpoint::{Endpoint, EndpointBuilder, EndpointStats, HandshakeFailure, ReceivedRevocationList};
 pub use error::Error;
 pub use trust::{PeerRoles, TimeSource, TrustState};
