@@ -18,8 +18,10 @@
 #[cfg(not(feature = "std"))]
 extern crate std;
 
+mod relay;
 mod routing;
 mod trust;
+pub use relay::{relay, relay_ops, RelayOp};
 pub use routing::routing;
 pub use trust::{certificate, revocation_list};
 
@@ -1305,7 +1307,64 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     seed_session(&mut out);
     seed_replay_window(&mut out);
     seed_routing(&mut out);
+    seed_relay(&mut out);
     out
+}
+
+fn seed_relay(out: &mut Seeds) {
+    let ops = |list: &[[u8; 4]]| -> Vec<u8> { list.iter().flatten().copied().collect() };
+    // Layout: `relay::RelayOp::decode`. Devices 1 and 2 on links 1 and 2 (2 over datagrams),
+    // then the uplink to node 0 on link 0; traffic both ways; a re-attach; the uplink drops
+    // and returns; a detach and a revocation.
+    let big = 60 << 2; // max_message 300
+    let session = [
+        [0, 1, 1, big],
+        [0, 2, 2, big | 2],
+        [0, 0, 0, big | 1],
+        [7, 0, 0, 0],
+        [3, 1, 0, 40],
+        [3, 0, 0, 56],
+        [3, 0, 1, 200],
+        [6, 0, 0xe8, 0x03],
+        [3, 2, 0, 20],
+        [0, 3, 1, big],
+        [3, 1, 0, 30],
+        [3, 3, 0, 30],
+        [1, 0, 0, 0],
+        [3, 3, 0, 30],
+        [0, 4, 0, big],
+        [3, 3, 0, 30],
+        [1, 3, 0, 0],
+        [2, 2, 0, 0],
+        [7, 0, 0, 0],
+    ];
+    out.push(("relay", "seed-session".into(), ops(&session)));
+    // Every step's drop: unknown handle, made-up handle, uplink down, table full, too large;
+    // messages only relays send; congestion; time for the rate limit and repeats.
+    let drops = [
+        [0, 1, 1, 2],
+        [3, 1, 5, 10],
+        [3, 1, 0xf3, 10],
+        [0, 0, 0, 1 | 2],
+        [0, 2, 2, 2],
+        [0, 3, 3, 2],
+        [0, 4, 4, 2],
+        [0, 5, 5, 2],
+        [3, 5, 0, 10],
+        [3, 1, 0, 200],
+        [4, 1, 0, 0],
+        [4, 1, 1, 0],
+        [4, 0, 2, 0],
+        [4, 0, 3, 0],
+        [5, 1, 0, 0],
+        [5, 1, 0, 0],
+        [1, 0, 0, 0],
+        [3, 1, 0, 10],
+        [6, 0, 0x10, 0x27],
+        [3, 1, 0, 10],
+        [7, 0, 0, 0],
+    ];
+    out.push(("relay", "seed-drops".into(), ops(&drops)));
 }
 
 fn seed_routing(out: &mut Seeds) {
@@ -1544,6 +1603,7 @@ mod tests {
                 "session_lifetime" => session_lifetime(&input),
                 "replay_window" => replay_window(&input),
                 "routing" => routing(&input),
+                "relay" => relay(&input),
                 t => panic!("unknown target {t} for {name}"),
             }
         }

@@ -67,6 +67,7 @@ pub mod handshake;
 pub mod message;
 pub mod params;
 pub mod payload;
+pub mod relay;
 pub mod replay;
 pub mod routing;
 pub mod session;
