@@ -4,31 +4,43 @@
 use tokio::time::Instant;
 use veil_protocol::Timestamp;
 
-/// An endpoint's time base. Copy it freely: every copy agrees.
+/// A time base for sans-IO cores driven by tokio (an endpoint's, a relay's). Copy it
+/// freely: every copy agrees.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Clock {
+pub struct Clock {
     start: Instant,
 }
 
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Clock {
-    pub(crate) fn new() -> Self {
+    /// A time base starting now.
+    #[must_use]
+    pub fn new() -> Self {
         Self { start: Instant::now() }
     }
 
     /// Now, as the core sees it.
-    pub(crate) fn now(&self) -> Timestamp {
+    #[must_use]
+    pub fn now(&self) -> Timestamp {
         self.timestamp(Instant::now())
     }
 
     /// `at` as a timestamp. Floors to the microsecond, so that a timer armed with
     /// [`Clock::instant`] never wakes before its deadline as the core computes it.
-    pub(crate) fn timestamp(&self, at: Instant) -> Timestamp {
+    #[must_use]
+    pub fn timestamp(&self, at: Instant) -> Timestamp {
         let micros = at.saturating_duration_since(self.start).as_micros();
         Timestamp::from_micros(u64::try_from(micros).unwrap_or(u64::MAX))
     }
 
     /// The instant of a core deadline (far future if it does not fit).
-    pub(crate) fn instant(&self, t: Timestamp) -> Instant {
+    #[must_use]
+    pub fn instant(&self, t: Timestamp) -> Instant {
         let d = std::time::Duration::from_micros(t.as_micros());
         self.start.checked_add(d).unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(86_400 * 365))
     }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use veil_protocol::trust::{Authorized, RoleSet};
+use veil_protocol::trust::{Authorized, NodeId, RoleSet};
 use veil_protocol::{Decision, PublicKey, Role};
 
 use crate::trust::{PeerRoles, TrustState};
@@ -147,6 +147,11 @@ pub struct AuthRequest<'a> {
     /// [`PeerRoles`] for this direction, or what the connect call named; empty for a
     /// callback authorizer unless the connect call named some.
     pub expected_roles: RoleSet,
+    /// For an end-to-end peer reached through a relay ([`RoutedEndpoint`](crate::RoutedEndpoint),
+    /// spec §16.6): the relay's node id. `remote_addr` and `transport` are then those of the
+    /// link to that relay, and the peer's key has already been checked against the node id its
+    /// route names. `None` for a link peer.
+    pub relay: Option<NodeId>,
 }
 
 type AuthorizeFn = dyn Fn(&AuthRequest<'_>) -> Decision + Send + Sync;

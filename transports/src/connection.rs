@@ -265,10 +265,17 @@ impl Connection {
         }
     }
 
+    /// The longest routing message (encoded, spec §9.2) one packet to this peer carries: a
+    /// relay refuses a `Deliver` above it with `Unreachable { TooLarge }` (spec §16.4).
+    #[must_use]
+    pub fn max_envelope_len(&self) -> usize {
+        self.max_message_len() + crate::driver::DATA_FRAMING_MAX
+    }
+
     /// An envelope must fit one message to this peer (spec §16.2).
     fn check_routing(&self, msg: &RoutingMessage) -> Result<(), Error> {
         let len = msg.message().encoded_len();
-        let max = self.max_message_len() + crate::driver::DATA_FRAMING_MAX;
+        let max = self.max_envelope_len();
         if len > max {
             return Err(Error::MessageTooLarge { len, max });
         }
@@ -296,6 +303,13 @@ impl Connection {
     /// Waits until the connection is over and returns why (like `recv` without reading).
     pub async fn closed(&self) -> Error {
         self.outcome().await
+    }
+
+    /// Whether the connection is over (its driver has finished; `closed` would return at
+    /// once).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.inner.outcome.borrow().is_some()
     }
 
     async fn outcome(&self) -> Error {

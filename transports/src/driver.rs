@@ -248,7 +248,7 @@ struct PeerTrust {
 /// When a verified peer's chain stops being valid at the state's time: one second past its
 /// `valid_until` plus the skew tolerance (spec §15.7), at least a second from now. `None`
 /// for allowlisted peers and while the time is unknown (a change of time re-checks anyway).
-fn expiry_of(state: &TrustState, peer: &Authorized) -> Option<Instant> {
+pub(crate) fn expiry_of(state: &TrustState, peer: &Authorized) -> Option<Instant> {
     let Authorized::Certified(p) = peer else { return None };
     let now = state.now()?.as_secs();
     let end = p.valid_until.as_secs().saturating_add(state.clock_skew()).saturating_add(1);
@@ -767,6 +767,7 @@ impl Driver {
                     transport: self.transport,
                     role: self.core.role(),
                     expected_roles: self.expected,
+                    relay: None,
                 };
                 let (decision, peer) = self.ep.authorizer.decide(&req);
                 match (&decision, peer) {

@@ -90,6 +90,14 @@ pub enum Error {
     /// The endpoint has no trust state (see [`Authorizer::trust`](crate::Authorizer::trust)).
     #[error("the endpoint has no trust state")]
     NoTrust,
+    /// spec §16.6: no link reaches the node: no relay link announces it and no direct link
+    /// goes to it ([`RoutedEndpoint`](crate::RoutedEndpoint)).
+    #[error("no route to the node")]
+    NoRoute,
+    /// There is no established end-to-end session with the node (connect first, or it has
+    /// closed) ([`RoutedEndpoint`](crate::RoutedEndpoint)).
+    #[error("no end-to-end session with the node")]
+    NoSession,
 }
 
 impl Error {

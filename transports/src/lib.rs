@@ -109,6 +109,21 @@
 //! to device peers), or is learned by a device from `TimeSync` of a peer verified as gateway or
 //! cloud ([`TimeSource::Learned`], spec §15.7).
 //!
+//! ## End-to-end through relays (spec §16)
+//!
+//! A device behind a gateway holds two sessions: a link session with the gateway (a
+//! [`Connection`] from an endpoint built with [`EndpointBuilder::routing`]) and, inside its
+//! `Forward`/`Deliver` envelopes, an end-to-end session with the cloud in routed mode (spec
+//! §16.2) that the gateway cannot read. A [`RoutedEndpoint`] runs those end-to-end sessions for
+//! a device or a cloud service: hand it relay links ([`RoutedEndpoint::add_relay_link`]) and,
+//! on a cloud, devices that connect directly ([`RoutedEndpoint::add_direct`], spec §16.1); then
+//! [`RoutedEndpoint::connect`] to a node by its static key, [`RoutedEndpoint::send`] to it by
+//! node id, and read [`NodeEvent`]s. It learns routes from the relays' announcements, checks
+//! that every end-to-end peer's key is the node its route names (spec §16.6), authorizes peers
+//! with its own [`Authorizer`], and keeps sessions across route changes: a link that drops and
+//! comes back, or a device that moves to another gateway, keeps its session and its counters.
+//! The gateway side (a relay) is `veil-relay`.
+//!
 //! ## Time
 //!
 //! Each endpoint reads `tokio::time::Instant` and hands the core
@@ -137,12 +152,15 @@ mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 mod limiter;
+pub mod routed;
 mod tcp;
 mod trust;
 mod udp;
 
+pub use clock::Clock;
 pub use config::{AuthRequest, Authorizer, EndpointLimits, Transport, DEFAULT_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE};
 pub use connection::{Connection, Message, Received, TrySendError};
 pub use endpoint::{Endpoint, EndpointBuilder, EndpointStats, HandshakeFailure, ReceivedRevocationList};
 pub use error::Error;
+pub use routed::{NodeEvent, RoutedBuilder, RoutedEndpoint, RoutedLimits, RoutedStats, Via};
 pub use trust::{PeerRoles, TimeSource, TrustState};

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use veil_protocol::trust::{
-    Allowlist, Authorized, CertRole, RevocationUpdate, RoleSet, Trust, TrustError, TrustStore, UnixTime,
+    Allowlist, Authorized, CertRole, IssuerId, RevocationUpdate, RoleSet, Trust, TrustError, TrustStore, UnixTime,
 };
 use veil_protocol::PublicKey;
 
@@ -91,6 +91,20 @@ struct Shared {
     time_sources: Vec<PublicKey>,
     /// Bumped whenever the trust state changes; every live connection re-checks its peer.
     changes: watch::Sender<u64>,
+    /// The revocation lists accepted through [`TrustState::update_revocation_list`] (pushed by
+    /// peers or offered by the application), the newest per anchor: [`TrustState::replace`]
+    /// offers them to the new trust, so that reloading older files never drops a newer list.
+    /// At most one per anchor of the current trust (`MAX_TRUST_ANCHORS`, each at most
+    /// `MAX_REVOCATION_LIST_LEN` bytes). Locked only while the trust's write lock is held.
+    accepted_lists: Mutex<Vec<AcceptedList>>,
+}
+
+/// A revocation list [`TrustState::update_revocation_list`] accepted.
+#[derive(Debug)]
+struct AcceptedList {
+    issuer: IssuerId,
+    epoch: u64,
+    bytes: Vec<u8>,
 }
 
 /// The trust state of a node (spec §15): its [`Trust`] (allowlist or fleet CA with
@@ -110,10 +124,7 @@ impl TrustState {
     /// time (spec §15.7: gateways and cloud always check validity).
     #[must_use]
     pub fn new(trust: Trust, time: TimeSource) -> Self {
-        let trust = match trust {
-            Trust::FleetCa(store) if time == TimeSource::SystemClock => Trust::FleetCa(store.require_time(true)),
-            other => other,
-        };
+        let trust = Self::prepare(trust, time);
         Self {
             inner: Arc::new(Shared {
                 trust: RwLock::new(trust),
@@ -121,7 +132,16 @@ impl TrustState {
                 learned: Mutex::new(None),
                 time_sources: Vec::new(),
                 changes: watch::channel(0).0,
+                accepted_lists: Mutex::new(Vec::new()),
             }),
+        }
+    }
+
+    /// spec §15.7: gateways and cloud services (a real-time clock) always check validity.
+    fn prepare(trust: Trust, time: TimeSource) -> Trust {
+        match trust {
+            Trust::FleetCa(store) if time == TimeSource::SystemClock => Trust::FleetCa(store.require_time(true)),
+            other => other,
         }
     }
 
@@ -212,7 +232,16 @@ impl TrustState {
     /// trust anchor, [`TrustError::UnknownIssuer`].
     pub fn update_revocation_list(&self, list: &[u8]) -> Result<RevocationUpdate, TrustError> {
         let result = match &mut *self.write() {
-            Trust::FleetCa(store) => store.update_revocation_list(list),
+            Trust::FleetCa(store) => {
+                let result = store.update_revocation_list(list);
+                if let Ok(u) = &result {
+                    // Kept (under the trust lock) for `replace`: the newest list of its anchor.
+                    let mut kept = self.inner.accepted_lists.lock().unwrap_or_else(PoisonError::into_inner);
+                    kept.retain(|l| l.issuer != u.issuer);
+                    kept.push(AcceptedList { issuer: u.issuer, epoch: u.epoch, bytes: list.to_vec() });
+                }
+                result
+            }
             _ => Err(TrustError::UnknownIssuer),
         };
         match &result {
@@ -223,6 +252,63 @@ impl TrustState {
             Err(e) => tracing::warn!(error = %e, len = list.len(), "revocation list refused, current one kept"),
         }
         result
+    }
+
+    /// Replaces the trust as a whole — a reload of the allowlist, the trust anchors or the
+    /// revocation lists from their files — without dropping live connections: each one checks
+    /// its peer against the new trust at once, keeps going if it passes and closes with the
+    /// mapped reason if it does not (a peer taken off the allowlist: `Unauthorized`; revoked:
+    /// `Revoked`), exactly as after an accepted revocation list (spec §15.6, §15.8).
+    ///
+    /// In fleet-CA mode the new store keeps what the node learned meanwhile: it is set to
+    /// require a time on a node with a real-time clock (as in [`TrustState::new`]), its time
+    /// floor is raised to the current one (time does not run back, spec §15.7), and every
+    /// revocation list accepted through [`TrustState::update_revocation_list`] (pushed by a peer)
+    /// is offered to it again, so a newer pushed list survives a reload of an older file. The
+    /// time sources of allowlist mode and the time source stay as they are.
+    ///
+    /// # Errors
+    /// [`TrustError::StaleRevocationList`] if, for a trust anchor both trusts share, the new
+    /// trust would hold an older revocation list than the one in force (`received` is 0 if it
+    /// holds none): spec §15.5 never lets a list be replaced by an older one, so a revocation
+    /// cannot be undone by restoring an old file. Nothing changes then.
+    pub fn replace(&self, trust: Trust) -> Result<(), TrustError> {
+        let mut trust = Self::prepare(trust, self.inner.time);
+        {
+            let mut current = self.write();
+            let mut kept = self.inner.accepted_lists.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Trust::FleetCa(new) = &mut trust {
+                for list in kept.iter() {
+                    // Refused if older than the new store's own list or of an anchor no longer
+                    // trusted: nothing to keep then.
+                    let _ = new.update_revocation_list(&list.bytes);
+                }
+                if let Trust::FleetCa(old) = &*current {
+                    if let Some(floor) = old.time_floor() {
+                        new.raise_time_floor(floor);
+                    }
+                    for issuer in old.anchors() {
+                        let (Some(held), true) = (old.revocation_epoch(issuer), new.anchors().any(|a| a == issuer))
+                        else {
+                            continue;
+                        };
+                        let received = new.revocation_epoch(issuer).unwrap_or(0);
+                        if received < held {
+                            tracing::warn!(%issuer, held, received, "trust replacement refused: it would roll back a revocation list");
+                            return Err(TrustError::StaleRevocationList { current: held, received });
+                        }
+                    }
+                }
+                // Keep only lists still in force: of a trusted anchor and not superseded.
+                kept.retain(|l| new.revocation_epoch(l.issuer) == Some(l.epoch));
+            } else {
+                kept.clear();
+            }
+            *current = trust;
+        }
+        tracing::info!("trust replaced; live connections re-check their peers");
+        self.changed();
+        Ok(())
     }
 
     /// spec §15.7: a `TimeSync` hint from a peer, believed only by a node without a
@@ -273,13 +359,23 @@ impl TrustState {
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
     }
+
+    /// A receiver that sees every later change of the trust state (a revocation list
+    /// accepted, a reload, a time learned): a cloud pushes its revocation lists again then.
+    #[must_use]
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.subscribe()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use veil_protocol::trust::{CaSigningKey, Certificate, CertificateBody, CertificateChain, NodeId, VerifiedPeer};
+    use veil_protocol::trust::{
+        CaSigningKey, Certificate, CertificateBody, CertificateChain, NodeId, RevocationList, RevocationListBody,
+        VerifiedPeer,
+    };
     use veil_protocol::StaticKeypair;
 
     use super::*;
@@ -366,5 +462,103 @@ mod tests {
         assert!(!state.accept_time_sync(&other, Some(&listed(&other)), 1_800_000_000));
         assert!(state.accept_time_sync(&key, Some(&listed(&key)), 1_800_000_000));
         assert!(state.check(&other, None, RoleSet::NONE).is_ok());
+    }
+
+    /// A list of `ca` at `epoch` revoking `keys`, issued at `issued_at`.
+    fn list(ca: &CaSigningKey, epoch: u64, issued_at: u64, keys: &[PublicKey]) -> Vec<u8> {
+        let mut body = RevocationListBody::new(ca.issuer_id(), epoch, issued_at);
+        body.keys = keys.iter().map(|k| *k.as_bytes()).collect();
+        body.normalize();
+        RevocationList::sign(body, ca).unwrap().encoding().to_vec()
+    }
+
+    fn store_with(ca: &CaSigningKey, lists: &[&[u8]]) -> Trust {
+        let mut store = TrustStore::new([ca.verifying_key()]).unwrap();
+        for l in lists {
+            store.update_revocation_list(l).unwrap();
+        }
+        Trust::FleetCa(store)
+    }
+
+    fn epoch(state: &TrustState, ca: &CaSigningKey) -> Option<u64> {
+        match state.snapshot() {
+            Trust::FleetCa(s) => s.revocation_epoch(ca.issuer_id()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replace_keeps_a_newer_pushed_list_and_refuses_to_roll_one_back() {
+        let (state, ca) = fleet(TimeSource::SystemClock);
+        let revoked = *StaticKeypair::from_secret_bytes([5; 32]).public();
+        let t = 1_750_000_000;
+        let changes = state.subscribe();
+        // The file held epoch 1; a peer pushed epoch 3, which revokes a key.
+        state.replace(store_with(&ca, &[&list(&ca, 1, t, &[])])).unwrap();
+        assert!(changes.has_changed().unwrap());
+        state.update_revocation_list(&list(&ca, 3, t + 10, &[revoked])).unwrap();
+        // A reload of the (older) file keeps the pushed list in force, and the time floor.
+        state.replace(store_with(&ca, &[&list(&ca, 2, t, &[])])).unwrap();
+        assert_eq!(epoch(&state, &ca), Some(3));
+        match state.snapshot() {
+            Trust::FleetCa(s) => assert_eq!(s.time_floor(), Some(UnixTime::from_secs(t + 10))),
+            other => panic!("{other:?}"),
+        }
+        // A newer file wins over the pushed list.
+        state.replace(store_with(&ca, &[&list(&ca, 4, t + 20, &[])])).unwrap();
+        assert_eq!(epoch(&state, &ca), Some(4));
+        // Now nothing older than epoch 4 can come back: not a file of epoch 3, nor no list at all.
+        let mut seen = state.subscribe();
+        seen.mark_unchanged();
+        assert_eq!(
+            state.replace(store_with(&ca, &[&list(&ca, 3, t, &[])])).unwrap_err(),
+            TrustError::StaleRevocationList { current: 4, received: 3 }
+        );
+        assert_eq!(
+            state.replace(store_with(&ca, &[])).unwrap_err(),
+            TrustError::StaleRevocationList { current: 4, received: 0 }
+        );
+        assert_eq!(epoch(&state, &ca), Some(4));
+        assert!(!seen.has_changed().unwrap(), "a refused replacement changes nothing");
+    }
+
+    #[test]
+    fn replace_switches_anchors_and_modes_and_keeps_time_required() {
+        let (state, ca) = fleet(TimeSource::SystemClock);
+        let key = *StaticKeypair::from_secret_bytes([3; 32]).public();
+        let now = state.now().unwrap().as_secs();
+        let chain = |signer: &CaSigningKey| {
+            let body = CertificateBody::new(
+                *key.as_bytes(),
+                "dev",
+                CertRole::Device,
+                now - 10,
+                now + 3_600,
+                1,
+                signer.issuer_id(),
+            );
+            CertificateChain::new(vec![Certificate::sign(body, signer).unwrap()]).unwrap().encode().unwrap()
+        };
+        let rotated = CaSigningKey::from_seed([0xcb; 32]);
+        assert!(state.check(&key, Some(&chain(&ca)), RoleSet::DEVICE).is_ok());
+        // A CA rotation: the old anchor's list has nothing to roll back, since it is gone.
+        state.update_revocation_list(&list(&ca, 7, now, &[])).unwrap();
+        state.replace(store_with(&rotated, &[])).unwrap();
+        assert_eq!(state.check(&key, Some(&chain(&ca)), RoleSet::DEVICE), Err(TrustError::UnknownIssuer));
+        assert!(state.check(&key, Some(&chain(&rotated)), RoleSet::DEVICE).is_ok());
+        // The new store requires a time, as `new` makes it on a node with a clock.
+        match state.snapshot() {
+            Trust::FleetCa(s) => {
+                assert_eq!(s.verify(&key, Some(&chain(&rotated)), None, RoleSet::DEVICE), Err(TrustError::NoTime))
+            }
+            other => panic!("{other:?}"),
+        }
+        // To allowlist mode and back.
+        let mut allow = Allowlist::new();
+        allow.insert(key, "listed").unwrap();
+        state.replace(Trust::Allowlist(allow)).unwrap();
+        assert!(state.check(&key, None, RoleSet::DEVICE).is_ok());
+        state.replace(store_with(&rotated, &[])).unwrap();
+        assert_eq!(state.check(&key, None, RoleSet::DEVICE), Err(TrustError::CertificateMissing));
     }
 }

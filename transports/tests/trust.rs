@@ -528,6 +528,86 @@ async fn a_pushed_revocation_list_is_applied_published_and_passed_on() {
     assert!(matches!(g2.push_revocation_list(huge).await, Err(Error::MessageTooLarge { .. })));
 }
 
+/// A device in allowlist mode that trusts the gateway `GATEWAY`.
+async fn listed_device(seed: u64) -> Endpoint {
+    let mut list = Allowlist::new();
+    list.insert(*keypair(GATEWAY).public(), "gateway").unwrap();
+    let state = TrustState::allowlist(list, TimeSource::Learned, []);
+    node(seed, None, &state, PeerRoles::for_node(CertRole::Device), false).bind().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_trust_reload_that_unlists_a_peer_closes_its_connections_and_keeps_the_others() {
+    init_tracing();
+    let allow = |seeds: &[u64]| {
+        let mut list = Allowlist::new();
+        for &s in seeds {
+            list.insert(*keypair(s).public(), format!("sensor-{s}")).unwrap();
+        }
+        Trust::Allowlist(list)
+    };
+    let Trust::Allowlist(initial) = allow(&[110, 111]) else { unreachable!() };
+    let gw_state = TrustState::allowlist(initial, TimeSource::SystemClock, []);
+    let gw = node(GATEWAY, None, &gw_state, PeerRoles::for_node(CertRole::Gateway), true).bind().await.unwrap();
+    let dropped_dev = listed_device(110).await;
+    let kept_dev = listed_device(111).await;
+    let mut dropped = Vec::new();
+    let mut kept = Vec::new();
+    for t in TRANSPORTS {
+        dropped.push((t, pair(&dropped_dev, &gw, t).await));
+        kept.push((t, pair(&kept_dev, &gw, t).await));
+    }
+
+    // The reload (say, SIGHUP after editing the allowlist file): 110 is gone, 112 is new.
+    gw_state.replace(allow(&[111, 112])).unwrap();
+    for (t, (c, s)) in &dropped {
+        let e = ended(c).await;
+        assert!(matches!(e, Error::Closed { reason: CloseReason::Unauthorized, by_peer: true }), "{t}: {e:?}");
+        let e = ended(s).await;
+        assert!(matches!(e, Error::Closed { reason: CloseReason::Unauthorized, by_peer: false }), "{t}: {e:?}");
+    }
+    for (t, (c, s)) in &kept {
+        assert_alive(c, s, &format!("{t} after the reload")).await;
+        assert_alive(s, c, &format!("{t} after the reload, back")).await;
+    }
+    // New handshakes follow the new list: 110 is refused, 112 gets in.
+    let e = within(dropped_dev.connect_tcp(gw.local_tcp_addr().unwrap(), Some(gw.public_key()))).await.unwrap_err();
+    assert_eq!(e.reject_reason(), Some(RejectReason::Unauthorized), "{e:?}");
+    let new_dev = listed_device(112).await;
+    let (c, s) = pair(&new_dev, &gw, Transport::Udp).await;
+    assert_alive(&c, &s, "a device listed by the reload").await;
+}
+
+#[tokio::test]
+async fn a_trust_reload_with_a_newer_revocation_list_closes_the_revoked_peer_only() {
+    init_tracing();
+    let p = pki();
+    let gw_state = TrustState::fleet_ca(store(&p), TimeSource::SystemClock);
+    let gw = gateway(&p, &gw_state).bind().await.unwrap();
+    let revoked_dev =
+        device(120, Some(valid(&p, keypair(120).public(), CertRole::Device, 120)), &p).bind().await.unwrap();
+    let kept_dev =
+        device(121, Some(via_intermediate(&p, keypair(121).public(), CertRole::Device, 121)), &p).bind().await.unwrap();
+    let (rc, rs) = pair(&revoked_dev, &gw, Transport::Udp).await;
+    let (kc, ks) = pair(&kept_dev, &gw, Transport::Tcp).await;
+
+    let mut reloaded = store(&p);
+    reloaded.update_revocation_list(&crl(&p, 2, &[(&p.ca, 120)], &[])).unwrap();
+    gw_state.replace(Trust::FleetCa(reloaded)).unwrap();
+    let e = ended(&rc).await;
+    assert!(matches!(e, Error::Closed { reason: CloseReason::Revoked, by_peer: true }), "{e:?}");
+    assert!(matches!(ended(&rs).await, Error::Closed { reason: CloseReason::Revoked, by_peer: false }));
+    assert_alive(&kc, &ks, "after the reload").await;
+    // Restoring the older file (no list at all) cannot undo the revocation.
+    assert_eq!(
+        gw_state.replace(Trust::FleetCa(store(&p))).unwrap_err(),
+        TrustError::StaleRevocationList { current: 2, received: 0 }
+    );
+    let e = within(revoked_dev.connect_tcp(gw.local_tcp_addr().unwrap(), Some(gw.public_key()))).await.unwrap_err();
+    assert_eq!(e.reject_reason(), Some(RejectReason::Revoked), "{e:?}");
+    assert_alive(&ks, &kc, "after the refused reload").await;
+}
+
 #[tokio::test]
 async fn a_live_session_closes_when_the_peer_certificate_expires() {
     init_tracing();

@@ -1,0 +1,1863 @@
+//! End-to-end sessions over relays (spec §16): the endpoint side, for cloud services and
+//! devices alike.
+//!
+//! A [`RoutedEndpoint`] runs the end-to-end sessions (layer 4, spec §2) of one node. Its
+//! traffic rides on link [`Connection`]s the application hands it:
+//!
+//! - **relay links** ([`RoutedEndpoint::add_relay_link`]): a device's link to its gateway, or a
+//!   gateway's uplink at the cloud. The link's peer is accepted as a relay (spec §16.7): its
+//!   `Route`/`Withdraw` announcements bind route handles to node ids (spec §16.3), its
+//!   `Deliver` envelopes carry routed-mode packets (spec §16.2) from the node they name, and its
+//!   `Unreachable` notices become [`NodeEvent::Unreachable`]. Outgoing end-to-end packets leave
+//!   as `Forward` envelopes on the node's most recently announced route (spec §16.6).
+//! - **direct links** ([`RoutedEndpoint::add_direct`]): a device connected straight to the cloud
+//!   (spec §16.1, direct shape). The link session *is* the end-to-end session: its data messages
+//!   are the end-to-end messages, and there is no second layer.
+//!
+//! The application addresses peers by [`NodeId`] (spec §15.2) and never sees which shape,
+//! link or route handle carries them, except in [`Via`] and the route events.
+//!
+//! # Tasks and bounds
+//!
+//! One actor task owns the end-to-end state: the [`E2eDemux`] (at most two sessions per node,
+//! spec §16.6, bounded by [`DemuxLimits`]), one [`PeerRoutes`] per relay link (bounded by
+//! [`RoutedLimits::max_routes_per_link`]), the most recent route of every node, and a clock.
+//! Around it, every channel is bounded:
+//!
+//! - one reader task per link pushes what the link receives into the actor's input queue
+//!   ([`RoutedLimits::input_queue`]); while it is full the reader stops reading, so that
+//!   backpressure reaches the link and, over TCP, the sender;
+//! - one writer task per relay link takes `Forward` envelopes from a queue of
+//!   [`RoutedLimits::link_queue`] and hands them to the link. When that queue is full (a slow or
+//!   stalled relay link), the actor holds the node's packets in its end-to-end connection
+//!   instead of producing them, and takes them up again once the link drains: **a stalled relay
+//!   link stalls only the nodes routed over it**, never the actor;
+//! - [`RoutedEndpoint::send`] waits while the node's end-to-end queue is full (its link is
+//!   stalled); at most [`RoutedLimits::command_queue`] sends wait at once, beyond that every
+//!   handle call waits;
+//! - events go to the application through one queue of [`RoutedLimits::event_queue`].
+//!   **When the application does not read [`RoutedEndpoint::next_event`], the actor waits**:
+//!   nothing is dropped, and nothing else moves until the application reads — `connect` and
+//!   relayed `send`s wait too, so read events in a task of their own.
+//!
+//! The actor files every node's next session timer in an ordered set: a timer wakes only the
+//! nodes that are due, and touching a node costs O(log n).
+//!
+//! # Trust
+//!
+//! End-to-end peers are authorized by the endpoint's own [`Authorizer`] (spec §5.5), called
+//! with an [`AuthRequest`] whose `relay` names the relay the peer is reached through; the
+//! demultiplexer has already checked that the peer's key hashes to the node id its route
+//! names (spec §16.6: a mismatch is denied and counted in
+//! [`RoutedStats::node_mismatch`]). With [`Authorizer::trust`] every end-to-end session is
+//! checked again when the trust state changes or the peer's certificate expires, like a
+//! link (spec §15.8). The roles expected are the authorizer's
+//! [`PeerRoles`](crate::PeerRoles): `inbound` for initiators that reach this node,
+//! `outbound` for responders it connects to — a cloud typically uses
+//! `PeerRoles::new(RoleSet::DEVICE, RoleSet::CLOUD)` for its end-to-end peers.
+//!
+//! # Limits of v1
+//!
+//! - Responders accept IK, XX and their psk variants; a KK responder needs the initiator's key
+//!   in advance, which a routed INIT does not give, so KK INITs fail (counted in
+//!   [`RoutedStats::dropped_refused`]).
+//! - A session's packet limit (spec §16.2) is fixed when it starts, from the link its route
+//!   then uses; if the node later moves to a link that carries less, the relay answers larger
+//!   packets with `Unreachable { TooLarge }`.
+//!
+//! # Example
+//!
+//! A device connected directly to its cloud service (the direct shape of spec §16.1); through a
+//! gateway the code is the same, with [`RoutedEndpoint::add_relay_link`] in place of
+//! [`RoutedEndpoint::add_direct`].
+//!
+//! ```
+//! use bytes::Bytes;
+//! use veil_protocol::trust::NodeId;
+//! use veil_protocol::StaticKeypair;
+//! use veil_transports::{Authorizer, Endpoint, NodeEvent, RoutedEndpoint, Via};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut rng = rand::rngs::OsRng;
+//! let cloud_id = StaticKeypair::generate(&mut rng);
+//! let device_id = StaticKeypair::generate(&mut rng);
+//! let (cloud_key, device_key) = (*cloud_id.public(), *device_id.public());
+//!
+//! // Each node: an Endpoint for its links, a RoutedEndpoint for its end-to-end peers.
+//! let cloud_links = Endpoint::builder(cloud_id.clone())
+//!     .authorizer(Authorizer::allowlist([device_key]))
+//!     .listen_tcp("127.0.0.1:0".parse()?)
+//!     .bind()
+//!     .await?;
+//! let cloud = RoutedEndpoint::builder(cloud_id).authorizer(Authorizer::allowlist([device_key])).build()?;
+//! let device_links = Endpoint::builder(device_id.clone()).bind().await?;
+//! let device = RoutedEndpoint::builder(device_id).build()?;
+//!
+//! let addr = cloud_links.local_tcp_addr().expect("listening");
+//! let (link, accepted) = tokio::try_join!(device_links.connect_tcp(addr, Some(cloud_key)), cloud_links.accept())?;
+//! device.add_direct(link);
+//! cloud.add_direct(accepted);
+//!
+//! let cloud_node = device.connect(cloud_key).await?;
+//! device.send(&cloud_node, 1, Bytes::from_static(b"temperature=21.5")).await?;
+//! for _ in 0..4 {
+//!     if let NodeEvent::Message { node, payload, via, .. } = cloud.next_event().await? {
+//!         assert_eq!(node, NodeId::from_public_key(&device_key));
+//!         assert_eq!(via, Via::Direct);
+//!         assert_eq!(payload, "temperature=21.5");
+//!         break;
+//!     }
+//! }
+//! device.close();
+//! cloud.close();
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use veil_protocol::routing::{
+    DemuxError, DemuxLimits, E2eDemux, PeerRoutes, RouteReason, RoutedEvent, RoutingMessage, Slot,
+    MAX_ENVELOPE_OVERHEAD, MAX_ROUTES,
+};
+use veil_protocol::trust::{Authorized, CertificateChain, NodeId, RoleSet, TrustError};
+use veil_protocol::wire::{self, MAX_PACKET_LEN};
+use veil_protocol::{
+    CloseReason, Config, ConnectionError, Decision, Event, Mode, Pattern, Psk, PublicKey, Role, StaticKeypair, Suite,
+    Timestamp,
+};
+
+use crate::clock::Clock;
+use crate::config::{AuthRequest, Authorizer, Transport};
+use crate::connection::{lock, Connection, Received};
+use crate::driver::{expiry_of, DATA_FRAMING_MAX};
+use crate::error::Error;
+
+/// Bounds and queue sizes of a [`RoutedEndpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutedLimits {
+    /// The end-to-end demultiplexer's bounds (spec §16.6): nodes held, new handshakes per node.
+    pub demux: DemuxLimits,
+    /// Route bindings accepted from one relay link (spec §16.3, default `MAX_ROUTES`); a
+    /// `Route` beyond it is dropped ([`RoutedStats::dropped_table_full`]).
+    pub max_routes_per_link: usize,
+    /// The largest routed packet (spec §16.2) this node accepts and advertises. Each session
+    /// uses at most the largest packet its relay link carries in one envelope (the link's
+    /// largest plaintext minus 9, the spec's SHOULD), whatever this says. Default
+    /// `MAX_PACKET_LEN`.
+    pub max_routed_packet: usize,
+    /// Events held for [`RoutedEndpoint::next_event`] before the actor waits.
+    pub event_queue: usize,
+    /// Handle calls (`connect`, `send`) queued for the actor, and sends that may wait for
+    /// room in their session at once.
+    pub command_queue: usize,
+    /// What the link readers hold for the actor before they stop reading.
+    pub input_queue: usize,
+    /// `Forward` envelopes queued towards one relay link's connection.
+    pub link_queue: usize,
+    /// `connect` calls waiting at once (for a route or a handshake).
+    pub max_pending_connects: usize,
+    /// How long [`RoutedEndpoint::connect`] waits for a relay link to announce the node
+    /// before it fails with [`Error::NoRoute`]. The handshake that follows has the protocol's
+    /// handshake timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RoutedLimits {
+    fn default() -> Self {
+        Self {
+            demux: DemuxLimits::default(),
+            max_routes_per_link: MAX_ROUTES,
+            max_routed_packet: MAX_PACKET_LEN,
+            event_queue: 1_024,
+            command_queue: 64,
+            input_queue: 256,
+            link_queue: 64,
+            max_pending_connects: 1_024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a message reached this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// In a direct link session (spec §16.1).
+    Direct,
+    /// In an end-to-end session, through the relay with this node id (spec §16.6).
+    Relay(NodeId),
+}
+
+/// What a [`RoutedEndpoint`] reports ([`RoutedEndpoint::next_event`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A session with `node` is up: an end-to-end session confirmed (spec §5.7), or a direct
+    /// link added. A second `Connected` for a node whose session is up means the peer started
+    /// a new session (it restarted) and the new one replaced the old (spec §16.6).
+    Connected {
+        /// The peer's node id.
+        node: NodeId,
+        /// The peer's authenticated static key.
+        remote_static: PublicKey,
+        /// Whether the session is a direct link (spec §16.1).
+        direct: bool,
+        /// Who the trust check said the peer is; `None` without a trust check.
+        peer: Option<Authorized>,
+    },
+    /// A data message from `node`.
+    Message {
+        /// The sender's node id.
+        node: NodeId,
+        /// Application channel.
+        channel: u16,
+        /// The sender's id for the message (per channel, counting from 0, continuing across
+        /// route changes).
+        id: u64,
+        /// The payload.
+        payload: Bytes,
+        /// How it came.
+        via: Via,
+    },
+    /// The session with `node` is over.
+    Closed {
+        /// The peer's node id.
+        node: NodeId,
+        /// Whether it was a direct link.
+        direct: bool,
+        /// Why: [`Error::Closed`] for an orderly close by either side.
+        outcome: Error,
+    },
+    /// A relay could not pass a `Forward` to `node` on, or will not (spec §16.5). A hint: the
+    /// session goes on, and the application decides whether to wait, queue or give up.
+    Unreachable {
+        /// The destination.
+        node: NodeId,
+        /// The relay that sent the notice.
+        relay: NodeId,
+        /// Why.
+        reason: RouteReason,
+    },
+    /// The route to a node with an end-to-end session changed (spec §16.6, "routes change,
+    /// sessions stay"): it now goes through `relay`, or no link announces the node any more
+    /// (`None`: sends fail with [`Error::NoRoute`] until one does). Reported only for nodes
+    /// whose session is up.
+    RouteChanged {
+        /// The peer's node id.
+        node: NodeId,
+        /// The relay its packets now go through, if any.
+        relay: Option<NodeId>,
+    },
+}
+
+/// Counters of a [`RoutedEndpoint`] (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoutedStats {
+    /// Relay links in use.
+    pub relay_links: usize,
+    /// Direct links in use.
+    pub direct_links: usize,
+    /// End-to-end sessions up.
+    pub sessions: usize,
+    /// End-to-end handshakes this node started.
+    pub handshakes_started: u64,
+    /// End-to-end handshakes that failed (either side; a denial included).
+    pub handshakes_failed: u64,
+    /// End-to-end peers the authorizer denied.
+    pub denied: u64,
+    /// End-to-end peers whose key does not hash to their route's node id (spec §16.6), denied.
+    pub node_mismatch: u64,
+    /// Data messages received (end to end and direct).
+    pub messages_in: u64,
+    /// Data messages sent (queued).
+    pub messages_out: u64,
+    /// Payload bytes received.
+    pub bytes_in: u64,
+    /// Payload bytes sent (queued).
+    pub bytes_out: u64,
+    /// `Deliver` envelopes received and resolved.
+    pub envelopes_in: u64,
+    /// `Forward` envelopes handed to relay links.
+    pub envelopes_out: u64,
+    /// `Unreachable` notices reported.
+    pub unreachable: u64,
+    /// Routing messages naming a handle the relay never announced (or withdrew): dropped
+    /// (spec §16.4, `RoutingError::UnknownRoute`).
+    pub dropped_unknown_route: u64,
+    /// Routing messages from a peer not accepted as a relay (a direct link), or of a kind an
+    /// endpoint does not take (`Forward`, routing inside an end-to-end session): dropped
+    /// (spec §16.7, `RoutingError::NotARelay`).
+    pub dropped_not_a_relay: u64,
+    /// `Route`s beyond [`RoutedLimits::max_routes_per_link`]: dropped (`RoutingError::TableFull`).
+    pub dropped_table_full: u64,
+    /// Data messages a relay sent in its own link session (it is no end-to-end peer): dropped.
+    pub dropped_link_messages: u64,
+    /// End-to-end packets produced while no link announced their node: dropped.
+    pub dropped_no_route: u64,
+    /// Routed packets for no session of their node (spec §16.6 table: "none: drop").
+    pub dropped_no_session: u64,
+    /// INITs beyond a node's allowance of new handshakes (spec §16.6).
+    pub dropped_init_limited: u64,
+    /// INITs from a new node while the demultiplexer is full.
+    pub dropped_too_many_peers: u64,
+    /// Routed packets a session refused (unauthenticated, replayed, malformed, wrong pattern).
+    pub dropped_refused: u64,
+    /// End-to-end packets larger than their relay link carries: dropped.
+    pub dropped_too_large: u64,
+    /// Times a relay link's queue was full, so that the nodes routed over it waited for it.
+    pub link_stalls: u64,
+    /// Sends that waited for room in their session.
+    pub sends_waited: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    relay_links: AtomicUsize,
+    direct_links: AtomicUsize,
+    sessions: AtomicUsize,
+    handshakes_started: AtomicU64,
+    handshakes_failed: AtomicU64,
+    denied: AtomicU64,
+    node_mismatch: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    envelopes_in: AtomicU64,
+    envelopes_out: AtomicU64,
+    unreachable: AtomicU64,
+    dropped_unknown_route: AtomicU64,
+    dropped_not_a_relay: AtomicU64,
+    dropped_table_full: AtomicU64,
+    dropped_link_messages: AtomicU64,
+    dropped_no_route: AtomicU64,
+    dropped_no_session: AtomicU64,
+    dropped_init_limited: AtomicU64,
+    dropped_too_many_peers: AtomicU64,
+    dropped_refused: AtomicU64,
+    dropped_too_large: AtomicU64,
+    link_stalls: AtomicU64,
+    sends_waited: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> RoutedStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RoutedStats {
+            relay_links: self.relay_links.load(Ordering::Relaxed),
+            direct_links: self.direct_links.load(Ordering::Relaxed),
+            sessions: self.sessions.load(Ordering::Relaxed),
+            handshakes_started: g(&self.handshakes_started),
+            handshakes_failed: g(&self.handshakes_failed),
+            denied: g(&self.denied),
+            node_mismatch: g(&self.node_mismatch),
+            messages_in: g(&self.messages_in),
+            messages_out: g(&self.messages_out),
+            bytes_in: g(&self.bytes_in),
+            bytes_out: g(&self.bytes_out),
+            envelopes_in: g(&self.envelopes_in),
+            envelopes_out: g(&self.envelopes_out),
+            unreachable: g(&self.unreachable),
+            dropped_unknown_route: g(&self.dropped_unknown_route),
+            dropped_not_a_relay: g(&self.dropped_not_a_relay),
+            dropped_table_full: g(&self.dropped_table_full),
+            dropped_link_messages: g(&self.dropped_link_messages),
+            dropped_no_route: g(&self.dropped_no_route),
+            dropped_no_session: g(&self.dropped_no_session),
+            dropped_init_limited: g(&self.dropped_init_limited),
+            dropped_too_many_peers: g(&self.dropped_too_many_peers),
+            dropped_refused: g(&self.dropped_refused),
+            dropped_too_large: g(&self.dropped_too_large),
+            link_stalls: g(&self.link_stalls),
+            sends_waited: g(&self.sends_waited),
+        }
+    }
+
+    fn message_out(&self, len: usize) {
+        bump(&self.messages_out);
+        self.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+/// Builds a [`RoutedEndpoint`]. Start with [`RoutedEndpoint::builder`].
+#[derive(Debug)]
+pub struct RoutedBuilder {
+    config: Config,
+    authorizer: Authorizer,
+    limits: RoutedLimits,
+    /// The local chain, or why it cannot be used (reported by `build`).
+    chain: Option<Result<Vec<u8>, TrustError>>,
+}
+
+impl RoutedBuilder {
+    /// The handshake pattern of the end-to-end sessions this node starts (default IK: the
+    /// device knows the cloud's key). As a responder it accepts IK, XX, IKpsk2 and XXpsk3.
+    #[must_use]
+    pub fn pattern(mut self, pattern: Pattern) -> Self {
+        self.config.pattern = pattern;
+        self
+    }
+
+    /// The cipher suite this node offers when it starts a session.
+    #[must_use]
+    pub fn suite(mut self, suite: Suite) -> Self {
+        self.config.suite = suite;
+        self
+    }
+
+    /// The pre-shared key of the `psk` patterns.
+    #[must_use]
+    pub fn psk(mut self, psk: Psk) -> Self {
+        self.config.psk = Some(psk);
+        self
+    }
+
+    /// The protocol's timers and limits for end-to-end sessions (spec §7.7). Its
+    /// `max_packet_len` is ignored: see [`RoutedLimits::max_routed_packet`].
+    #[must_use]
+    pub fn protocol_limits(mut self, limits: veil_protocol::Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// This node's certificate chain (spec §15.4), sent in its end-to-end handshakes where
+    /// spec §5.4.1 says. Its leaf must certify this node's key ([`RoutedBuilder::build`] checks).
+    #[must_use]
+    pub fn certificate_chain(mut self, chain: &CertificateChain) -> Self {
+        // Public keys: no need for a constant-time comparison.
+        let bound = chain.leaf().body().public_key == *self.config.public_key().as_bytes();
+        self.chain = Some(if bound { chain.encode() } else { Err(TrustError::KeyMismatch) });
+        self
+    }
+
+    /// Who may hold an end-to-end session with this node (spec §5.5): the same allowlist or
+    /// fleet-CA trust as for links. Without one every end-to-end peer that needs a decision is
+    /// denied.
+    #[must_use]
+    pub fn authorizer(mut self, authorizer: Authorizer) -> Self {
+        self.authorizer = authorizer;
+        self
+    }
+
+    /// All bounds and queue sizes at once.
+    #[must_use]
+    pub fn limits(mut self, limits: RoutedLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The demultiplexer's bounds (spec §16.6).
+    #[must_use]
+    pub fn demux_limits(mut self, limits: DemuxLimits) -> Self {
+        self.limits.demux = limits;
+        self
+    }
+
+    /// Events held for [`RoutedEndpoint::next_event`] before the actor waits.
+    #[must_use]
+    pub fn event_queue(mut self, events: usize) -> Self {
+        self.limits.event_queue = events;
+        self
+    }
+
+    /// The largest routed packet (spec §16.2); see [`RoutedLimits::max_routed_packet`].
+    #[must_use]
+    pub fn max_routed_packet(mut self, len: usize) -> Self {
+        self.limits.max_routed_packet = len;
+        self
+    }
+
+    /// How long `connect` waits for a route; see [`RoutedLimits::connect_timeout`].
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.connect_timeout = timeout;
+        self
+    }
+
+    /// Starts the endpoint's actor task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Trust`] if the certificate chain does not certify this node's key
+    /// (`KeyMismatch`) or is too long; [`Error::Io`] outside a tokio runtime.
+    pub fn build(mut self) -> Result<RoutedEndpoint, Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        if let Some(chain) = self.chain.take() {
+            self.config.certificate_chain = Some(chain?);
+        }
+        if self.authorizer.trust_state().is_some() {
+            // spec §5.5: with a trust check, initiators check the responder's certificate too.
+            self.config.authorize_responder = true;
+        }
+        self.config.mode = Mode::Routed;
+        let limits = self.limits;
+        let public_key = *self.config.public_key();
+        let (cmd_tx, cmd_rx) = mpsc::channel(limits.command_queue.max(1));
+        let (input_tx, input_rx) = mpsc::channel(limits.input_queue.max(1));
+        let (events_tx, events_rx) = mpsc::channel(limits.event_queue.max(1));
+        let counters = Arc::new(Counters::default());
+        let direct = Arc::new(Mutex::new(HashMap::new()));
+        let stop = CancellationToken::new();
+        let trust_changes = self.authorizer.trust_state().map(crate::trust::TrustState::subscribe);
+        let actor = Actor {
+            clock: Clock::new(),
+            config: self.config,
+            configs: HashMap::new(),
+            authorizer: self.authorizer,
+            limits,
+            demux: E2eDemux::new(limits.demux),
+            links: BTreeMap::new(),
+            directs: HashMap::new(),
+            best: HashMap::new(),
+            nodes: HashMap::new(),
+            timers: BTreeSet::new(),
+            armed: HashMap::new(),
+            connecting: HashMap::new(),
+            pending_connects: 0,
+            parked_total: 0,
+            out: VecDeque::new(),
+            buf: vec![0; MAX_PACKET_LEN],
+            cmd_rx,
+            input_rx,
+            input_tx: input_tx.clone(),
+            events_tx,
+            direct: Arc::clone(&direct),
+            counters: Arc::clone(&counters),
+            stop: stop.clone(),
+            runtime: runtime.clone(),
+            trust_changes,
+            trust_deadline: None,
+        };
+        let span = tracing::info_span!("veil_routed", node = %NodeId::from_public_key(&public_key));
+        runtime.spawn(tracing::Instrument::instrument(actor.run(), span));
+        Ok(RoutedEndpoint {
+            inner: Arc::new(Shared {
+                cmd: cmd_tx,
+                input: input_tx,
+                events: tokio::sync::Mutex::new(events_rx),
+                direct,
+                counters,
+                stop,
+                runtime,
+                next_link: AtomicU64::new(1),
+                public_key,
+            }),
+        })
+    }
+}
+
+type LinkId = u64;
+
+/// What the handles share.
+#[derive(Debug)]
+struct Shared {
+    cmd: mpsc::Sender<Command>,
+    input: mpsc::Sender<Input>,
+    events: tokio::sync::Mutex<mpsc::Receiver<NodeEvent>>,
+    /// Direct links by node, for sends that need no actor.
+    direct: Arc<Mutex<HashMap<NodeId, (LinkId, Connection)>>>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    runtime: tokio::runtime::Handle,
+    next_link: AtomicU64,
+    public_key: PublicKey,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last handle is gone: close the sessions and stop every task.
+        self.stop.cancel();
+    }
+}
+
+/// A node that runs end-to-end sessions over relay links (spec §16.6) and, for a cloud, also
+/// takes direct device connections (spec §16.1, no second layer). See the
+/// [module documentation](crate::routed) for its tasks, bounds and an example.
+///
+/// Cheap to clone; clones share the node. Dropping the last clone is [`RoutedEndpoint::close`].
+#[derive(Debug, Clone)]
+pub struct RoutedEndpoint {
+    inner: Arc<Shared>,
+}
+
+impl RoutedEndpoint {
+    /// A builder for a node with this identity (the same key pair as its links: spec §16.1)
+    /// and Veil's defaults (IK, ChaChaPoly/BLAKE2s, spec timers).
+    #[must_use]
+    pub fn builder(identity: StaticKeypair) -> RoutedBuilder {
+        RoutedBuilder {
+            config: Config::new(identity, Mode::Routed),
+            authorizer: Authorizer::default(),
+            limits: RoutedLimits::default(),
+            chain: None,
+        }
+    }
+
+    /// Adds a link to a relay; its peer is accepted as a relay (spec §16.7). Its `Route` and
+    /// `Withdraw` messages bind route handles (a [`PeerRoutes`] per link, spec §16.3), its
+    /// `Deliver` envelopes feed the end-to-end sessions, its `Unreachable` notices become
+    /// [`NodeEvent::Unreachable`]. When the link ends its routes go, and each node falls back
+    /// to another link that announces it (spec §16.6), newest link first.
+    ///
+    /// The link must come from an [`Endpoint`](crate::Endpoint) built with
+    /// [`routing(true)`](crate::EndpointBuilder::routing), and the endpoint reads it from now
+    /// on: do not `recv` on it elsewhere. The endpoint holds a clone until the link ends or
+    /// the endpoint closes.
+    pub fn add_relay_link(&self, link: Connection) {
+        self.add_link(link, LinkKind::Relay);
+    }
+
+    /// Adds a direct link (spec §16.1): a device connected to this node (cloud side), or this
+    /// device's link to the cloud itself. Its data messages are the end-to-end messages of
+    /// node `node_id(link.remote_static())`, reported as [`Via::Direct`]; [`RoutedEndpoint::send`]
+    /// prefers it over any relayed session with the same node. Routing messages on it are
+    /// dropped (the peer is no relay, spec §16.7). A [`NodeEvent::Connected`] with `direct`
+    /// reports it, a [`NodeEvent::Closed`] its end.
+    ///
+    /// As for relay links, the endpoint reads the link from now on. A newer direct link to the
+    /// same node takes over sending.
+    pub fn add_direct(&self, link: Connection) {
+        let id = self.inner.next_link.fetch_add(1, Ordering::Relaxed);
+        let node = NodeId::from_public_key(&link.remote_static());
+        // Published before the actor hears of it, so that a `send` right after finds it.
+        lock(&self.inner.direct).insert(node, (id, link.clone()));
+        self.spawn_reader(id, link, LinkKind::Direct);
+    }
+
+    fn add_link(&self, link: Connection, kind: LinkKind) {
+        let id = self.inner.next_link.fetch_add(1, Ordering::Relaxed);
+        self.spawn_reader(id, link, kind);
+    }
+
+    fn spawn_reader(&self, id: LinkId, link: Connection, kind: LinkKind) {
+        let tx = self.inner.input.clone();
+        let stop = self.inner.stop.clone();
+        let span = tracing::debug_span!("veil_routed_link", id, kind = ?kind, link = link.id());
+        self.inner.runtime.spawn(tracing::Instrument::instrument(read_link(id, kind, link, tx, stop), span));
+    }
+
+    /// Starts an end-to-end session with the node whose static key is `remote` (spec §16.6;
+    /// with IK, the default, the device knows the cloud's key), once some relay link
+    /// announces `node_id(remote)`, and returns the node id when the session is confirmed.
+    /// Returns at once if a session with the node is up, or a direct link goes to it; joins a
+    /// handshake already under way (either side may start one).
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] when no link announced the node within
+    /// [`RoutedLimits::connect_timeout`]; [`Error::Protocol`] when the handshake failed (timed
+    /// out, denied, refused); [`Error::TooManyConnections`] beyond
+    /// [`RoutedLimits::max_pending_connects`] or the demultiplexer's bound;
+    /// [`Error::EndpointClosed`] after [`RoutedEndpoint::close`].
+    pub async fn connect(&self, remote: PublicKey) -> Result<NodeId, Error> {
+        let node = NodeId::from_public_key(&remote);
+        if lock(&self.inner.direct).contains_key(&node) {
+            return Ok(node);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Connect { remote, reply }).await?;
+        rx.await.unwrap_or(Err(Error::EndpointClosed))
+    }
+
+    /// Queues a data message to `node` on `channel`: in its direct link if there is one,
+    /// else in its end-to-end session, as a `Forward` on its most recent route. Waits while
+    /// the session's queue is full (its relay link is slow); returns once the message is
+    /// queued, not once the peer has it (routed sessions, like datagram ones, may lose
+    /// packets: spec §16.2).
+    ///
+    /// # Errors
+    /// [`Error::NoSession`] without a session with the node (connect first);
+    /// [`Error::NoRoute`] when the session is up but no link announces the node any more;
+    /// [`Error::MessageTooLarge`] when the payload does not fit one packet to the node over
+    /// its current route; the direct link's outcome if it has ended;
+    /// [`Error::EndpointClosed`].
+    pub async fn send(&self, node: &NodeId, channel: u16, payload: Bytes) -> Result<(), Error> {
+        let direct = lock(&self.inner.direct).get(node).map(|(_, c)| c.clone());
+        if let Some(link) = direct {
+            let len = payload.len();
+            link.send_on(channel, payload).await?;
+            self.inner.counters.message_out(len);
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Send { node: *node, channel, payload, reply }).await?;
+        rx.await.unwrap_or(Err(Error::EndpointClosed))
+    }
+
+    async fn command(&self, cmd: Command) -> Result<(), Error> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::EndpointClosed);
+        }
+        self.inner.cmd.send(cmd).await.map_err(|_| Error::EndpointClosed)
+    }
+
+    /// The next event. While the application does not call it the actor waits once
+    /// [`RoutedLimits::event_queue`] events are pending (see the module documentation).
+    ///
+    /// # Errors
+    /// [`Error::EndpointClosed`] once the endpoint is closed and every event was read.
+    pub async fn next_event(&self) -> Result<NodeEvent, Error> {
+        self.inner.events.lock().await.recv().await.ok_or(Error::EndpointClosed)
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> RoutedStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Closes every end-to-end session (`Close { ShuttingDown }`, spec §7.6) and every direct
+    /// link, stops the actor and the link tasks, and releases the relay links (they close once
+    /// the application holds no other clone of them). Calls after it fail with
+    /// [`Error::EndpointClosed`].
+    pub fn close(&self) {
+        self.inner.stop.cancel();
+    }
+
+    /// This node's static public key.
+    #[must_use]
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.public_key
+    }
+
+    /// This node's id (spec §15.2).
+    #[must_use]
+    pub fn node_id(&self) -> NodeId {
+        NodeId::from_public_key(&self.inner.public_key)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Link tasks
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkKind {
+    Relay,
+    Direct,
+}
+
+/// What the link tasks tell the actor.
+#[derive(Debug)]
+enum Input {
+    /// A link was added (sent by its reader before anything it reads).
+    Up(LinkId, LinkKind, Connection),
+    /// A link received something.
+    Received(LinkId, Received),
+    /// A link ended.
+    Down(LinkId, Error),
+    /// A relay link's writer has room again after the actor found its queue full.
+    Ready(LinkId),
+}
+
+/// What the handles ask of the actor.
+#[derive(Debug)]
+enum Command {
+    Connect { remote: PublicKey, reply: oneshot::Sender<Result<NodeId, Error>> },
+    Send { node: NodeId, channel: u16, payload: Bytes, reply: oneshot::Sender<Result<(), Error>> },
+}
+
+/// Sends `input` to the actor unless the endpoint stops first.
+async fn tell(tx: &mpsc::Sender<Input>, stop: &CancellationToken, input: Input) -> bool {
+    tokio::select! {
+        r = tx.send(input) => r.is_ok(),
+        () = stop.cancelled() => false,
+    }
+}
+
+/// One link's reader: everything it receives goes to the actor, in order, through the bounded
+/// input queue (a full queue stops the reading).
+async fn read_link(id: LinkId, kind: LinkKind, link: Connection, tx: mpsc::Sender<Input>, stop: CancellationToken) {
+    if !tell(&tx, &stop, Input::Up(id, kind, link.clone())).await {
+        return;
+    }
+    loop {
+        let received = tokio::select! {
+            r = link.recv_any() => r,
+            () = stop.cancelled() => return,
+        };
+        let input = match received {
+            Ok(m) => Input::Received(id, m),
+            Err(e) => Input::Down(id, e),
+        };
+        let down = matches!(input, Input::Down(..));
+        if !tell(&tx, &stop, input).await || down {
+            return;
+        }
+    }
+}
+
+/// One relay link's writer: hands the actor's envelopes to the link, waiting while the link's
+/// own queue is full, and tells the actor when it has room again if the actor asked
+/// (`blocked`).
+async fn write_link(
+    id: LinkId,
+    link: Connection,
+    mut rx: mpsc::Receiver<RoutingMessage>,
+    blocked: Arc<AtomicBool>,
+    tx: mpsc::Sender<Input>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match link.send_routing(msg).await {
+            Ok(()) => {}
+            // Sized by the actor to fit; a link that shrank drops it like a lost packet.
+            Err(Error::MessageTooLarge { len, max }) => tracing::debug!(len, max, "envelope too large for the link"),
+            Err(e) => {
+                tracing::debug!(error = %e, "relay link gone, writer stops");
+                return;
+            }
+        }
+        if blocked.swap(false, Ordering::AcqRel) && tx.send(Input::Ready(id)).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The actor
+
+/// A relay link as the actor keeps it.
+struct RelayLink {
+    conn: Connection,
+    /// The relay's node id.
+    relay: NodeId,
+    /// spec §16.3: the handles the relay announced on this link.
+    routes: PeerRoutes,
+    tx: mpsc::Sender<RoutingMessage>,
+    /// Set by the actor when `tx` was full; the writer clears it and reports `Ready`.
+    blocked: Arc<AtomicBool>,
+    /// The envelope that found the queue full; while it is held, nothing else is sent here.
+    held: Option<RoutingMessage>,
+    /// Nodes whose packets wait for this link to drain.
+    waiting: HashSet<NodeId>,
+    /// The largest routed packet one envelope on this link carries (spec §16.2).
+    max_routed: usize,
+}
+
+/// A `send` waiting for room in its session.
+struct Parked {
+    channel: u16,
+    payload: Bytes,
+    reply: oneshot::Sender<Result<(), Error>>,
+}
+
+/// What a trust check needs to run again (spec §15.8).
+struct Recheck {
+    remote: PublicKey,
+    certificate: Option<Vec<u8>>,
+    expected: RoleSet,
+    expires: Option<Instant>,
+}
+
+/// The authorization outcome of one connection.
+#[derive(Default)]
+struct PeerAuth {
+    peer: Option<Authorized>,
+    recheck: Option<Recheck>,
+}
+
+/// Per peer node: what the demultiplexer does not keep.
+#[derive(Default)]
+struct NodeState {
+    /// By slot: `[current, candidate]`.
+    auth: [Option<PeerAuth>; 2],
+    /// The current end-to-end session is up (reported `Connected`).
+    up: bool,
+    waiters: Vec<oneshot::Sender<Result<NodeId, Error>>>,
+    /// The key `connect` named, to start the handshake once a route comes.
+    connect_key: Option<PublicKey>,
+    parked: VecDeque<Parked>,
+    /// The direct link to the node, if any.
+    direct: Option<LinkId>,
+    /// The relay the node's latest packet came through.
+    last_relay: Option<NodeId>,
+}
+
+impl NodeState {
+    fn is_idle(&self) -> bool {
+        !self.up
+            && self.waiters.is_empty()
+            && self.parked.is_empty()
+            && self.direct.is_none()
+            && self.auth.iter().all(Option::is_none)
+    }
+}
+
+const fn slot_index(slot: Slot) -> usize {
+    match slot {
+        Slot::Current => 0,
+        Slot::Candidate => 1,
+    }
+}
+
+/// Routed packets and data framing: what a data message adds in a routed packet.
+const ROUTED_DATA_OVERHEAD: usize = wire::transport_overhead(Mode::Routed) + DATA_FRAMING_MAX;
+/// Distinct per-link session configurations kept (one per packet limit in use).
+const MAX_CONFIGS: usize = 16;
+
+enum Wake {
+    Stop,
+    Input(Option<Input>),
+    Command(Option<Command>),
+    Timer,
+    TrustChanged,
+}
+
+struct Actor {
+    clock: Clock,
+    /// The end-to-end configuration (routed mode); sessions use copies with their packet limit.
+    config: Config,
+    configs: HashMap<usize, Arc<Config>>,
+    authorizer: Authorizer,
+    limits: RoutedLimits,
+    demux: E2eDemux,
+    /// Relay links, oldest first.
+    links: BTreeMap<LinkId, RelayLink>,
+    directs: HashMap<LinkId, (NodeId, Connection)>,
+    /// spec §16.6: every node's most recently announced route.
+    best: HashMap<NodeId, (LinkId, u32)>,
+    nodes: HashMap<NodeId, NodeState>,
+    /// Every node's next session timer, earliest first, so that a wake-up touches only the
+    /// nodes that are due (the demultiplexer's own `poll_timeout` scans them all).
+    timers: BTreeSet<(Timestamp, NodeId)>,
+    armed: HashMap<NodeId, Timestamp>,
+    /// Nodes whose `connect` waits for a route, and until when.
+    connecting: HashMap<NodeId, Instant>,
+    pending_connects: usize,
+    parked_total: usize,
+    out: VecDeque<NodeEvent>,
+    buf: Vec<u8>,
+    cmd_rx: mpsc::Receiver<Command>,
+    input_rx: mpsc::Receiver<Input>,
+    /// For the writer tasks' `Ready`.
+    input_tx: mpsc::Sender<Input>,
+    events_tx: mpsc::Sender<NodeEvent>,
+    direct: Arc<Mutex<HashMap<NodeId, (LinkId, Connection)>>>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    runtime: tokio::runtime::Handle,
+    trust_changes: Option<watch::Receiver<u64>>,
+    /// The earliest certificate expiry among the sessions' peers.
+    trust_deadline: Option<Instant>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        tracing::debug!("routed endpoint started");
+        loop {
+            if !self.flush().await {
+                break;
+            }
+            let timer = self.next_deadline();
+            let take_commands = self.parked_total < self.limits.command_queue.max(1);
+            let watch_trust = self.trust_changes.is_some();
+            let wake = {
+                let Self { stop, input_rx, cmd_rx, trust_changes, .. } = &mut self;
+                tokio::select! {
+                    () = stop.cancelled() => Wake::Stop,
+                    i = input_rx.recv() => Wake::Input(i),
+                    c = cmd_rx.recv(), if take_commands => Wake::Command(c),
+                    () = sleep_until(timer), if timer.is_some() => Wake::Timer,
+                    () = changed(trust_changes.as_mut()), if watch_trust => Wake::TrustChanged,
+                }
+            };
+            match wake {
+                Wake::Stop | Wake::Command(None) | Wake::Input(None) => break,
+                Wake::Input(Some(i)) => self.on_input(i),
+                Wake::Command(Some(c)) => self.on_command(c),
+                Wake::Timer => self.on_timer(),
+                Wake::TrustChanged => self.recheck_all(),
+            }
+        }
+        self.shutdown();
+        tracing::debug!("routed endpoint stopped");
+    }
+
+    /// Hands the pending events to the application, waiting while its queue is full.
+    /// `false` when the endpoint stops (or nobody can read any more).
+    async fn flush(&mut self) -> bool {
+        while let Some(e) = self.out.pop_front() {
+            let sent = tokio::select! {
+                r = self.events_tx.send(e) => r.is_ok(),
+                () = self.stop.cancelled() => false,
+            };
+            if !sent {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let demux = self.timers.first().map(|(t, _)| self.clock.instant(*t));
+        let connect = self.connecting.values().min().copied();
+        [demux, connect, self.trust_deadline].into_iter().flatten().min()
+    }
+
+    fn emit(&mut self, e: NodeEvent) {
+        self.out.push_back(e);
+    }
+
+    /// The session configuration for a route whose link carries `cap`-byte routed packets.
+    fn config_for(&mut self, cap: usize) -> Arc<Config> {
+        let len = cap.min(self.limits.max_routed_packet).clamp(wire::MIN_PACKET_LEN, MAX_PACKET_LEN);
+        if self.configs.len() >= MAX_CONFIGS && !self.configs.contains_key(&len) {
+            self.configs.clear();
+        }
+        let base = &self.config;
+        Arc::clone(self.configs.entry(len).or_insert_with(|| {
+            let mut c = base.clone();
+            c.limits.max_packet_len = len;
+            Arc::new(c)
+        }))
+    }
+
+    // -------------------------------------------------------------------------------
+    // Links
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Up(id, LinkKind::Relay, conn) => self.relay_up(id, conn),
+            Input::Up(id, LinkKind::Direct, conn) => self.direct_up(id, conn),
+            Input::Received(id, m) => {
+                if self.links.contains_key(&id) {
+                    self.on_relay(id, m);
+                } else if let Some((node, _)) = self.directs.get(&id) {
+                    let node = *node;
+                    self.on_direct(node, m);
+                }
+            }
+            Input::Down(id, error) => {
+                if self.links.contains_key(&id) {
+                    self.relay_down(id, &error);
+                } else {
+                    self.direct_down(id, error);
+                }
+            }
+            Input::Ready(id) => self.link_ready(id),
+        }
+    }
+
+    fn relay_up(&mut self, id: LinkId, conn: Connection) {
+        let relay = NodeId::from_public_key(&conn.remote_static());
+        // spec §16.2: a routed packet plus the largest envelope must fit one link message.
+        let max_routed = conn.max_envelope_len().saturating_sub(MAX_ENVELOPE_OVERHEAD);
+        if max_routed < wire::MIN_PACKET_LEN {
+            tracing::warn!(max_routed, "relay link too small for routed packets");
+        }
+        let (tx, rx) = mpsc::channel(self.limits.link_queue.max(1));
+        let blocked = Arc::new(AtomicBool::new(false));
+        let span = tracing::debug_span!("veil_routed_writer", id, link = conn.id());
+        self.runtime.spawn(tracing::Instrument::instrument(
+            write_link(id, conn.clone(), rx, Arc::clone(&blocked), self.input_tx.clone()),
+            span,
+        ));
+        tracing::info!(%relay, transport = %conn.transport(), "relay link added");
+        self.links.insert(
+            id,
+            RelayLink {
+                conn,
+                relay,
+                routes: PeerRoutes::new(self.limits.max_routes_per_link),
+                tx,
+                blocked,
+                held: None,
+                waiting: HashSet::new(),
+                max_routed,
+            },
+        );
+        self.counters.relay_links.store(self.links.len(), Ordering::Relaxed);
+    }
+
+    fn relay_down(&mut self, id: LinkId, error: &Error) {
+        let Some(link) = self.links.remove(&id) else { return };
+        tracing::info!(relay = %link.relay, %error, "relay link ended");
+        self.counters.relay_links.store(self.links.len(), Ordering::Relaxed);
+        // spec §16.6: the routes it announced go with it; each node falls back.
+        for (route, node) in link.routes.iter() {
+            if self.best.get(&node) == Some(&(id, route)) {
+                self.fallback(node);
+            }
+        }
+    }
+
+    fn direct_up(&mut self, id: LinkId, conn: Connection) {
+        let remote_static = conn.remote_static();
+        let node = NodeId::from_public_key(&remote_static);
+        tracing::info!(%node, transport = %conn.transport(), "direct link added");
+        let peer = conn.peer().cloned();
+        self.directs.insert(id, (node, conn));
+        self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
+        let st = self.nodes.entry(node).or_default();
+        st.direct = Some(id);
+        let waiters = std::mem::take(&mut st.waiters);
+        self.release_waiters(waiters, &Ok(node));
+        self.connecting.remove(&node);
+        self.emit(NodeEvent::Connected { node, remote_static, direct: true, peer });
+    }
+
+    fn direct_down(&mut self, id: LinkId, outcome: Error) {
+        let Some((node, _)) = self.directs.remove(&id) else { return };
+        self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
+        {
+            let mut direct = lock(&self.direct);
+            if direct.get(&node).is_some_and(|(l, _)| *l == id) {
+                direct.remove(&node);
+            }
+        }
+        if let Some(st) = self.nodes.get_mut(&node) {
+            if st.direct == Some(id) {
+                st.direct = None;
+            }
+        }
+        self.gc(&node);
+        self.emit(NodeEvent::Closed { node, direct: true, outcome });
+    }
+
+    fn on_direct(&mut self, node: NodeId, m: Received) {
+        match m {
+            Received::Message(m) => {
+                bump(&self.counters.messages_in);
+                self.counters.bytes_in.fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+                self.emit(NodeEvent::Message {
+                    node,
+                    channel: m.channel,
+                    id: m.id,
+                    payload: m.payload,
+                    via: Via::Direct,
+                });
+            }
+            Received::Routing(r) => {
+                // spec §16.7: the peer of a direct link is not accepted as a relay.
+                bump(&self.counters.dropped_not_a_relay);
+                tracing::debug!(%node, route = r.route(), "routing message on a direct link dropped");
+            }
+        }
+    }
+
+    fn on_relay(&mut self, id: LinkId, m: Received) {
+        let r = match m {
+            Received::Routing(r) => r,
+            Received::Message(_) => {
+                bump(&self.counters.dropped_link_messages);
+                return;
+            }
+        };
+        match r {
+            RoutingMessage::Route { route, node } => self.learn(id, route, node),
+            RoutingMessage::Withdraw { route, reason } => self.forget(id, route, reason),
+            RoutingMessage::Deliver { route, packet } => self.deliver(id, route, &packet),
+            RoutingMessage::Unreachable { route, reason } => self.unreachable(id, route, reason),
+            other => {
+                // spec §16.7: `Forward` goes to relays; this node is none.
+                bump(&self.counters.dropped_not_a_relay);
+                tracing::debug!(route = other.route(), "routing message for a relay dropped");
+            }
+        }
+    }
+
+    /// spec §16.3: a `Route` binds a handle; the most recent announcement of a node wins
+    /// (spec §16.6).
+    fn learn(&mut self, id: LinkId, route: u32, node: NodeId) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        let replaced = link.routes.resolve(route).ok().filter(|n| *n != node);
+        if link.routes.learn(route, node).is_err() {
+            bump(&self.counters.dropped_table_full);
+            tracing::debug!(route, "route table full, Route dropped");
+            return;
+        }
+        let relay = link.relay;
+        if let Some(old) = replaced {
+            if self.best.get(&old) == Some(&(id, route)) {
+                self.fallback(old);
+            }
+        }
+        let previous = self.best.insert(node, (id, route));
+        if previous.is_some_and(|(l, _)| l == id) {
+            return;
+        }
+        if self.nodes.get(&node).is_some_and(|s| s.up) {
+            self.emit(NodeEvent::RouteChanged { node, relay: Some(relay) });
+        }
+        if self.connecting.remove(&node).is_some() {
+            self.start(node);
+        }
+        self.pump(&node);
+    }
+
+    fn forget(&mut self, id: LinkId, route: u32, reason: RouteReason) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        match link.routes.forget(route) {
+            Some(node) => {
+                tracing::debug!(%node, %reason, "route withdrawn");
+                if self.best.get(&node) == Some(&(id, route)) {
+                    self.fallback(node);
+                }
+            }
+            None => bump(&self.counters.dropped_unknown_route),
+        }
+    }
+
+    /// spec §16.6: the node's route went away; use another link that announces it, newest
+    /// first, or none.
+    fn fallback(&mut self, node: NodeId) {
+        let alternative =
+            self.links.iter().rev().find_map(|(id, l)| l.routes.route_of(&node).map(|r| (*id, r, l.relay)));
+        let up = self.nodes.get(&node).is_some_and(|s| s.up);
+        match alternative {
+            Some((id, route, relay)) => {
+                self.best.insert(node, (id, route));
+                if up {
+                    self.emit(NodeEvent::RouteChanged { node, relay: Some(relay) });
+                }
+                self.pump(&node);
+            }
+            None => {
+                self.best.remove(&node);
+                if up {
+                    self.emit(NodeEvent::RouteChanged { node, relay: None });
+                }
+            }
+        }
+    }
+
+    fn unreachable(&mut self, id: LinkId, route: u32, reason: RouteReason) {
+        let Some(link) = self.links.get(&id) else { return };
+        match link.routes.resolve(route) {
+            Ok(node) => {
+                bump(&self.counters.unreachable);
+                let relay = link.relay;
+                self.emit(NodeEvent::Unreachable { node, relay, reason });
+            }
+            Err(_) => bump(&self.counters.dropped_unknown_route),
+        }
+    }
+
+    /// spec §16.4, §16.6: a routed packet from the node the relay announced as `route`.
+    fn deliver(&mut self, id: LinkId, route: u32, packet: &[u8]) {
+        let Some(link) = self.links.get(&id) else { return };
+        let Ok(node) = link.routes.resolve(route) else {
+            bump(&self.counters.dropped_unknown_route);
+            return;
+        };
+        bump(&self.counters.envelopes_in);
+        let (relay, cap) = (link.relay, link.max_routed);
+        let cfg = self.config_for(cap);
+        let now = self.clock.now();
+        // The packet shares the link's decrypted buffer; the session decrypts in place, so it
+        // gets its own copy.
+        let new_responder = || veil_protocol::Connection::new(cfg, Role::Responder, None, now, &mut rand::rngs::OsRng);
+        match self.demux.handle_input(now, node, BytesMut::from(packet), new_responder) {
+            Ok(_) => {}
+            Err(e) => {
+                let c = match e {
+                    DemuxError::TooManyPeers => &self.counters.dropped_too_many_peers,
+                    DemuxError::InitLimited => &self.counters.dropped_init_limited,
+                    DemuxError::NoConnection => &self.counters.dropped_no_session,
+                    _ => &self.counters.dropped_refused,
+                };
+                bump(c);
+                tracing::trace!(%node, error = %e, "routed packet dropped");
+            }
+        }
+        if let Some(st) = self.nodes.get_mut(&node) {
+            st.last_relay = Some(relay);
+        }
+        self.drain(&node, Some(id));
+        self.pump(&node);
+    }
+
+    fn link_ready(&mut self, id: LinkId) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if let Some(msg) = link.held.take() {
+            if !self.forward(id, msg) {
+                return;
+            }
+        }
+        let Some(link) = self.links.get_mut(&id) else { return };
+        let waiting: Vec<NodeId> = link.waiting.drain().collect();
+        for node in waiting {
+            self.pump(&node);
+        }
+    }
+
+    /// Queues an envelope for the link's writer. `false` when the queue is full: the
+    /// envelope is held and the link reports `Ready` once it drains.
+    fn forward(&mut self, id: LinkId, msg: RoutingMessage) -> bool {
+        let Some(link) = self.links.get_mut(&id) else { return true };
+        let msg = match link.tx.try_send(msg) {
+            Ok(()) => {
+                bump(&self.counters.envelopes_out);
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Full(m)) => m,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The link is gone; its reader reports it. Lost like a packet in flight.
+                return true;
+            }
+        };
+        // Ask the writer for `Ready`, then look again: it may have drained meanwhile.
+        link.blocked.store(true, Ordering::Release);
+        match link.tx.try_send(msg) {
+            Ok(()) => {
+                bump(&self.counters.envelopes_out);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                bump(&self.counters.link_stalls);
+                link.held = Some(m);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
+        }
+    }
+
+    // -------------------------------------------------------------------------------
+    // End-to-end sessions
+
+    /// Sends what `node`'s sessions have to send on its route, then lets waiting sends in.
+    fn pump(&mut self, node: &NodeId) {
+        // Each round either sends, or lets a waiting send in: bounded by the parked sends.
+        for _ in 0..=self.parked_total + 1 {
+            self.transmit(node);
+            if !self.unpark(node) {
+                break;
+            }
+        }
+        self.gc(node);
+    }
+
+    fn transmit(&mut self, node: &NodeId) {
+        let now = self.clock.now();
+        let Some(&(id, route)) = self.best.get(node) else {
+            // No route: the packets are lost, as on a network without one.
+            while let Ok(Some(_)) = self.demux.poll_transmit(now, node, &mut self.buf) {
+                bump(&self.counters.dropped_no_route);
+            }
+            return;
+        };
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if link.held.is_some() {
+            link.waiting.insert(*node);
+            return;
+        }
+        let cap = link.max_routed.min(self.buf.len());
+        loop {
+            let n = match self.demux.poll_transmit(now, node, &mut self.buf[..cap]) {
+                Ok(Some(n)) => n,
+                Ok(None) => return,
+                Err(ConnectionError::BufferTooSmall) => {
+                    // A message queued for a larger route: it cannot cross this link.
+                    if let Ok(Some(_)) = self.demux.poll_transmit(now, node, &mut self.buf) {
+                        bump(&self.counters.dropped_too_large);
+                        continue;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "cannot produce a routed packet");
+                    return;
+                }
+            };
+            let packet = Bytes::copy_from_slice(&self.buf[..n]);
+            if !self.forward(id, RoutingMessage::Forward { route, packet }) {
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.waiting.insert(*node);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Lets waiting sends of `node` into its session while it takes them. `true` if any went.
+    fn unpark(&mut self, node: &NodeId) -> bool {
+        let Some(st) = self.nodes.get_mut(node) else { return false };
+        let mut any = false;
+        while let Some(p) = st.parked.pop_front() {
+            self.parked_total -= 1;
+            if p.reply.is_closed() {
+                continue;
+            }
+            let conn = self.demux.connection_mut(node, Slot::Current).filter(|c| c.is_connected());
+            let Some(conn) = conn else {
+                let _ = p.reply.send(Err(Error::NoSession));
+                continue;
+            };
+            let len = p.payload.len();
+            match conn.send(p.channel, p.payload.clone()) {
+                Ok(_) => {
+                    self.counters.message_out(len);
+                    let _ = p.reply.send(Ok(()));
+                    any = true;
+                }
+                Err(ConnectionError::QueueFull) => {
+                    st.parked.push_front(p);
+                    self.parked_total += 1;
+                    break;
+                }
+                Err(ConnectionError::Closed) => {
+                    let _ = p.reply.send(Err(Error::NoSession));
+                }
+                Err(e) => {
+                    let _ = p.reply.send(Err(e.into()));
+                }
+            }
+        }
+        any
+    }
+
+    /// Drains `node`'s session events; `via` is the link the last packet came on.
+    fn drain(&mut self, node: &NodeId, via: Option<LinkId>) {
+        let now = self.clock.now();
+        while let Some(ev) = self.demux.poll_event(now, node) {
+            match ev {
+                RoutedEvent::NodeMismatch { slot } => {
+                    // spec §16.6: the demultiplexer denied it; the Closed event follows.
+                    bump(&self.counters.node_mismatch);
+                    tracing::warn!(%node, ?slot, "end-to-end peer key does not match its route's node id");
+                }
+                RoutedEvent::Event { slot, event } => self.on_event(node, slot, event, via),
+                _ => {}
+            }
+        }
+        self.gc(node);
+    }
+
+    fn on_event(&mut self, node: &NodeId, slot: Slot, event: Event, via: Option<LinkId>) {
+        let node = *node;
+        match event {
+            Event::AuthorizationRequired { remote_static, certificate } => {
+                self.authorize(node, slot, remote_static, certificate, via);
+            }
+            Event::Connected { remote_static, .. } => {
+                let st = self.nodes.entry(node).or_default();
+                if slot == Slot::Candidate {
+                    // spec §16.6: the candidate has replaced the current connection.
+                    st.auth[0] = st.auth[1].take();
+                }
+                if !st.up {
+                    st.up = true;
+                    self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+                }
+                let peer = st.auth[0].as_ref().and_then(|a| a.peer.clone());
+                let expires = st.auth[0].as_ref().and_then(|a| a.recheck.as_ref()).and_then(|r| r.expires);
+                let waiters = std::mem::take(&mut st.waiters);
+                self.trust_deadline = [self.trust_deadline, expires].into_iter().flatten().min();
+                self.connecting.remove(&node);
+                self.release_waiters(waiters, &Ok(node));
+                tracing::info!(%node, "end-to-end session established");
+                self.emit(NodeEvent::Connected { node, remote_static, direct: false, peer });
+            }
+            Event::Message { channel, id, payload } => {
+                bump(&self.counters.messages_in);
+                self.counters.bytes_in.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                let relay = via.and_then(|l| self.links.get(&l)).map(|l| l.relay);
+                let relay = relay.or_else(|| self.nodes.get(&node).and_then(|s| s.last_relay));
+                match relay {
+                    Some(relay) => self.emit(NodeEvent::Message { node, channel, id, payload, via: Via::Relay(relay) }),
+                    // Messages come only out of packets from a relay link, so one is known.
+                    None => tracing::warn!(%node, "end-to-end message without a known relay dropped"),
+                }
+            }
+            Event::Closed(c) => {
+                let outcome = match c.error {
+                    Some(e) => Error::Protocol(e),
+                    None => Error::Closed { reason: c.reason, by_peer: c.by_peer },
+                };
+                let st = self.nodes.entry(node).or_default();
+                st.auth[slot_index(slot)] = None;
+                match slot {
+                    Slot::Current if st.up => {
+                        st.up = false;
+                        self.counters.sessions.fetch_sub(1, Ordering::Relaxed);
+                        let parked = std::mem::take(&mut st.parked);
+                        self.parked_total -= parked.len();
+                        for p in parked {
+                            let _ = p.reply.send(Err(Error::NoSession));
+                        }
+                        tracing::info!(%node, %outcome, "end-to-end session closed");
+                        self.emit(NodeEvent::Closed { node, direct: false, outcome });
+                    }
+                    Slot::Current => {}
+                    Slot::Candidate => {
+                        bump(&self.counters.handshakes_failed);
+                        tracing::debug!(%node, %outcome, "end-to-end handshake failed");
+                        let waiters = std::mem::take(&mut st.waiters);
+                        self.release_waiters(waiters, &Err(outcome));
+                    }
+                }
+            }
+            Event::RevocationList { list } => {
+                // spec §15.8: a list pushed end to end counts like one pushed over a link.
+                match self.authorizer.trust_state().map(|s| s.update_revocation_list(&list)) {
+                    Some(Ok(_)) => tracing::info!(%node, "revocation list applied"),
+                    Some(Err(e)) => tracing::info!(%node, error = %e, "revocation list refused"),
+                    None => tracing::debug!(%node, "revocation list ignored: no trust state"),
+                }
+            }
+            Event::TimeSync { unix_time } => {
+                // spec §15.7: believed only from a peer verified as gateway or cloud.
+                let st = self.nodes.get(&node);
+                let auth = st.and_then(|s| s.auth[slot_index(slot)].as_ref());
+                if let (Some(state), Some(a), Some(r)) =
+                    (self.authorizer.trust_state(), auth, auth.and_then(|a| a.recheck.as_ref()))
+                {
+                    state.accept_time_sync(&r.remote, a.peer.as_ref(), unix_time);
+                }
+            }
+            Event::Routing(_) => {
+                // Routing inside an end-to-end session is not defined (one relay per route).
+                bump(&self.counters.dropped_not_a_relay);
+            }
+            Event::Unsent { channel, id, len } => {
+                tracing::warn!(%node, channel, id, len, "message larger than the peer's packet limit dropped unsent");
+            }
+            _ => {}
+        }
+    }
+
+    /// spec §5.5: the authorizer decides about an end-to-end peer whose key the
+    /// demultiplexer has matched to its node id (spec §16.6).
+    fn authorize(
+        &mut self,
+        node: NodeId,
+        slot: Slot,
+        remote_static: PublicKey,
+        certificate: Option<Vec<u8>>,
+        via: Option<LinkId>,
+    ) {
+        let now = self.clock.now();
+        let role = self.demux.connection(&node, slot).map_or(Role::Responder, veil_protocol::Connection::role);
+        let link = via.or_else(|| self.best.get(&node).map(|b| b.0)).and_then(|l| self.links.get(&l));
+        let (remote_addr, transport, relay) = match link {
+            Some(l) => (l.conn.remote_addr(), l.conn.transport(), Some(l.relay)),
+            None => (SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), Transport::Tcp, None),
+        };
+        let expected = match (self.authorizer.roles(), role) {
+            (Some(r), Role::Responder) => r.inbound,
+            (Some(r), Role::Initiator) => r.outbound,
+            (None, _) => RoleSet::NONE,
+        };
+        let req = AuthRequest {
+            remote_static: &remote_static,
+            certificate: certificate.as_deref(),
+            remote_addr,
+            transport,
+            role,
+            expected_roles: expected,
+            relay,
+        };
+        let (decision, peer) = self.authorizer.decide(&req);
+        if matches!(decision, Decision::Deny(_)) {
+            bump(&self.counters.denied);
+            tracing::info!(%node, "end-to-end peer denied");
+        }
+        let recheck = match (self.authorizer.trust_state(), &peer) {
+            (Some(state), Some(p)) => {
+                Some(Recheck { remote: remote_static, expires: expiry_of(state, p), certificate, expected })
+            }
+            _ => None,
+        };
+        self.nodes.entry(node).or_default().auth[slot_index(slot)] = Some(PeerAuth { peer, recheck });
+        if let Err(e) = self.demux.authorize(now, &node, slot, decision) {
+            tracing::debug!(%node, error = %e, "authorization not applied");
+        }
+    }
+
+    /// Starts the handshake a `connect` waits for, on the node's route.
+    fn start(&mut self, node: NodeId) {
+        let busy = self.demux.connection(&node, Slot::Candidate).is_some();
+        let connected =
+            self.demux.connection(&node, Slot::Current).is_some_and(veil_protocol::Connection::is_connected);
+        let Some(&(id, _)) = self.best.get(&node) else { return };
+        let Some(remote) = self.nodes.get(&node).and_then(|s| s.connect_key) else { return };
+        if busy || connected {
+            // A handshake is under way (perhaps the peer's), or the session is up already:
+            // its Connected or Closed answers the waiters.
+            return;
+        }
+        let cap = self.links.get(&id).map_or(wire::MIN_PACKET_LEN, |l| l.max_routed);
+        let cfg = self.config_for(cap);
+        let now = self.clock.now();
+        // spec §16.6: an initiator that knows the responder's key sends only on a route
+        // whose node id is that key's (the route is `node_id(remote)`'s by construction).
+        let expected = self.config.pattern.initiator_knows_responder().then_some(remote);
+        let started = veil_protocol::Connection::new(cfg, Role::Initiator, expected, now, &mut rand::rngs::OsRng)
+            .map_err(Error::Protocol)
+            .and_then(|c| self.demux.start(now, node, c).map_err(|_| Error::TooManyConnections));
+        match started {
+            Ok(()) => {
+                bump(&self.counters.handshakes_started);
+                tracing::debug!(%node, "end-to-end handshake started");
+                self.drain(&node, Some(id));
+                self.pump(&node);
+            }
+            Err(e) => {
+                let waiters = self.nodes.get_mut(&node).map(|s| std::mem::take(&mut s.waiters)).unwrap_or_default();
+                self.release_waiters(waiters, &Err(e));
+                self.gc(&node);
+            }
+        }
+    }
+
+    /// Answers `connect` calls.
+    fn release_waiters(
+        &mut self,
+        waiters: Vec<oneshot::Sender<Result<NodeId, Error>>>,
+        result: &Result<NodeId, Error>,
+    ) {
+        self.pending_connects -= waiters.len();
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect { remote, reply } => self.on_connect(remote, reply),
+            Command::Send { node, channel, payload, reply } => self.on_send(node, channel, payload, reply),
+        }
+    }
+
+    fn on_connect(&mut self, remote: PublicKey, reply: oneshot::Sender<Result<NodeId, Error>>) {
+        let node = NodeId::from_public_key(&remote);
+        let direct =
+            self.nodes.get(&node).is_some_and(|s| s.direct.is_some()) || lock(&self.direct).contains_key(&node);
+        let up = self.nodes.get(&node).is_some_and(|s| s.up);
+        if direct || up {
+            let _ = reply.send(Ok(node));
+            return;
+        }
+        if self.pending_connects >= self.limits.max_pending_connects {
+            // Callers that gave up still count until their node resolves: sweep them.
+            for st in self.nodes.values_mut() {
+                let before = st.waiters.len();
+                st.waiters.retain(|w| !w.is_closed());
+                self.pending_connects -= before - st.waiters.len();
+            }
+            if self.pending_connects >= self.limits.max_pending_connects {
+                let _ = reply.send(Err(Error::TooManyConnections));
+                return;
+            }
+        }
+        let st = self.nodes.entry(node).or_default();
+        st.waiters.push(reply);
+        st.connect_key = Some(remote);
+        self.pending_connects += 1;
+        if self.best.contains_key(&node) {
+            self.start(node);
+        } else {
+            let deadline = Instant::now() + self.limits.connect_timeout;
+            self.connecting.entry(node).or_insert(deadline);
+        }
+    }
+
+    fn on_send(&mut self, node: NodeId, channel: u16, payload: Bytes, reply: oneshot::Sender<Result<(), Error>>) {
+        let direct = self.nodes.get(&node).and_then(|s| s.direct).and_then(|id| self.directs.get(&id));
+        if let Some((_, link)) = direct {
+            // The handle found no direct link a moment ago; one came since.
+            let (link, counters) = (link.clone(), Arc::clone(&self.counters));
+            self.runtime.spawn(async move {
+                let len = payload.len();
+                let r = link.send_on(channel, payload).await;
+                if r.is_ok() {
+                    counters.message_out(len);
+                }
+                let _ = reply.send(r);
+            });
+            return;
+        }
+        let route = self.best.get(&node).copied();
+        let Some(conn) = self.demux.connection_mut(&node, Slot::Current).filter(|c| c.is_connected()) else {
+            let _ = reply.send(Err(Error::NoSession));
+            return;
+        };
+        let Some((id, _)) = route else {
+            let _ = reply.send(Err(Error::NoRoute));
+            return;
+        };
+        let cap = self.links.get(&id).map_or(0, |l| l.max_routed);
+        let max = conn.max_message_payload().min(cap.saturating_sub(ROUTED_DATA_OVERHEAD));
+        if payload.len() > max {
+            let _ = reply.send(Err(Error::MessageTooLarge { len: payload.len(), max }));
+            return;
+        }
+        let st = self.nodes.entry(node).or_default();
+        if st.parked.is_empty() {
+            let len = payload.len();
+            match conn.send(channel, payload.clone()) {
+                Ok(_) => {
+                    self.counters.message_out(len);
+                    let _ = reply.send(Ok(()));
+                    self.pump(&node);
+                    return;
+                }
+                Err(ConnectionError::QueueFull) => {}
+                Err(ConnectionError::Closed) => {
+                    let _ = reply.send(Err(Error::NoSession));
+                    return;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
+        // The session's queue is full (its link is slow): the send waits its turn.
+        st.parked.push_back(Parked { channel, payload, reply });
+        self.parked_total += 1;
+        bump(&self.counters.sends_waited);
+    }
+
+    fn on_timer(&mut self) {
+        let at = Instant::now();
+        let now = self.clock.now();
+        let due: Vec<NodeId> = self.timers.iter().take_while(|(t, _)| *t <= now).map(|(_, n)| *n).collect();
+        for node in due {
+            for slot in [Slot::Current, Slot::Candidate] {
+                if let Some(c) = self.demux.connection_mut(&node, slot) {
+                    c.handle_timeout(now);
+                }
+            }
+            self.drain(&node, None);
+            self.pump(&node);
+        }
+        let expired: Vec<NodeId> = self.connecting.iter().filter(|(_, t)| **t <= at).map(|(n, _)| *n).collect();
+        for node in expired {
+            self.connecting.remove(&node);
+            let waiters = self.nodes.get_mut(&node).map(|s| std::mem::take(&mut s.waiters)).unwrap_or_default();
+            self.release_waiters(waiters, &Err(Error::NoRoute));
+            self.gc(&node);
+        }
+        if self.trust_deadline.is_some_and(|t| t <= at) {
+            self.recheck_all();
+        }
+    }
+
+    /// spec §15.8: every end-to-end session checked by a trust authorizer is checked again;
+    /// those that fail now close with the mapped reason.
+    fn recheck_all(&mut self) {
+        let Some(state) = self.authorizer.trust_state().cloned() else { return };
+        let now = self.clock.now();
+        let mut deadline: Option<Instant> = None;
+        let mut failed = Vec::new();
+        for (node, st) in &mut self.nodes {
+            let Some(a) = st.auth[0].as_mut() else { continue };
+            let Some(r) = a.recheck.as_mut() else { continue };
+            match state.check(&r.remote, r.certificate.as_deref(), r.expected) {
+                Ok(peer) => {
+                    r.expires = expiry_of(&state, &peer);
+                    deadline = [deadline, r.expires].into_iter().flatten().min();
+                }
+                Err(e) => {
+                    tracing::info!(%node, error = %e, "end-to-end peer no longer passes the trust check, closing");
+                    a.recheck = None;
+                    failed.push((*node, e.close_reason()));
+                }
+            }
+        }
+        self.trust_deadline = deadline;
+        for (node, reason) in failed {
+            if let Some(c) = self.demux.connection_mut(&node, Slot::Current) {
+                c.close(now, reason);
+            }
+            self.pump(&node);
+            self.drain(&node, None);
+        }
+    }
+
+    /// Files the node's next session timer, and forgets what is kept for a node that has
+    /// nothing going on. Runs after everything that touches a node's sessions.
+    fn gc(&mut self, node: &NodeId) {
+        let next = [Slot::Current, Slot::Candidate]
+            .into_iter()
+            .filter_map(|s| self.demux.connection(node, s).and_then(veil_protocol::Connection::poll_timeout))
+            .min();
+        let armed = self.armed.get(node).copied();
+        if armed != next {
+            if let Some(t) = armed {
+                self.timers.remove(&(t, *node));
+                self.armed.remove(node);
+            }
+            if let Some(t) = next {
+                self.timers.insert((t, *node));
+                self.armed.insert(*node, t);
+            }
+        }
+        let held = self.demux.connection(node, Slot::Current).is_some()
+            || self.demux.connection(node, Slot::Candidate).is_some();
+        if !held && self.nodes.get(node).is_some_and(NodeState::is_idle) {
+            self.nodes.remove(node);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.cancel();
+        let now = self.clock.now();
+        let nodes: Vec<NodeId> = self.demux.nodes().collect();
+        for node in &nodes {
+            for slot in [Slot::Current, Slot::Candidate] {
+                if let Some(c) = self.demux.connection_mut(node, slot) {
+                    c.close(now, CloseReason::ShuttingDown);
+                }
+            }
+            // The Close goes out, then its Closed event comes.
+            self.transmit(node);
+            self.drain(node, None);
+        }
+        for st in self.nodes.values_mut() {
+            for w in st.waiters.drain(..) {
+                let _ = w.send(Err(Error::EndpointClosed));
+            }
+            for p in st.parked.drain(..) {
+                let _ = p.reply.send(Err(Error::EndpointClosed));
+            }
+        }
+        for (_, (_, link)) in self.directs.drain() {
+            self.runtime.spawn(async move {
+                let _ = link.close(CloseReason::ShuttingDown).await;
+            });
+        }
+        lock(&self.direct).clear();
+        // The application may still read what happened; what does not fit is dropped.
+        while let Some(e) = self.out.pop_front() {
+            if self.events_tx.try_send(e).is_err() {
+                break;
+            }
+        }
+        // Dropping the links' queues ends their writers once they have passed on what they hold.
+        self.links.clear();
+        self.counters.relay_links.store(0, Ordering::Relaxed);
+        self.counters.direct_links.store(0, Ordering::Relaxed);
+        self.counters.sessions.store(0, Ordering::Relaxed);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn changed(rx: Option<&mut watch::Receiver<u64>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
