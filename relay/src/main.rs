@@ -1,8 +1,11 @@
 //! `veil-relay`: the Veil gateway relay and cloud endpoint.
 //!
-//! **Status:** the key and certificate tooling works (`keygen`, `ca init`, `cert issue`,
-//! `cert show`, `revoke`, `crl show`; spec §15.10); the gateway and cloud roles and the `demo`
-//! subcommand land with the relay issue.
+//! - `gateway --config F`: the gateway role ([`veil_relay::gateway`]).
+//! - `cloud --config F`: the cloud role ([`veil_relay::cloud`]) with its JSON-lines sink and
+//!   control socket.
+//! - `demo`: a cloud, a gateway and simulated devices on loopback ([`veil_relay::demo`]).
+//! - key and certificate tooling: `keygen`, `ca init`, `cert issue`, `cert show`, `revoke`,
+//!   `crl show`, `allowlist show` (spec §15.10).
 //!
 //! Exit codes: 0 success; 1 error (I/O, a malformed, refused or inconsistent file); 2 usage;
 //! 3 verification failed (`cert show` / `crl show` with `--ca`).
@@ -20,11 +23,8 @@ use veil_protocol::trust::CertRole;
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 error, 2 usage, 3 verification failed (cert show / crl show --ca).
 
-Coming with later issues:
-  gateway    accept devices over local links and forward their end-to-end traffic to the cloud
-             (it never holds end-to-end keys)
-  cloud      terminate device sessions and print their messages as JSON lines
-  demo       run a device, a gateway and a cloud endpoint in one process
+Roles: `gateway --config F` and `cloud --config F` run until SIGTERM (graceful drain); SIGHUP
+reloads their trust files; `--check-config` only checks. See relay/CONFIG.md.
 
 Unknown subcommands are rejected with exit code 2.";
 
@@ -38,6 +38,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway role: accept devices, keep the uplink to the cloud, forward their
+    /// end-to-end envelopes (see relay/CONFIG.md).
+    Gateway(RoleArgs),
+    /// Run the cloud role: accept gateway uplinks and devices, terminate their end-to-end
+    /// sessions, write messages to the sink (JSON lines), take commands on the control socket.
+    Cloud(RoleArgs),
+    /// Run a cloud, a gateway and simulated devices on loopback in one process, with keys
+    /// and certificates in a temporary directory, and print a summary (exit 1 if a check fails).
+    Demo(DemoArgs),
+    #[command(flatten)]
+    Tool(ToolCommand),
+}
+
+/// The key, certificate and trust-file commands.
+#[derive(Debug, Subcommand)]
+enum ToolCommand {
     /// Generate a node identity: a static X25519 key pair (OUT, mode 0600, and OUT.pub).
     Keygen {
         /// The secret key file to write; the public key goes to OUT.pub.
@@ -75,6 +91,104 @@ enum Command {
     /// Allowlists (the other trust mode: `<64 hex digits> <name>` per line).
     #[command(subcommand)]
     Allowlist(AllowlistCommand),
+}
+
+/// Arguments of `demo`.
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// How long the devices send, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Readings per second per device.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Every N-th device links over UDP (0: all over TCP).
+    #[arg(long, default_value_t = 5)]
+    udp_every: usize,
+    /// Log level for the demo's own logs (default: warn).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+async fn demo(args: DemoArgs) -> ExitCode {
+    veil_relay::run::init_logging(&args.log_level);
+    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 3600.0) {
+        eprintln!("error: --duration must be between 0 and 3600 seconds");
+        return ExitCode::from(2);
+    }
+    if args.devices == 0 || args.devices > 10_000 || !(args.rate > 0.0 && args.rate <= 10_000.0) {
+        eprintln!("error: --devices must be 1 to 10000 and --rate above 0 and at most 10000");
+        return ExitCode::from(2);
+    }
+    let opts = veil_relay::demo::DemoOptions {
+        devices: args.devices,
+        duration: std::time::Duration::from_secs_f64(args.duration),
+        rate: args.rate,
+        udp_every: args.udp_every,
+        progress: true,
+    };
+    println!(
+        "veil demo: a cloud, a gateway and {} devices on loopback; {} readings/s each for {:.1} s",
+        opts.devices, opts.rate, args.duration
+    );
+    match veil_relay::demo::run(&opts).await {
+        Ok(report) => {
+            println!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Arguments of the long-running roles.
+#[derive(Debug, clap::Args)]
+struct RoleArgs {
+    /// The TOML configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Check the configuration and every file it names, print the result and exit (0 if
+    /// good, 1 with the key and the problem otherwise).
+    #[arg(long)]
+    check_config: bool,
+    /// Log level (trace, debug, info, warn, error, off); overrides log.level; RUST_LOG
+    /// overrides both.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Gateway only: append every end-to-end packet the gateway passes on to FILE, one hex
+    /// line each: an audit of what it sees of device traffic (opaque, sealed packets).
+    #[arg(long, value_name = "FILE")]
+    audit_tap: Option<PathBuf>,
+}
+
+impl RoleArgs {
+    fn options(&self) -> veil_relay::run::RunOptions {
+        veil_relay::run::RunOptions {
+            check_config: self.check_config,
+            log_level: self.log_level.clone(),
+            audit_tap: self.audit_tap.clone(),
+        }
+    }
+}
+
+/// Runs a long-running role on a tokio runtime.
+fn serve<F: std::future::Future<Output = ExitCode>>(f: impl FnOnce() -> F) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,19 +274,19 @@ fn parse_role(s: &str) -> Result<CertRole, String> {
     CertRole::from_name(s).ok_or_else(|| format!("unknown role {s:?} (device, gateway, cloud or ca)"))
 }
 
-fn run(command: Command) -> Result<String, tooling::ToolError> {
+fn run(command: ToolCommand) -> Result<String, tooling::ToolError> {
     match command {
-        Command::Keygen { out, force } => tooling::keygen(&out, force),
-        Command::Ca(CaCommand::Init { dir, force }) => tooling::ca_init(&dir, force),
-        Command::Cert(CertCommand::Issue { ca, key, name, role, groups, not_before, days, out, force }) => {
+        ToolCommand::Keygen { out, force } => tooling::keygen(&out, force),
+        ToolCommand::Ca(CaCommand::Init { dir, force }) => tooling::ca_init(&dir, force),
+        ToolCommand::Cert(CertCommand::Issue { ca, key, name, role, groups, not_before, days, out, force }) => {
             tooling::cert_issue(tooling::IssueRequest { ca, key, name, role, groups, not_before, days, out, force })
         }
-        Command::Cert(CertCommand::Show { file, ca, at }) => tooling::cert_show(&file, ca.as_deref(), at),
-        Command::Revoke { ca, serials, issuer, keys } => {
+        ToolCommand::Cert(CertCommand::Show { file, ca, at }) => tooling::cert_show(&file, ca.as_deref(), at),
+        ToolCommand::Revoke { ca, serials, issuer, keys } => {
             tooling::revoke(&ca, tooling::RevokeRequest { serials, issuer, keys })
         }
-        Command::Crl(CrlCommand::Show { file, ca }) => tooling::crl_show(&file, ca.as_deref()),
-        Command::Allowlist(AllowlistCommand::Show { file }) => tooling::allowlist_show(&file),
+        ToolCommand::Crl(CrlCommand::Show { file, ca }) => tooling::crl_show(&file, ca.as_deref()),
+        ToolCommand::Allowlist(AllowlistCommand::Show { file }) => tooling::allowlist_show(&file),
     }
 }
 
@@ -190,7 +304,13 @@ fn main() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         };
     };
-    match run(command) {
+    let tool = match command {
+        Command::Gateway(args) => return serve(|| veil_relay::run::gateway(&args.config, args.options())),
+        Command::Cloud(args) => return serve(|| veil_relay::run::cloud(&args.config, args.options())),
+        Command::Demo(args) => return serve(|| demo(args)),
+        Command::Tool(tool) => tool,
+    };
+    match run(tool) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -213,8 +333,8 @@ mod tests {
 
     #[test]
     fn unknown_subcommands_exit_with_code_2() {
-        let Err(err) = Cli::try_parse_from(["veil-relay", "demo"]) else {
-            panic!("`demo` is not implemented yet and must be rejected");
+        let Err(err) = Cli::try_parse_from(["veil-relay", "frobnicate"]) else {
+            panic!("an unknown subcommand must be rejected");
         };
         assert_eq!(err.exit_code(), 2);
         let Err(err) = Cli::try_parse_from(["veil-relay", "cert", "issue", "--role", "admin"]) else {

@@ -1,0 +1,346 @@
+//! The cloud role as a library (spec §16): accept gateway uplinks and direct device links,
+//! terminate the devices' end-to-end sessions, and exchange messages with devices by node id.
+//!
+//! [`Cloud`] owns one [`Endpoint`] (with routing on) for every link and one
+//! [`RoutedEndpoint`] for the end-to-end sessions. Each accepted link is sorted once, by who
+//! its peer is: a gateway (fleet-CA certificate with role `gateway`, or an allowlist name
+//! the configuration lists as a gateway) becomes a relay link, whose `Deliver` envelopes
+//! carry end-to-end sessions (spec §16.4, §16.6); anyone else is a device connected directly,
+//! whose link session is its end-to-end session (spec §16.1). Either way the application
+//! sees the same [`NodeEvent`]s, addressed by node id.
+//!
+//! The `veil-relay cloud` process is this plus a sink (JSON lines) and a control socket;
+//! a Rust service embeds it directly:
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use veil_relay::cloud::{Cloud, CloudSettings};
+//! use veil_transports::NodeEvent;
+//! # async fn service(settings: CloudSettings) -> Result<(), Box<dyn std::error::Error>> {
+//! let cloud = Cloud::start(settings).await?;
+//! loop {
+//!     match cloud.next_event().await? {
+//!         NodeEvent::Message { node, channel, payload, .. } => {
+//!             println!("{node} on {channel}: {} bytes", payload.len());
+//!             // Answer on channel 1 (a command for the device).
+//!             cloud.send(&node, 1, Bytes::from_static(b"ack")).await?;
+//!         }
+//!         NodeEvent::Connected { node, direct, .. } => println!("{node} connected (direct: {direct})"),
+//!         NodeEvent::Closed { node, .. } => println!("{node} gone"),
+//!         _ => {}
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! See also `relay/examples/cloud_service.rs`, a complete service with a device and a
+//! gateway on loopback.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use veil_protocol::trust::{Authorized, CertRole, CertificateChain, NodeId, RoleSet};
+use veil_protocol::StaticKeypair;
+use veil_transports::{
+    Authorizer, Connection, Endpoint, EndpointLimits, Error as TransportError, NodeEvent, PeerRoles, RoutedEndpoint,
+    RoutedLimits, TrustState,
+};
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::{self as m, labels};
+use crate::trustload::LoadedNode;
+
+/// Which link peers are gateways (relays, spec §16.7).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayRule {
+    /// Allowlist names of gateways (allowlist mode).
+    pub names: HashSet<String>,
+}
+
+impl RelayRule {
+    /// Whether the peer (as the trust check saw it) is a gateway: a fleet-CA certificate
+    /// with role `gateway`, or an allowlist entry named in [`RelayRule::names`].
+    #[must_use]
+    pub fn is_relay(&self, peer: Option<&Authorized>) -> bool {
+        match peer {
+            Some(Authorized::Certified(p)) => p.role == CertRole::Gateway,
+            Some(Authorized::Listed { name, .. }) => self.names.contains(name),
+            _ => false,
+        }
+    }
+}
+
+/// Everything a cloud needs to start.
+#[derive(Clone)]
+pub struct CloudSettings {
+    /// The cloud's static key pair: its identity for links and end-to-end sessions alike.
+    pub identity: StaticKeypair,
+    /// Its certificate chain (fleet-CA mode).
+    pub certificate_chain: Option<CertificateChain>,
+    /// The node's trust state (allowlist or fleet CA), shared by links and end-to-end
+    /// sessions.
+    pub trust: TrustState,
+    /// Which link peers are gateways.
+    pub relays: RelayRule,
+    /// TCP listener (gateway uplinks and devices).
+    pub listen_tcp: Option<SocketAddr>,
+    /// UDP listener.
+    pub listen_udp: Option<SocketAddr>,
+    /// Endpoint limits.
+    pub limits: EndpointLimits,
+    /// Protocol limits.
+    pub protocol_limits: veil_protocol::Limits,
+    /// End-to-end limits.
+    pub routed_limits: RoutedLimits,
+}
+
+impl std::fmt::Debug for CloudSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudSettings")
+            .field("public_key", self.identity.public())
+            .field("listen_tcp", &self.listen_tcp)
+            .field("listen_udp", &self.listen_udp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CloudSettings {
+    /// Settings with default limits and no listener.
+    #[must_use]
+    pub fn new(identity: StaticKeypair, trust: TrustState) -> Self {
+        Self {
+            identity,
+            certificate_chain: None,
+            trust,
+            relays: RelayRule::default(),
+            listen_tcp: None,
+            listen_udp: None,
+            limits: EndpointLimits::default(),
+            protocol_limits: veil_protocol::Limits::default(),
+            routed_limits: RoutedLimits::default(),
+        }
+    }
+
+    /// Settings from a cloud's configuration and its loaded files.
+    ///
+    /// # Errors
+    /// None today; kept for configuration checks to come.
+    pub fn from_node(node: &LoadedNode, config: &Config) -> Result<Self, ConfigError> {
+        let mut s = Self::new(node.identity.clone(), node.trust.clone());
+        s.certificate_chain.clone_from(&node.certificate_chain);
+        s.relays = RelayRule { names: config.trust.gateways.iter().cloned().collect() };
+        s.listen_tcp = config.listen.tcp;
+        s.listen_udp = config.listen.udp;
+        s.limits = node.limits.clone();
+        s.protocol_limits = node.protocol_limits;
+        Ok(s)
+    }
+}
+
+/// Why a cloud could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloudError {
+    /// The link endpoint could not be bound.
+    #[error("cannot start the cloud endpoint: {0}")]
+    Bind(#[source] TransportError),
+    /// The end-to-end endpoint could not be built (a bad certificate chain).
+    #[error("cannot start the end-to-end endpoint: {0}")]
+    Routed(#[source] TransportError),
+    /// Neither a TCP nor a UDP listener is configured.
+    #[error("no listener: configure listen.tcp and/or listen.udp")]
+    NoListener,
+}
+
+/// A running cloud endpoint. Cheap to share behind an `Arc`; its methods take `&self`.
+#[derive(Debug)]
+pub struct Cloud {
+    endpoint: Endpoint,
+    routed: RoutedEndpoint,
+    links: Arc<Mutex<Vec<Connection>>>,
+    stop: CancellationToken,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Cloud {
+    /// Binds the listeners and starts accepting links.
+    ///
+    /// # Errors
+    /// [`CloudError`].
+    pub async fn start(settings: CloudSettings) -> Result<Self, CloudError> {
+        if settings.listen_tcp.is_none() && settings.listen_udp.is_none() {
+            return Err(CloudError::NoListener);
+        }
+        let link_roles = PeerRoles::for_node(CertRole::Cloud);
+        let mut b = Endpoint::builder(settings.identity.clone())
+            .authorizer(Authorizer::trust(settings.trust.clone(), link_roles))
+            .protocol_limits(settings.protocol_limits)
+            .limits(settings.limits.clone())
+            .routing(true);
+        if let Some(chain) = &settings.certificate_chain {
+            b = b.certificate_chain(chain);
+        }
+        if let Some(a) = settings.listen_tcp {
+            b = b.listen_tcp(a);
+        }
+        if let Some(a) = settings.listen_udp {
+            b = b.bind_udp(a);
+        }
+        let endpoint = b.bind().await.map_err(CloudError::Bind)?;
+        // End-to-end peers are devices (spec §16.6); the cloud starts no end-to-end session.
+        let e2e_roles = PeerRoles::new(RoleSet::DEVICE, RoleSet::NONE);
+        let mut rb = RoutedEndpoint::builder(settings.identity.clone())
+            .authorizer(Authorizer::trust(settings.trust.clone(), e2e_roles))
+            .protocol_limits(settings.protocol_limits)
+            .limits(settings.routed_limits);
+        if let Some(chain) = &settings.certificate_chain {
+            rb = rb.certificate_chain(chain);
+        }
+        let routed = rb.build().map_err(CloudError::Routed)?;
+        let stop = CancellationToken::new();
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(endpoint.clone(), routed.clone(), settings.relays, Arc::clone(&links), stop.clone()));
+        tasks.spawn(crate::gateway::count_handshake_failures(endpoint.handshake_failures(), stop.clone()));
+        Ok(Self { endpoint, routed, links, stop, tasks: Mutex::new(tasks) })
+    }
+
+    /// The TCP address.
+    #[must_use]
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_tcp_addr()
+    }
+
+    /// The UDP address.
+    #[must_use]
+    pub fn local_udp_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_udp_addr()
+    }
+
+    /// The cloud's node id (what devices route to, spec §15.2).
+    #[must_use]
+    pub fn node_id(&self) -> NodeId {
+        self.routed.node_id()
+    }
+
+    /// The next event: sessions up and down, messages, unreachable notices (see
+    /// [`NodeEvent`]). Read it continuously: while nobody does, the end-to-end sessions wait.
+    ///
+    /// # Errors
+    /// [`TransportError::EndpointClosed`] after [`Cloud::shutdown`].
+    pub async fn next_event(&self) -> Result<NodeEvent, TransportError> {
+        let ev = self.routed.next_event().await?;
+        match &ev {
+            NodeEvent::Message { payload, via, .. } => {
+                let hop = if matches!(via, veil_transports::Via::Direct) { labels::DEVICE } else { labels::UPLINK };
+                metrics::counter!(m::MESSAGES, labels::DIRECTION => labels::IN, labels::HOP => hop).increment(1);
+                metrics::counter!(m::BYTES, labels::DIRECTION => labels::IN, labels::HOP => hop)
+                    .increment(payload.len() as u64);
+            }
+            NodeEvent::Connected { direct, .. } => {
+                let role = if *direct { labels::DEVICE } else { "device_e2e" };
+                metrics::counter!(m::HANDSHAKES, labels::OUTCOME => labels::ACCEPTED, labels::REASON => role)
+                    .increment(1);
+            }
+            _ => {}
+        }
+        Ok(ev)
+    }
+
+    /// Queues a message for a device (see [`RoutedEndpoint::send`]).
+    ///
+    /// # Errors
+    /// As [`RoutedEndpoint::send`]: no session, no route, too large, closed.
+    pub async fn send(&self, node: &NodeId, channel: u16, payload: Bytes) -> Result<(), TransportError> {
+        let len = payload.len() as u64;
+        self.routed.send(node, channel, payload).await?;
+        metrics::counter!(m::MESSAGES, labels::DIRECTION => labels::OUT, labels::HOP => labels::DEVICE).increment(1);
+        metrics::counter!(m::BYTES, labels::DIRECTION => labels::OUT, labels::HOP => labels::DEVICE).increment(len);
+        Ok(())
+    }
+
+    /// The end-to-end endpoint (stats, connect).
+    #[must_use]
+    pub const fn routed(&self) -> &RoutedEndpoint {
+        &self.routed
+    }
+
+    /// The link endpoint (stats, trust state, revocation updates).
+    #[must_use]
+    pub const fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Pushes a revocation list to every live link (gateways pass it on to their devices,
+    /// spec §15.8). Returns how many links took it.
+    pub async fn push_revocation_list(&self, list: Bytes) -> usize {
+        let links: Vec<Connection> = self.links.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut n = 0;
+        for l in links {
+            if l.push_revocation_list(list.clone()).await.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Graceful drain: closes every end-to-end session and link with `ShuttingDown` and waits
+    /// (at most `grace`) for the tasks.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        self.routed.close();
+        let links: Vec<Connection> = std::mem::take(&mut *self.links.lock().unwrap_or_else(PoisonError::into_inner));
+        let _ = tokio::time::timeout(grace, async {
+            for l in links {
+                let _ = l.close(veil_protocol::CloseReason::ShuttingDown).await;
+            }
+        })
+        .await;
+        self.endpoint.close();
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.routed.close();
+    }
+}
+
+async fn accept_loop(
+    ep: Endpoint,
+    routed: RoutedEndpoint,
+    relays: RelayRule,
+    links: Arc<Mutex<Vec<Connection>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            () = stop.cancelled() => return,
+            c = ep.accept() => c,
+        };
+        let Ok(conn) = conn else { return };
+        let relay = relays.is_relay(conn.peer());
+        let node = NodeId::from_public_key(&conn.remote_static());
+        tracing::info!(%node, relay, transport = %conn.transport(), "link accepted");
+        {
+            let mut l = links.lock().unwrap_or_else(PoisonError::into_inner);
+            // Links that ended are pruned here, so the list stays as long as the live links.
+            l.retain(|c| !c.is_closed());
+            l.push(conn.clone());
+        }
+        if relay {
+            routed.add_relay_link(conn);
+        } else {
+            routed.add_direct(conn);
+        }
+    }
+}

@@ -1,0 +1,734 @@
+//! The gateway role (spec §16): accepts devices over TCP and UDP, keeps one uplink to the
+//! cloud, and passes end-to-end envelopes between them without being able to read them.
+//!
+//! One [`veil_transports::Endpoint`] (with routing on) serves both directions: it accepts
+//! device links and connects the uplink. A single task owns the forwarding state
+//! ([`veil_protocol::relay::Relay`], sans-IO) and the table of live links; one task per link
+//! reads it, and the uplink task reconnects with exponential backoff and full jitter. The
+//! gateway holds its own static key and its link sessions' keys, and nothing of any
+//! end-to-end session (spec §16.6 "What the relay holds").
+//!
+//! Revocation lists the cloud pushes over the uplink are applied by the endpoint's trust
+//! state (devices now revoked are closed, spec §15.8), withdrawn from the cloud with reason
+//! `Revoked`, and pushed on to every attached device.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::{self as m, labels};
+use crate::trustload::LoadedNode;
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use veil_protocol::relay::{LinkId, LinkKind, Relay, RelayLimits, Verdict};
+use veil_protocol::routing::{RouteReason, RoutingError, RoutingMessage};
+use veil_protocol::trust::{CertificateChain, NodeId};
+use veil_protocol::{CloseReason, PublicKey, StaticKeypair};
+use veil_transports::{
+    Authorizer, Clock, Connection, Endpoint, EndpointLimits, Error as TransportError, Received, Transport, TrySendError,
+};
+
+/// Everything a gateway needs to start.
+#[derive(Clone)]
+pub struct GatewaySettings {
+    /// The gateway's static key pair (its identity on both sides).
+    pub identity: StaticKeypair,
+    /// Its certificate chain (fleet-CA mode).
+    pub certificate_chain: Option<CertificateChain>,
+    /// Who may connect and whom the uplink accepts (allowlist or fleet CA).
+    pub authorizer: Authorizer,
+    /// Device links over TCP.
+    pub listen_tcp: Option<SocketAddr>,
+    /// Device links over UDP.
+    pub listen_udp: Option<SocketAddr>,
+    /// The cloud's address.
+    pub uplink: SocketAddr,
+    /// The uplink's carrier.
+    pub uplink_transport: Transport,
+    /// The cloud's static key (the uplink is pinned to it).
+    pub cloud_key: PublicKey,
+    /// First reconnect delay; doubles up to `backoff_max`, with full jitter.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Endpoint limits (connections, handshakes, queues, timeouts).
+    pub limits: EndpointLimits,
+    /// Protocol limits (timeouts, packet sizes).
+    pub protocol_limits: veil_protocol::Limits,
+    /// Forwarding-state bounds.
+    pub relay_limits: RelayLimits,
+    /// An audit tap: a copy of every end-to-end packet the gateway passes on (shared
+    /// buffers, no copy of the bytes) is offered here and dropped if the tap is full. It
+    /// shows what the gateway sees of device traffic: opaque routed packets (spec §16.6).
+    /// The `demo` uses it to check that no payload is readable at the gateway.
+    pub tap: Option<mpsc::Sender<Bytes>>,
+}
+
+impl std::fmt::Debug for GatewaySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The identity stays out of logs.
+        f.debug_struct("GatewaySettings")
+            .field("listen_tcp", &self.listen_tcp)
+            .field("listen_udp", &self.listen_udp)
+            .field("uplink", &self.uplink)
+            .field("uplink_transport", &self.uplink_transport)
+            .field("cloud_key", &self.cloud_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewaySettings {
+    /// Settings with the defaults: TCP uplink, backoff 200 ms to 30 s, default limits.
+    #[must_use]
+    pub fn new(identity: StaticKeypair, authorizer: Authorizer, uplink: SocketAddr, cloud_key: PublicKey) -> Self {
+        Self {
+            identity,
+            certificate_chain: None,
+            authorizer,
+            listen_tcp: None,
+            listen_udp: None,
+            uplink,
+            uplink_transport: Transport::Tcp,
+            cloud_key,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            limits: EndpointLimits::default(),
+            protocol_limits: veil_protocol::Limits::default(),
+            relay_limits: RelayLimits::default(),
+            tap: None,
+        }
+    }
+
+    /// Settings from a gateway's configuration and its loaded files.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key: the configuration is not a gateway's (no `[uplink]`).
+    pub fn from_node(node: &LoadedNode, config: &Config) -> Result<Self, ConfigError> {
+        let (Some(uplink), Some(cloud_key)) = (&config.uplink, node.cloud_key) else {
+            return Err(ConfigError::File { key: "uplink".into(), message: "a gateway needs [uplink]".into() });
+        };
+        let authorizer = Authorizer::trust(node.trust.clone(), node.peer_roles);
+        let mut s = Self::new(node.identity.clone(), authorizer, uplink.address, cloud_key);
+        s.certificate_chain.clone_from(&node.certificate_chain);
+        s.listen_tcp = config.listen.tcp;
+        s.listen_udp = config.listen.udp;
+        s.uplink_transport = uplink.transport;
+        s.backoff_initial = uplink.backoff_initial();
+        s.backoff_max = uplink.backoff_max();
+        s.limits = node.limits.clone();
+        s.protocol_limits = node.protocol_limits;
+        Ok(s)
+    }
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The endpoint could not be bound (address in use, bad certificate chain, …).
+    #[error("cannot start the gateway endpoint: {0}")]
+    Bind(#[source] TransportError),
+    /// Neither a TCP nor a UDP device listener is configured.
+    #[error("no device listener: configure listen.tcp and/or listen.udp")]
+    NoListener,
+}
+
+/// Gateway counters (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GatewayStats {
+    /// Devices attached now.
+    pub attached: u64,
+    /// Whether the uplink is up.
+    pub uplink_up: bool,
+    /// Uplink connections made (the first one included).
+    pub uplink_connects: u64,
+    /// Envelopes passed on.
+    pub forwarded: u64,
+    /// Bytes of end-to-end packets passed on.
+    pub forwarded_bytes: u64,
+    /// Envelopes dropped (any reason; the relay's stats have the reasons).
+    pub dropped: u64,
+    /// Data messages from devices (a gateway carries only envelopes): dropped.
+    pub data_dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    attached: AtomicU64,
+    uplink_up: AtomicBool,
+    uplink_connects: AtomicU64,
+    forwarded: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    dropped: AtomicU64,
+    data_dropped: AtomicU64,
+}
+
+/// What the link tasks tell the forwarding task.
+enum Input {
+    Up {
+        link: LinkId,
+        conn: Connection,
+        kind: LinkKind,
+    },
+    Routing {
+        link: LinkId,
+        msg: RoutingMessage,
+    },
+    Down {
+        link: LinkId,
+        revoked: bool,
+    },
+    /// A revocation list the uplink pushed and the trust state accepted: on to the devices.
+    Revocations {
+        connection: u64,
+        list: Bytes,
+    },
+    /// Graceful shutdown: tell every device, then close the links.
+    Drain,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    endpoint: Endpoint,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    inputs: mpsc::Sender<Input>,
+    tasks: JoinSet<()>,
+    uplink: Arc<std::sync::Mutex<Option<Connection>>>,
+}
+
+/// Queue between the link tasks and the forwarding task.
+const INPUT_QUEUE: usize = 4_096;
+
+impl Gateway {
+    /// Binds the device listeners and starts the forwarding and uplink tasks.
+    ///
+    /// # Errors
+    /// [`GatewayError`].
+    pub async fn start(settings: GatewaySettings) -> Result<Self, GatewayError> {
+        if settings.listen_tcp.is_none() && settings.listen_udp.is_none() {
+            return Err(GatewayError::NoListener);
+        }
+        let mut b = Endpoint::builder(settings.identity.clone())
+            .authorizer(settings.authorizer.clone())
+            .protocol_limits(settings.protocol_limits)
+            .limits(settings.limits.clone())
+            .routing(true);
+        if let Some(chain) = &settings.certificate_chain {
+            b = b.certificate_chain(chain);
+        }
+        if let Some(a) = settings.listen_tcp {
+            b = b.listen_tcp(a);
+        }
+        match settings.listen_udp {
+            Some(a) => b = b.bind_udp(a),
+            // A UDP uplink needs a socket even without UDP devices: any local port.
+            None if settings.uplink_transport == Transport::Udp => {
+                let any: std::net::IpAddr = if settings.uplink.is_ipv4() {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                };
+                b = b.bind_udp(SocketAddr::new(any, 0));
+            }
+            None => {}
+        }
+        let endpoint = b.bind().await.map_err(GatewayError::Bind)?;
+        let counters = Arc::new(Counters::default());
+        let stop = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let next_link = Arc::new(AtomicU64::new(1));
+        let uplink = Arc::new(std::sync::Mutex::new(None));
+        let mut tasks = JoinSet::new();
+        let forwarder = Forwarder {
+            relay: Relay::new(settings.relay_limits),
+            links: HashMap::new(),
+            clock: Clock::new(),
+            counters: Arc::clone(&counters),
+            draining: false,
+            tap: settings.tap.clone(),
+            uplink: Arc::clone(&uplink),
+        };
+        tasks.spawn(forwarder.run(rx, stop.clone()).instrument(tracing::info_span!("veil_gateway")));
+        tasks.spawn(accept_loop(
+            endpoint.clone(),
+            tx.clone(),
+            Arc::clone(&next_link),
+            Arc::clone(&counters),
+            stop.clone(),
+        ));
+        tasks.spawn(uplink_loop(
+            endpoint.clone(),
+            settings,
+            tx.clone(),
+            next_link,
+            Arc::clone(&counters),
+            stop.clone(),
+        ));
+        tasks.spawn(revocation_loop(endpoint.revocation_lists(), tx.clone(), stop.clone()));
+        tasks.spawn(count_handshake_failures(endpoint.handshake_failures(), stop.clone()));
+        Ok(Self { endpoint, counters, stop, inputs: tx, tasks, uplink })
+    }
+
+    /// The TCP address devices connect to.
+    #[must_use]
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_tcp_addr()
+    }
+
+    /// The UDP address devices connect to.
+    #[must_use]
+    pub fn local_udp_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_udp_addr()
+    }
+
+    /// The gateway's endpoint (its stats, trust state, revocation updates).
+    #[must_use]
+    pub const fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> GatewayStats {
+        let c = &self.counters;
+        GatewayStats {
+            attached: c.attached.load(Ordering::Relaxed),
+            uplink_up: c.uplink_up.load(Ordering::Relaxed),
+            uplink_connects: c.uplink_connects.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            forwarded_bytes: c.forwarded_bytes.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            data_dropped: c.data_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The current uplink's counters (bytes on the wire), if it is up.
+    #[must_use]
+    pub fn uplink_stats(&self) -> Option<veil_protocol::ConnectionStats> {
+        let up = self.uplink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        up.as_ref().filter(|c| !c.is_closed()).map(Connection::stats)
+    }
+
+    /// Graceful drain (SIGTERM): stops taking devices, lets every device link and the uplink
+    /// send what they have queued, closes them with `ShuttingDown`, and waits (at most
+    /// `grace`) for the tasks to end.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.inputs.send(Input::Drain).await;
+        let _ = tokio::time::timeout(grace, async {
+            // The forwarding task ends once every link it knew has closed.
+            while self.counters.attached.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        self.stop.cancel();
+        self.endpoint.close();
+        let _ = tokio::time::timeout(grace, async { while self.tasks.join_next().await.is_some() {} }).await;
+        self.tasks.abort_all();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The forwarding task: owns the relay state and the links.
+struct Forwarder {
+    relay: Relay,
+    links: HashMap<LinkId, (Connection, LinkKind)>,
+    clock: Clock,
+    counters: Arc<Counters>,
+    draining: bool,
+    tap: Option<mpsc::Sender<Bytes>>,
+    uplink: Arc<std::sync::Mutex<Option<Connection>>>,
+}
+
+impl Forwarder {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, stop: CancellationToken) {
+        loop {
+            let deadline = self.relay.poll_timeout().map(|t| self.clock.instant(t));
+            tokio::select! {
+                () = stop.cancelled() => break,
+                input = rx.recv() => match input {
+                    Some(input) => self.on_input(input),
+                    None => break,
+                },
+                () = sleep_until(deadline) => self.relay.handle_timeout(self.clock.now()),
+            }
+            self.flush();
+            let attached = self.links.values().filter(|(_, k)| *k == LinkKind::Device).count();
+            self.counters.attached.store(attached as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        let now = self.clock.now();
+        match input {
+            Input::Up { link, conn, kind } => {
+                if self.draining {
+                    let conn = conn.clone();
+                    tokio::spawn(async move { conn.close(CloseReason::ShuttingDown).await });
+                    return;
+                }
+                let peer = NodeId::from_public_key(&conn.remote_static());
+                let lossy = conn.transport() == Transport::Udp;
+                // spec §16.4.1: a node attaching again replaces its older link, which is closed.
+                let older = self.relay.link_of(&peer).filter(|l| *l != link);
+                match self.relay.link_up(now, link, peer, kind, lossy, conn.max_envelope_len()) {
+                    Ok(()) => {
+                        tracing::info!(link, %peer, ?kind, transport = %conn.transport(), "link up");
+                        if kind == LinkKind::Uplink {
+                            *self.uplink.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
+                        }
+                        if let Some((old, old_kind)) = older.and_then(|l| self.links.remove(&l)) {
+                            tracing::info!(link = older, %peer, "older link of the node replaced");
+                            metrics::gauge!(m::CONNECTIONS, labels::ROLE => role_label(old_kind), labels::TRANSPORT => old.transport().to_string()).decrement(1.0);
+                            tokio::spawn(async move { old.close(CloseReason::Normal).await });
+                        }
+                        metrics::gauge!(m::CONNECTIONS, labels::ROLE => role_label(kind), labels::TRANSPORT => conn.transport().to_string()).increment(1.0);
+                        self.links.insert(link, (conn, kind));
+                    }
+                    Err(e) => {
+                        tracing::warn!(link, %peer, error = %e, "link refused by the relay");
+                        tokio::spawn(async move { conn.close(CloseReason::InternalError).await });
+                    }
+                }
+            }
+            Input::Routing { link, msg } => self.on_routing(now, link, msg),
+            Input::Down { link, revoked } => {
+                let Some((conn, kind)) = self.links.remove(&link) else { return };
+                metrics::gauge!(m::CONNECTIONS, labels::ROLE => role_label(kind), labels::TRANSPORT => conn.transport().to_string()).decrement(1.0);
+                let peer = NodeId::from_public_key(&conn.remote_static());
+                if revoked {
+                    self.relay.revoke(now, &peer);
+                }
+                self.relay.link_down(now, link);
+                tracing::info!(link, %peer, revoked, "link down");
+            }
+            Input::Revocations { connection, list } => {
+                // Only lists from the cloud go on (spec §15.8).
+                let from_uplink = self.links.values().any(|(c, k)| *k == LinkKind::Uplink && c.id() == connection);
+                if !from_uplink {
+                    return;
+                }
+                for (conn, kind) in self.links.values() {
+                    if *kind == LinkKind::Device {
+                        let conn = conn.clone();
+                        let list = list.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.push_revocation_list(list).await {
+                                tracing::debug!(error = %e, "revocation list not pushed to a device");
+                            }
+                        });
+                    }
+                }
+            }
+            Input::Drain => {
+                self.draining = true;
+                for (conn, _) in self.links.values() {
+                    let conn = conn.clone();
+                    tokio::spawn(async move { conn.close(CloseReason::ShuttingDown).await });
+                }
+            }
+        }
+    }
+
+    fn on_routing(&mut self, now: veil_protocol::Timestamp, link: LinkId, msg: RoutingMessage) {
+        let route = msg.route();
+        if let RoutingMessage::Forward { packet, .. } = &msg {
+            let hop = match self.links.get(&link) {
+                Some((_, LinkKind::Uplink)) => labels::UPLINK,
+                _ => labels::DEVICE,
+            };
+            metrics::counter!(m::BYTES, labels::DIRECTION => labels::IN, labels::HOP => hop)
+                .increment(packet.len() as u64);
+        }
+        let verdict = self.relay.on_routing(now, link, msg);
+        // A `Route` the relay made for this envelope must leave before it (spec §16.3).
+        self.flush();
+        match verdict {
+            Verdict::Forward { link: out, msg } => {
+                let len = match &msg {
+                    RoutingMessage::Deliver { packet, .. } => packet.len() as u64,
+                    _ => 0,
+                };
+                let out_kind = self.links.get(&out).map(|(_, k)| *k);
+                let Some((conn, _)) = self.links.get(&out) else {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
+                    let _ = tap.try_send(packet.clone());
+                }
+                match conn.try_send_routing(msg) {
+                    Ok(()) => {
+                        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                        self.counters.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
+                        metrics::counter!(m::FORWARDED).increment(1);
+                        let hop = if out_kind == Some(LinkKind::Uplink) { labels::UPLINK } else { labels::DEVICE };
+                        metrics::counter!(m::BYTES, labels::DIRECTION => labels::OUT, labels::HOP => hop)
+                            .increment(len);
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(m::ROUTING_DROPS, labels::REASON => "congested").increment(1);
+                        self.relay.congested(now, link, route);
+                    }
+                    Err(e) => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(m::ROUTING_DROPS, labels::REASON => "link_closed").increment(1);
+                        tracing::debug!(error = ?e, "envelope not passed on");
+                    }
+                }
+            }
+            Verdict::Dropped(reason) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::ROUTING_DROPS, labels::REASON => drop_label(&reason)).increment(1);
+                tracing::debug!(link, route, %reason, "envelope dropped");
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends what the relay queued: announcements, withdrawals, notices.
+    fn flush(&mut self) {
+        while let Some((link, msg)) = self.relay.poll_output() {
+            let Some((conn, _)) = self.links.get(&link) else { continue };
+            match &msg {
+                RoutingMessage::Route { .. } => {
+                    metrics::counter!(m::ROUTE_ANNOUNCEMENTS, labels::KIND => labels::ROUTE).increment(1);
+                }
+                RoutingMessage::Withdraw { .. } => {
+                    metrics::counter!(m::ROUTE_ANNOUNCEMENTS, labels::KIND => labels::WITHDRAW).increment(1);
+                }
+                _ => {}
+            }
+            let must_arrive = matches!(msg, RoutingMessage::Route { .. } | RoutingMessage::Withdraw { .. });
+            if let Err(e) = conn.try_send_routing(msg) {
+                if must_arrive {
+                    // The peer's view of the routes would be wrong from now on: the link
+                    // goes (spec §16.4.1); the peer reconnects with a fresh table.
+                    tracing::warn!(link, error = ?e, "announcement could not be queued; closing the link");
+                    let conn = conn.clone();
+                    tokio::spawn(async move { conn.close(CloseReason::InternalError).await });
+                } else {
+                    tracing::debug!(link, error = ?e, "notice not queued");
+                }
+            }
+        }
+    }
+}
+
+const fn role_label(kind: LinkKind) -> &'static str {
+    match kind {
+        LinkKind::Device => labels::DEVICE,
+        LinkKind::Uplink => labels::CLOUD,
+    }
+}
+
+/// The metrics label of a routing drop (a fixed vocabulary, spec §16.5, §16.8).
+#[must_use]
+pub const fn drop_label(e: &RoutingError) -> &'static str {
+    match e {
+        RoutingError::UnknownRoute(_) => "unknown_route",
+        RoutingError::NotARelay => "not_a_relay",
+        RoutingError::TableFull => "table_full",
+        RoutingError::NodeMismatch => "node_mismatch",
+        RoutingError::Unreachable(r) => match r {
+            RouteReason::UnknownRoute => "unknown_route",
+            RouteReason::Detached => "detached",
+            RouteReason::UplinkDown => "uplink_down",
+            RouteReason::NotAllowed => "not_allowed",
+            RouteReason::Congested => "congested",
+            RouteReason::TooLarge => "too_large",
+            RouteReason::Revoked => "revoked",
+            RouteReason::ShuttingDown => "shutting_down",
+            _ => "other",
+        },
+        _ => "other",
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads one link until it ends.
+async fn read_link(link: LinkId, conn: Connection, tx: mpsc::Sender<Input>, counters: Arc<Counters>) {
+    let revoked = loop {
+        match conn.recv_any().await {
+            Ok(Received::Routing(msg)) => {
+                if tx.send(Input::Routing { link, msg }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {
+                counters.data_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(link, error = %e, "link ended");
+                break matches!(e, TransportError::Closed { reason: CloseReason::Revoked, .. });
+            }
+        }
+    };
+    let _ = tx.send(Input::Down { link, revoked }).await;
+}
+
+async fn accept_loop(
+    ep: Endpoint,
+    tx: mpsc::Sender<Input>,
+    next: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            () = stop.cancelled() => return,
+            c = ep.accept() => c,
+        };
+        let Ok(conn) = conn else { return };
+        let link = next.fetch_add(1, Ordering::Relaxed);
+        if tx.send(Input::Up { link, conn: conn.clone(), kind: LinkKind::Device }).await.is_err() {
+            return;
+        }
+        tokio::spawn(read_link(link, conn, tx.clone(), Arc::clone(&counters)));
+    }
+}
+
+/// Keeps the uplink up: connect, read until it ends, wait (exponential backoff with full
+/// jitter), again.
+async fn uplink_loop(
+    ep: Endpoint,
+    s: GatewaySettings,
+    tx: mpsc::Sender<Input>,
+    next: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) {
+    let mut delay = s.backoff_initial;
+    loop {
+        let attempt = ep.connect(s.uplink_transport, s.uplink, Some(s.cloud_key));
+        let conn = tokio::select! {
+            () = stop.cancelled() => return,
+            c = attempt => c,
+        };
+        match conn {
+            Ok(conn) => {
+                delay = s.backoff_initial;
+                let link = next.fetch_add(1, Ordering::Relaxed);
+                if counters.uplink_connects.fetch_add(1, Ordering::Relaxed) > 0 {
+                    metrics::counter!(m::UPLINK_RECONNECTS).increment(1);
+                }
+                counters.uplink_up.store(true, Ordering::Relaxed);
+                metrics::gauge!(m::UPLINK_UP).set(1.0);
+                tracing::info!(link, addr = %s.uplink, "uplink connected");
+                if tx.send(Input::Up { link, conn: conn.clone(), kind: LinkKind::Uplink }).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = read_link(link, conn, tx.clone(), Arc::clone(&counters)) => {}
+                }
+                counters.uplink_up.store(false, Ordering::Relaxed);
+                metrics::gauge!(m::UPLINK_UP).set(0.0);
+                if stop.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(addr = %s.uplink, "uplink lost; reconnecting");
+            }
+            Err(e) => tracing::warn!(addr = %s.uplink, error = %e, retry_in = ?delay, "uplink connect failed"),
+        }
+        // Full jitter: a fleet of gateways that lost the cloud together does not come back
+        // in lockstep.
+        let wait = rand::thread_rng().gen_range(Duration::ZERO..=delay);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        delay = (delay * 2).min(s.backoff_max);
+    }
+}
+
+/// Counts refused and failed inbound handshakes by reason ([`m::HANDSHAKES`]).
+pub(crate) async fn count_handshake_failures(
+    mut rx: broadcast::Receiver<veil_transports::HandshakeFailure>,
+    stop: CancellationToken,
+) {
+    loop {
+        let r = tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.recv() => r,
+        };
+        match r {
+            Ok(f) => {
+                let (outcome, reason) = match f.error.deny_reason() {
+                    Some(r) => (labels::REFUSED, deny_label(r)),
+                    None => (labels::FAILED, failure_label(&f.error)),
+                };
+                metrics::counter!(m::HANDSHAKES, labels::OUTCOME => outcome, labels::REASON => reason).increment(1);
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
+    use veil_protocol::DenyReason as R;
+    match r {
+        R::Revoked => "revoked",
+        R::BadCertificate => "bad_certificate",
+        R::Unauthorized => "unauthorized",
+        _ => "other",
+    }
+}
+
+fn failure_label(e: &TransportError) -> &'static str {
+    match e {
+        TransportError::RateLimited => "rate_limited",
+        TransportError::TooManyConnections | TransportError::TooManyHandshakes => "busy",
+        TransportError::ConnectTimeout => "timeout",
+        e if e.is_handshake_timeout() => "timeout",
+        TransportError::Io(_) | TransportError::CarrierClosed => "io",
+        TransportError::Protocol(_) => "protocol",
+        _ => "other",
+    }
+}
+
+/// Revocation lists pushed by the cloud and accepted by the trust state go on to the devices.
+async fn revocation_loop(
+    mut rx: broadcast::Receiver<veil_transports::ReceivedRevocationList>,
+    tx: mpsc::Sender<Input>,
+    stop: CancellationToken,
+) {
+    loop {
+        let r = tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.recv() => r,
+        };
+        match r {
+            Ok(r) if r.result.is_ok() => {
+                if tx.send(Input::Revocations { connection: r.connection, list: r.list }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Prometheus metrics of the gateway and cloud roles, recorded through the `metrics` facade.
+//!
+//! Every metric name is a constant here and described in [`register`]; label keys and their
+//! values are in [`labels`]. Code records with the facade's macros, e.g.
+//!
+//! ```
+//! use veil_relay::metrics::{labels, HANDSHAKES};
+//!
+//! metrics::counter!(HANDSHAKES, labels::OUTCOME => labels::REFUSED, labels::REASON => "revoked").increment(1);
+//! ```
+//!
+//! Without [`install`] (no `[metrics]` in the configuration) the facade has no recorder and
+//! recording costs next to nothing. [`install`] starts the `/metrics` HTTP endpoint
+//! (`metrics-exporter-prometheus`'s listener) and installs its recorder for the whole process;
+//! it can succeed once per process.
+//!
+//! Metrics carry no keys, payloads or node names: labels are fixed vocabularies, so that a
+//! peer cannot make the number of series grow.
+
+use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
+
+use ::metrics::{describe_counter, describe_gauge, Unit};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+
+/// Gauge: live connections, by [`labels::ROLE`] (the peer's kind) and [`labels::TRANSPORT`].
+pub const CONNECTIONS: &str = "veil_relay_connections";
+/// Counter: inbound and outbound handshakes that ended, by [`labels::OUTCOME`] and
+/// [`labels::REASON`] (`"none"` when accepted; else a short snake_case reason such as
+/// `"revoked"`, `"bad_certificate"`, `"unauthorized"`, `"timeout"`, `"busy"`).
+pub const HANDSHAKES: &str = "veil_relay_handshakes_total";
+/// Counter: application messages, by [`labels::DIRECTION`] and [`labels::HOP`].
+pub const MESSAGES: &str = "veil_relay_messages_total";
+/// Counter: application payload bytes, by [`labels::DIRECTION`] and [`labels::HOP`].
+pub const BYTES: &str = "veil_relay_bytes_total";
+/// Counter: routing messages dropped, by [`labels::REASON`] (the routing reason in
+/// snake_case, e.g. `"no_route"`, `"uplink_down"`, `"not_allowed"`, `"congested"`).
+pub const ROUTING_DROPS: &str = "veil_relay_routing_drops_total";
+/// Counter: envelopes a gateway forwarded (a `Forward` in, a `Deliver` out; spec §16.4).
+pub const FORWARDED: &str = "veil_relay_forwarded_envelopes_total";
+/// Counter: route announcements sent, by [`labels::KIND`] (`Route` or `Withdraw`, spec §16.3).
+pub const ROUTE_ANNOUNCEMENTS: &str = "veil_relay_route_announcements_total";
+/// Gauge: messages waiting in a queue, by [`labels::QUEUE`].
+pub const QUEUE_DEPTH: &str = "veil_relay_queue_depth";
+/// Gauge: 1 while the gateway's uplink to the cloud is up, else 0.
+pub const UPLINK_UP: &str = "veil_relay_uplink_up";
+/// Counter: uplink connection attempts after the first (reconnects).
+pub const UPLINK_RECONNECTS: &str = "veil_relay_uplink_reconnects_total";
+/// Counter: trust reloads (SIGHUP), by [`labels::OUTCOME`] ([`labels::ACCEPTED`] or
+/// [`labels::FAILED`]).
+pub const TRUST_RELOADS: &str = "veil_relay_trust_reloads_total";
+
+/// Label keys, and the values that have fixed vocabularies.
+pub mod labels {
+    /// Key: the peer's kind — [`DEVICE`], [`GATEWAY`] or [`CLOUD`].
+    pub const ROLE: &str = "role";
+    /// Key: the carrier — `"tcp"` or `"udp"` (`veil_transports::Transport`'s `Display`).
+    pub const TRANSPORT: &str = "transport";
+    /// Key: how something ended — [`ACCEPTED`], [`REFUSED`] or [`FAILED`].
+    pub const OUTCOME: &str = "outcome";
+    /// Key: why (snake_case, from a fixed set of reasons; `"none"` when there is none).
+    pub const REASON: &str = "reason";
+    /// Key: [`IN`] (received) or [`OUT`] (sent).
+    pub const DIRECTION: &str = "direction";
+    /// Key: the kind of link — [`DEVICE`] (a device's own link, at a gateway or directly at
+    /// the cloud) or [`UPLINK`] (gateway ⇄ cloud).
+    pub const HOP: &str = "hop";
+    /// Key: the kind of announcement — [`ROUTE`] or [`WITHDRAW`].
+    pub const KIND: &str = "kind";
+    /// Key: which queue — e.g. [`UPLINK`] (the gateway's uplink send queue) or [`SINK`] (the
+    /// cloud's sink).
+    pub const QUEUE: &str = "queue";
+
+    /// A device.
+    pub const DEVICE: &str = "device";
+    /// A gateway.
+    pub const GATEWAY: &str = "gateway";
+    /// A cloud endpoint.
+    pub const CLOUD: &str = "cloud";
+    /// The gateway ⇄ cloud link.
+    pub const UPLINK: &str = "uplink";
+    /// The cloud's message sink.
+    pub const SINK: &str = "sink";
+    /// Received.
+    pub const IN: &str = "in";
+    /// Sent.
+    pub const OUT: &str = "out";
+    /// Allowed / done.
+    pub const ACCEPTED: &str = "accepted";
+    /// Refused by a policy or trust check.
+    pub const REFUSED: &str = "refused";
+    /// Failed otherwise (I/O, timeout, bad file).
+    pub const FAILED: &str = "failed";
+    /// `Route` (spec §16.3).
+    pub const ROUTE: &str = "route";
+    /// `Withdraw` (spec §16.3).
+    pub const WITHDRAW: &str = "withdraw";
+    /// The reason when there is none.
+    pub const NONE: &str = "none";
+}
+
+/// Describes every metric to the installed recorder (help text and unit). [`install`] calls
+/// it; call it again only after installing another recorder yourself.
+pub fn register() {
+    describe_gauge!(CONNECTIONS, Unit::Count, "Live connections, by peer role and transport.");
+    describe_counter!(HANDSHAKES, Unit::Count, "Handshakes that ended, by outcome and reason.");
+    describe_counter!(MESSAGES, Unit::Count, "Application messages, by direction and hop.");
+    describe_counter!(BYTES, Unit::Bytes, "Application payload bytes, by direction and hop.");
+    describe_counter!(ROUTING_DROPS, Unit::Count, "Routing messages dropped, by reason.");
+    describe_counter!(FORWARDED, Unit::Count, "Envelopes forwarded by the gateway.");
+    describe_counter!(ROUTE_ANNOUNCEMENTS, Unit::Count, "Route announcements sent, by kind.");
+    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Messages waiting in a queue, by queue.");
+    describe_gauge!(UPLINK_UP, Unit::Count, "1 while the gateway's uplink to the cloud is up, else 0.");
+    describe_counter!(UPLINK_RECONNECTS, Unit::Count, "Uplink reconnection attempts.");
+    describe_counter!(TRUST_RELOADS, Unit::Count, "Trust reloads, by outcome.");
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// The HTTP listener cannot bind its address (in use, not local, no permission).
+    #[error("metrics.listen {addr}: cannot listen: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// This process already has a metrics recorder (a second [`install`]).
+    #[error("a metrics recorder is already installed in this process")]
+    AlreadyInstalled,
+    /// [`install`] was called outside a tokio runtime.
+    #[error("the metrics endpoint needs a tokio runtime")]
+    NoRuntime,
+    /// Any other failure of the exporter.
+    #[error("metrics exporter: {0}")]
+    Exporter(String),
+}
+
+/// The installed recorder: renders what `/metrics` serves.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+    listen: SocketAddr,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition, as `GET /metrics` returns it.
+    #[must_use]
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// The address `/metrics` is served on.
+    #[must_use]
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+}
+
+/// The recorder of this process, once installed: the facade's recorder is global, so the
+/// endpoint can be started once.
+static INSTALLED: Mutex<Option<Metrics>> = Mutex::new(None);
+
+/// Starts the Prometheus endpoint on `listen` (`GET /metrics`; any path but `/health` serves the
+/// metrics, `/health` answers `OK`) on the current tokio runtime, installs its recorder as the
+/// process's metrics recorder and describes every metric ([`register`]).
+///
+/// # Errors
+/// [`MetricsError::Bind`] naming the address if it cannot be bound (nothing is installed then,
+/// and a later call may succeed); [`MetricsError::AlreadyInstalled`] if this process already
+/// has a recorder; [`MetricsError::NoRuntime`] outside a tokio runtime.
+pub fn install(listen: SocketAddr) -> Result<Metrics, MetricsError> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| MetricsError::NoRuntime)?;
+    let mut installed = INSTALLED.lock().unwrap_or_else(PoisonError::into_inner);
+    if installed.is_some() {
+        return Err(MetricsError::AlreadyInstalled);
+    }
+    let (recorder, exporter) = {
+        let _entered = runtime.enter();
+        PrometheusBuilder::new().with_http_listener(listen).build().map_err(|e| match e {
+            BuildError::FailedToCreateHTTPListener(reason) => MetricsError::Bind { addr: listen, reason },
+            other => MetricsError::Exporter(other.to_string()),
+        })?
+    };
+    let handle = recorder.handle();
+    ::metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
+    runtime.spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::warn!(error = ?e, "the metrics endpoint stopped");
+        }
+    });
+    register();
+    tracing::info!(%listen, "metrics endpoint listening");
+    let metrics = Metrics { handle, listen };
+    *installed = Some(metrics.clone());
+    Ok(metrics)
+}
+
+/// The recorder [`install`] installed, if any.
+#[must_use]
+pub fn installed() -> Option<Metrics> {
+    INSTALLED.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
