@@ -18,9 +18,11 @@
 #[cfg(not(feature = "std"))]
 extern crate std;
 
+mod demux;
 mod relay;
 mod routing;
 mod trust;
+pub use demux::{demux, op as demux_op};
 pub use relay::{relay, relay_ops, RelayOp};
 pub use routing::routing;
 pub use trust::{certificate, revocation_list};
@@ -110,9 +112,15 @@ fn push_chunk(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// Selector bit: routed mode (spec §16.2), whatever bit 0 says. Bit 6 was ignored before
+/// routed mode was fuzzed, and no committed input sets it, so every older input keeps its
+/// meaning.
+pub const SELECTOR_ROUTED: u8 = 0x40;
+
 /// Mode, pattern and suite, named by a selector byte: bit 0 = mode (0 stream, 1 datagram),
 /// bits 1–3 = index into [`Pattern::ALL`] (modulo its length), bit 4 = index into
-/// [`Suite::ALL`]. Bits 5–7 are left to the targets.
+/// [`Suite::ALL`], bit 6 ([`SELECTOR_ROUTED`]) = routed mode instead of bit 0's. Bits 5 and
+/// 7 are left to the targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Params {
     mode: Mode,
@@ -122,23 +130,35 @@ struct Params {
 
 impl Params {
     fn from_selector(s: u8) -> Self {
+        let mode = if s & SELECTOR_ROUTED != 0 {
+            Mode::Routed
+        } else if s & 1 == 0 {
+            Mode::Stream
+        } else {
+            Mode::Datagram
+        };
         Self {
-            mode: if s & 1 == 0 { Mode::Stream } else { Mode::Datagram },
+            mode,
             pattern: Pattern::ALL[usize::from((s >> 1) & 0x07) % Pattern::ALL.len()],
             suite: Suite::ALL[usize::from((s >> 4) & 0x01) % Suite::ALL.len()],
         }
     }
 
-    /// The canonical selector of these parameters (bits 5–7 clear).
+    /// The canonical selector of these parameters (bits 5 and 7 clear; bit 0 clear in routed
+    /// mode).
     fn selector(self) -> u8 {
-        let m = u8::from(self.mode == Mode::Datagram);
+        let m = match self.mode {
+            Mode::Stream => 0,
+            Mode::Datagram => 1,
+            Mode::Routed => SELECTOR_ROUTED,
+        };
         let p = Pattern::ALL.iter().position(|&x| x == self.pattern).unwrap_or(0);
         let s = Suite::ALL.iter().position(|&x| x == self.suite).unwrap_or(0);
         m | (u8::try_from(p).unwrap_or(0) << 1) | (u8::try_from(s).unwrap_or(0) << 4)
     }
 
     fn all() -> impl Iterator<Item = Self> {
-        [Mode::Stream, Mode::Datagram].into_iter().flat_map(|mode| {
+        [Mode::Stream, Mode::Datagram, Mode::Routed].into_iter().flat_map(|mode| {
             Pattern::ALL
                 .into_iter()
                 .flat_map(move |pattern| Suite::ALL.into_iter().map(move |suite| Self { mode, pattern, suite }))
@@ -583,8 +603,8 @@ pub const RESPONDER_THIRD: u8 = 0x20;
 /// A responder fed arbitrary packets.
 ///
 /// Input: a selector byte (bit 0 mode, bits 1–3 pattern, bit 4 suite, bit 5 =
-/// [`RESPONDER_THIRD`]), then up to 64 packets, each a little-endian u16 length and its
-/// bytes.
+/// [`RESPONDER_THIRD`], bit 6 = [`SELECTOR_ROUTED`]), then up to 64 packets, each a
+/// little-endian u16 length and its bytes.
 ///
 /// - First-message mode (bit 5 clear): a fresh responder reads the packets from the start;
 ///   the pattern and suite come from the INIT header the input carries (the selector picks
@@ -593,11 +613,13 @@ pub const RESPONDER_THIRD: u8 = 0x20;
 ///   reads a genuine INIT and answers, then reads the packets in place of FINAL.
 ///
 /// Invariants: only the initiator's real static key is ever authenticated, and only from
-/// its genuine messages; no `Connected` or data before that; in datagram mode an injected
-/// packet never ends a handshake in progress and is answered with nothing but the
+/// its genuine messages; no `Connected` or data before that; in datagram and routed mode an
+/// injected packet never ends a handshake in progress and is answered with nothing but the
 /// negotiation REJECTs of spec §4.3 or a byte-identical resend of RESP (spec §5.7.2,
-/// §10.1); and after any number of forged FINALs the genuine FINAL still completes the
-/// handshake (a failed decrypt changes no state).
+/// §10.1), and every packet sent has the mode's layout (routed: datagram handshake layouts,
+/// no COOKIE_REPLY, a 4-byte transport header, spec §16.2); and after any number of forged
+/// FINALs the genuine FINAL still completes the handshake (a failed decrypt changes no
+/// state).
 pub fn responder(data: &[u8]) {
     let mut input = Input(data);
     let Some(selector) = input.byte() else { return };
@@ -665,6 +687,9 @@ impl Watch {
     }
 
     fn check_output(&mut self, mode: Mode, out: &[u8], resp: Option<&[u8]>) {
+        // spec §4.2, §16.2: whatever it sends has its own mode's layout.
+        let parsed = wire::parse(mode, MAX_PACKET_LEN, out);
+        assert!(parsed.is_ok(), "the responder sent a packet its mode does not parse: {parsed:?}");
         match out.first().copied() {
             Some(TYPE_HANDSHAKE_RESP) => {
                 self.started = true;
@@ -731,7 +756,7 @@ fn responder_third(p: Params, mut input: Input<'_>) {
         let _ = b.handle_input(T0, packet);
         watch.observe(&mut b, p.mode, packet, &genuine, Some(resp));
     }
-    if p.mode == Mode::Datagram && !watch.authenticated {
+    if p.mode.is_lossy() && !watch.authenticated {
         // spec §10.1: the forged packets changed nothing, so the genuine FINAL still works.
         let r = b.handle_input(T0, fin);
         assert!(r.is_ok(), "{p:?}: genuine FINAL refused after forged packets: {r:?}");
@@ -785,19 +810,22 @@ pub mod op {
 /// first epoch change (2^20) and the counter reconstruction half-width (2^23).
 const SESSION_COUNTER_LIMIT: u64 = 1 << 16;
 
-/// An established session in both modes, any pattern and suite, fed a script of packets:
+/// An established session in any mode (stream, datagram, routed), pattern and suite, fed a
+/// script of packets:
 /// arbitrary bytes, and genuine packets (with fuzzer-chosen Data, Ping and Pong messages)
 /// delivered unchanged, modified, repeated or out of order.
 ///
-/// Input: a selector byte (bit 0 mode, bits 1–3 pattern, bit 4 suite), then operations
-/// (see [`op`]). Packets sealed by a side stay in flight until the script delivers them. At
+/// Input: a selector byte (bit 0 mode, bits 1–3 pattern, bit 4 suite, bit 6 routed mode:
+/// [`SELECTOR_ROUTED`]), then operations (see [`op`]). Packets sealed by a side stay in flight until the script delivers them. At
 /// the end everything still in flight is delivered in order and each side sends one data
 /// message through its queue.
 ///
 /// Invariants (spec §6, §8, §9, §10): a modified or arbitrary packet is never
 /// authenticated and never yields an event; a genuine packet is authenticated exactly when
-/// the model says so (stream: it is next in order; datagram: not seen before and inside the
-/// replay window) and yields exactly the events its plaintext calls for; a refused packet
+/// the model says so (stream: it is next in order; datagram and routed: not seen before and
+/// inside the replay window) and yields exactly the events its plaintext calls for; every
+/// sealed packet has its mode's transport header (routed: 4 bytes, the counter's low bits
+/// and no receiver index, spec §16.2); a refused packet
 /// leaves the connection open and changes nothing, so every genuine packet still in flight,
 /// and a new one each way, is delivered at the end; the peers never answer each other
 /// forever.
@@ -1007,12 +1035,48 @@ impl SessionRun {
         let now = self.pair.now;
         let Some(session) = self.pair.c[s].session_mut() else { return };
         let hlen = session.header_len();
-        let counter = session.send_counter();
+        let before = session.send_counter();
         let mut buf = vec![0u8; hlen + plaintext.len() + TAG_LEN];
         buf[hlen..hlen + plaintext.len()].copy_from_slice(plaintext);
         if let Ok(n) = session.seal(now, &mut buf, plaintext.len()) {
             buf.truncate(n);
+            // The counter used: the next one, or the next epoch's first after a time-based
+            // rekey (spec §7.1).
+            let counter = session.send_counter() - 1;
+            assert!(counter >= before, "{:?}: the send counter went back", self.p);
+            self.check_sealed(s, &buf, counter);
             self.lanes[s].flights.push(Flight { packet: buf, plaintext: plaintext.to_vec(), counter, accepted: false });
+        }
+    }
+
+    /// spec §4.2, §6.1, §16.2: a sealed packet has its mode's transport header: the low
+    /// 24 bits of its counter in datagram and routed mode, the receiver's index only in
+    /// datagram mode (routed packets are told apart by their route, spec §16.6).
+    fn check_sealed(&self, s: usize, packet: &[u8], counter: u64) {
+        let mode = self.p.mode;
+        let Ok(Packet::Transport(h, _)) = wire::parse(mode, MAX_PACKET_LEN, packet) else {
+            panic!("{:?}: a sealed packet does not parse as a transport packet", self.p);
+        };
+        // spec §4.2, §16.2: 1, 8 and 4 header bytes.
+        let hlen = match mode {
+            Mode::Stream => 1,
+            Mode::Datagram => 8,
+            Mode::Routed => 4,
+        };
+        let mut head = [0u8; 8];
+        assert_eq!(h.encode(mode, &mut head), Ok(hlen), "{:?}: header length", self.p);
+        assert_eq!(&head[..hlen], &packet[..hlen], "{:?}: the header does not re-encode to its bytes", self.p);
+        let lo = u32::try_from(counter & ((1 << COUNTER_LO_BITS) - 1)).unwrap_or(0);
+        assert_eq!(h.counter_lo, mode.is_lossy().then_some(lo), "{:?}: counter {counter} sealed as {h:?}", self.p);
+        assert_eq!(h.receiver_index.is_some(), mode == Mode::Datagram, "{:?}: sealed {h:?}", self.p);
+        if mode == Mode::Routed {
+            assert_eq!(wire::routed_receiver_index(packet), None, "a routed transport packet names an index");
+        }
+        // A re-handshake gives the receiver a new index.
+        if !self.rehandshaked {
+            if let Some(i) = h.receiver_index {
+                assert_eq!(i, self.pair.c[1 - s].local_index(), "{:?}: sealed for another index", self.p);
+            }
         }
     }
 
@@ -1308,6 +1372,7 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     seed_replay_window(&mut out);
     seed_routing(&mut out);
     seed_relay(&mut out);
+    out.extend(demux::seeds().into_iter().map(|(name, input)| ("demux", name.into(), input)));
     out
 }
 
@@ -1457,34 +1522,26 @@ fn seed_decode(out: &mut Seeds) {
     }
 }
 
+/// The routed-mode parameters the seed corpus covers: the default deployment (IK), the
+/// three-message pattern with a psk (its FINAL is fuzzed too) and KK. The fuzzer reaches
+/// the others by flipping selector bits; a unit test runs every one.
+const ROUTED_SEEDS: [(Pattern, Suite); 3] = [
+    (Pattern::IK, Suite::ChaChaPolyBlake2s),
+    (Pattern::XXpsk3, Suite::AesGcmSha256),
+    (Pattern::KK, Suite::AesGcmSha256),
+];
+
+/// Every stream and datagram combination, and the routed ones of [`ROUTED_SEEDS`].
+fn seed_params() -> impl Iterator<Item = Params> {
+    Params::all().filter(|p| p.mode != Mode::Routed || ROUTED_SEEDS.contains(&(p.pattern, p.suite)))
+}
+
 fn seed_responder(out: &mut Seeds) {
-    for p in Params::all() {
-        let t = transcript(p);
-        // The whole initiator side of a handshake and first message.
-        let mut input = vec![p.selector()];
-        for packet in &t.a_to_b {
-            push_chunk(&mut input, packet);
-        }
-        out.push(("responder", format!("seed-{}-transcript", p.name()), input));
-        if matches!(p.pattern, Pattern::XX | Pattern::XXpsk3) {
-            let (init, fin) = (&t.a_to_b[0], &t.a_to_b[1]);
-            let mut input = vec![p.selector() | RESPONDER_THIRD];
-            push_chunk(&mut input, fin);
-            out.push(("responder", format!("seed-{}-final", p.name()), input));
-            // A forged FINAL, a repeated INIT (answered with RESP in datagram mode), FINAL.
-            let mut forged = fin.clone();
-            if let Some(last) = forged.last_mut() {
-                *last ^= 1;
-            }
-            let mut input = vec![p.selector() | RESPONDER_THIRD];
-            for packet in [&forged, init, fin] {
-                push_chunk(&mut input, packet);
-            }
-            out.push(("responder", format!("seed-{}-forged-final", p.name()), input));
-        }
+    for p in seed_params() {
+        responder_seeds(p, out);
     }
     // INITs refused by negotiation (spec §4.3): version, pattern, suite.
-    for (mode, name) in [(0u8, "stream"), (1, "datagram")] {
+    for (mode, name) in [(0u8, "stream"), (1, "datagram"), (SELECTOR_ROUTED, "routed")] {
         for (what, header) in [("version", [1u8, 2, 0x11]), ("pattern", [1, 1, 0x71]), ("suite", [1, 1, 0x13])] {
             let mut packet = header.to_vec();
             packet.extend_from_slice(&[0u8; 68]);
@@ -1492,6 +1549,34 @@ fn seed_responder(out: &mut Seeds) {
             push_chunk(&mut input, &packet);
             out.push(("responder", format!("seed-unsupported-{what}-{name}"), input));
         }
+    }
+}
+
+/// The [`responder`] seeds of `p`.
+fn responder_seeds(p: Params, out: &mut Seeds) {
+    let t = transcript(p);
+    // The whole initiator side of a handshake and first message.
+    let mut input = vec![p.selector()];
+    for packet in &t.a_to_b {
+        push_chunk(&mut input, packet);
+    }
+    out.push(("responder", format!("seed-{}-transcript", p.name()), input));
+    if matches!(p.pattern, Pattern::XX | Pattern::XXpsk3) {
+        let (init, fin) = (&t.a_to_b[0], &t.a_to_b[1]);
+        let mut input = vec![p.selector() | RESPONDER_THIRD];
+        push_chunk(&mut input, fin);
+        out.push(("responder", format!("seed-{}-final", p.name()), input));
+        // A forged FINAL, a repeated INIT (answered with RESP in datagram and routed
+        // mode), FINAL.
+        let mut forged = fin.clone();
+        if let Some(last) = forged.last_mut() {
+            *last ^= 1;
+        }
+        let mut input = vec![p.selector() | RESPONDER_THIRD];
+        for packet in [&forged, init, fin] {
+            push_chunk(&mut input, packet);
+        }
+        out.push(("responder", format!("seed-{}-forged-final", p.name()), input));
     }
 }
 
@@ -1517,55 +1602,60 @@ impl Script {
 }
 
 fn seed_session(out: &mut Seeds) {
+    for p in seed_params() {
+        session_seeds(p, out);
+    }
+}
+
+/// The [`session`] and [`session_lifetime`] seeds of `p`.
+fn session_seeds(p: Params, out: &mut Seeds) {
     let mut ping_data = Vec::new();
     for m in [Message::Ping { id: 9 }, Message::Data { channel: 2, id: 5, payload: b"x" }] {
         let mut buf = vec![0u8; m.encoded_len()];
         let n = m.encode(&mut buf).unwrap();
         ping_data.extend_from_slice(&buf[..n]);
     }
-    for p in Params::all() {
-        let t = transcript(p);
-        // Only packets flow: the exact model holds throughout.
-        let mut s = Script::new(p);
-        s.op(op::SEAL_DATA, false).bytes(&[1]).chunk(b"reading 1");
-        s.op(op::SEAL_DATA, false).bytes(&[1]).chunk(b"reading 2");
-        s.op(op::SEAL, true).chunk(&ping_data);
-        s.op(op::DELIVER, false).bytes(&[1]); // out of order
-        s.op(op::DELIVER_MUTATED, false).bytes(&[0, 0, 3, 0, 0x40]);
-        s.op(op::DELIVER, false).bytes(&[0]);
-        s.op(op::DELIVER, false).bytes(&[0]); // replay
-        s.op(op::DELIVER_MUTATED, true).bytes(&[0, 1, 20, 0, 0]);
-        s.op(op::RAW, false).chunk(t.a_to_b.last().map_or(&[][..], Vec::as_slice));
-        s.op(op::RAW, false).chunk(&t.a_to_b[0]); // a repeated INIT
-        s.op(op::PING, true).bytes(&[4]);
-        s.op(op::SETTLE, false);
-        s.op(op::SEAL_DATA, true).bytes(&[1]).chunk(b"after settling");
-        out.push(("session", format!("seed-{}-packets", p.name()), s.0.clone()));
-        out.push(("session_lifetime", format!("seed-{}-packets", p.name()), s.0));
-        // Time, timers, re-handshake and close.
-        let mut s = Script::new(p);
-        s.op(op::SEAL_DATA, false).bytes(&[3]).chunk(b"before");
-        s.op(op::ADVANCE, false).bytes(&13_000u16.to_le_bytes()); // past REKEY_AFTER_TIME
-        s.op(op::SEAL_DATA, false).bytes(&[3]).chunk(b"next epoch");
-        s.op(op::DELIVER, false).bytes(&[1]);
-        s.op(op::DELIVER, false).bytes(&[0]);
-        s.op(op::TIMEOUT, false);
-        s.op(op::REHANDSHAKE, false);
-        s.op(op::SEAL_DATA, true).bytes(&[4]).chunk(b"new session");
-        s.op(op::DELIVER, true).bytes(&[0]);
-        s.op(op::CLOSE, true).bytes(&[5]);
-        out.push(("session_lifetime", format!("seed-{}-lifetime", p.name()), s.0));
-        // An authenticated plaintext that is not a valid message sequence (spec §9.1).
-        let mut s = Script::new(p);
-        s.op(op::SEAL, false).chunk(&[message::KIND_PING, 0x80]);
-        s.op(op::DELIVER, false).bytes(&[0]);
-        out.push(("session_lifetime", format!("seed-{}-malformed", p.name()), s.0));
-        // The peer's authenticated Close (spec §7.6), with a reason this version does not know.
-        let mut s = Script::new(p);
-        s.op(op::SEAL, true).chunk(&[message::KIND_CLOSE, 0x5b]);
-        s.op(op::DELIVER, true).bytes(&[0]);
-        out.push(("session_lifetime", format!("seed-{}-peer-close", p.name()), s.0));
-    }
+    let t = transcript(p);
+    // Only packets flow: the exact model holds throughout.
+    let mut s = Script::new(p);
+    s.op(op::SEAL_DATA, false).bytes(&[1]).chunk(b"reading 1");
+    s.op(op::SEAL_DATA, false).bytes(&[1]).chunk(b"reading 2");
+    s.op(op::SEAL, true).chunk(&ping_data);
+    s.op(op::DELIVER, false).bytes(&[1]); // out of order
+    s.op(op::DELIVER_MUTATED, false).bytes(&[0, 0, 3, 0, 0x40]);
+    s.op(op::DELIVER, false).bytes(&[0]);
+    s.op(op::DELIVER, false).bytes(&[0]); // replay
+    s.op(op::DELIVER_MUTATED, true).bytes(&[0, 1, 20, 0, 0]);
+    s.op(op::RAW, false).chunk(t.a_to_b.last().map_or(&[][..], Vec::as_slice));
+    s.op(op::RAW, false).chunk(&t.a_to_b[0]); // a repeated INIT
+    s.op(op::PING, true).bytes(&[4]);
+    s.op(op::SETTLE, false);
+    s.op(op::SEAL_DATA, true).bytes(&[1]).chunk(b"after settling");
+    out.push(("session", format!("seed-{}-packets", p.name()), s.0.clone()));
+    out.push(("session_lifetime", format!("seed-{}-packets", p.name()), s.0));
+    // Time, timers, re-handshake and close.
+    let mut s = Script::new(p);
+    s.op(op::SEAL_DATA, false).bytes(&[3]).chunk(b"before");
+    s.op(op::ADVANCE, false).bytes(&13_000u16.to_le_bytes()); // past REKEY_AFTER_TIME
+    s.op(op::SEAL_DATA, false).bytes(&[3]).chunk(b"next epoch");
+    s.op(op::DELIVER, false).bytes(&[1]);
+    s.op(op::DELIVER, false).bytes(&[0]);
+    s.op(op::TIMEOUT, false);
+    s.op(op::REHANDSHAKE, false);
+    s.op(op::SEAL_DATA, true).bytes(&[4]).chunk(b"new session");
+    s.op(op::DELIVER, true).bytes(&[0]);
+    s.op(op::CLOSE, true).bytes(&[5]);
+    out.push(("session_lifetime", format!("seed-{}-lifetime", p.name()), s.0));
+    // An authenticated plaintext that is not a valid message sequence (spec §9.1).
+    let mut s = Script::new(p);
+    s.op(op::SEAL, false).chunk(&[message::KIND_PING, 0x80]);
+    s.op(op::DELIVER, false).bytes(&[0]);
+    out.push(("session_lifetime", format!("seed-{}-malformed", p.name()), s.0));
+    // The peer's authenticated Close (spec §7.6), with a reason this version does not know.
+    let mut s = Script::new(p);
+    s.op(op::SEAL, true).chunk(&[message::KIND_CLOSE, 0x5b]);
+    s.op(op::DELIVER, true).bytes(&[0]);
+    out.push(("session_lifetime", format!("seed-{}-peer-close", p.name()), s.0));
 }
 
 fn seed_replay_window(out: &mut Seeds) {
@@ -1604,6 +1694,7 @@ mod tests {
                 "replay_window" => replay_window(&input),
                 "routing" => routing(&input),
                 "relay" => relay(&input),
+                "demux" => demux(&input),
                 t => panic!("unknown target {t} for {name}"),
             }
         }
@@ -1615,10 +1706,15 @@ mod tests {
     /// chaining key; `Connection::restore_responder` now rebuilds the rest).
     #[test]
     fn final_altered_after_its_static_key_does_not_break_the_handshake() {
-        for (pattern, suite) in [(Pattern::XX, Suite::ChaChaPolyBlake2s), (Pattern::XXpsk3, Suite::AesGcmSha256)] {
-            let p = Params { mode: Mode::Datagram, pattern, suite };
+        for (mode, pattern, suite) in [
+            (Mode::Datagram, Pattern::XX, Suite::ChaChaPolyBlake2s),
+            (Mode::Datagram, Pattern::XXpsk3, Suite::AesGcmSha256),
+            (Mode::Routed, Pattern::XX, Suite::AesGcmSha256),
+        ] {
+            let p = Params { mode, pattern, suite };
             let fin = transcript(p).a_to_b[1].clone();
-            // Datagram FINAL: 5-byte header, encrypted s (48 bytes), encrypted payload.
+            // Datagram (and routed) FINAL: 5-byte header, encrypted s (48 bytes), encrypted
+            // payload.
             for at in [5 + 48, fin.len() - 1] {
                 let mut forged = fin.clone();
                 forged[at] ^= 0x01;
@@ -1635,7 +1731,34 @@ mod tests {
         for p in Params::all() {
             assert_eq!(Params::from_selector(p.selector()), p);
         }
-        assert_eq!(Params::all().count(), 20);
+        assert_eq!(Params::all().count(), 30);
+        // Bits 5 and 7 belong to the targets; bit 6 makes any selector routed.
+        for s in 0..=u8::MAX {
+            let p = Params::from_selector(s);
+            assert_eq!(p.mode == Mode::Routed, s & SELECTOR_ROUTED != 0);
+            assert_eq!(Params::from_selector(s & !0xa0), p);
+        }
+    }
+
+    /// The seed corpus holds routed-mode inputs for three combinations only: the others pass
+    /// the same scripts (their oracles hold in routed mode for every pattern and suite).
+    #[test]
+    fn every_routed_combination_passes_the_seed_scripts() {
+        let mut seeds = Vec::new();
+        for p in Params::all().filter(|p| p.mode == Mode::Routed) {
+            responder_seeds(p, &mut seeds);
+            session_seeds(p, &mut seeds);
+        }
+        assert_eq!(seeds.iter().filter(|(t, _, _)| *t == "session").count(), 10);
+        for (target, name, input) in seeds {
+            assert!(name.ends_with("-routed") || name.contains("-routed-"), "{name}");
+            assert_ne!(input[0] & SELECTOR_ROUTED, 0, "{name}");
+            match target {
+                "responder" => responder(&input),
+                "session" => session(&input),
+                _ => session_lifetime(&input),
+            }
+        }
     }
 
     /// Rewrites the `seed-*` files of `fuzz/corpus/<target>/`:

@@ -612,7 +612,8 @@ pub enum RoutedEvent {
     },
     /// spec §16.6: a handshake revealed a static key whose node id is not the node's; the
     /// demultiplexer denied it (`RoutingError::NodeMismatch`). The connection's `Closed`
-    /// event follows.
+    /// event follows; a connection whose request was answered anyway, through
+    /// [`E2eDemux::connection_mut`], is dropped at once instead.
     NodeMismatch {
         /// The denied connection.
         slot: Slot,
@@ -626,6 +627,13 @@ fn init_digest(packet: &[u8]) -> InitDigest {
     Blake2s256::digest(packet).into()
 }
 
+const fn slot_index(slot: Slot) -> usize {
+    match slot {
+        Slot::Current => 0,
+        Slot::Candidate => 1,
+    }
+}
+
 #[derive(Debug)]
 struct E2ePeer {
     current: Option<Connection>,
@@ -633,6 +641,11 @@ struct E2ePeer {
     /// The INIT each responder connection read, if it is one.
     current_init: Option<InitDigest>,
     candidate_init: Option<InitDigest>,
+    /// Per slot ([`slot_index`]): the connection's authorization request passed the check of
+    /// spec §16.6 in [`E2eDemux::poll_event`], so the application may answer it. A request
+    /// answered before that could be another connection's (a newer INIT replaced the
+    /// candidate meanwhile) or a key of another node.
+    checked: [bool; 2],
     /// spec §16.6: the node's allowance of new handshakes, and when it was last refilled.
     init_tokens: u32,
     refilled: Timestamp,
@@ -645,12 +658,14 @@ impl E2ePeer {
             candidate: None,
             current_init: None,
             candidate_init: None,
+            checked: [false; 2],
             init_tokens: init_burst,
             refilled: now,
         }
     }
 
     fn set(&mut self, slot: Slot, connection: Option<Connection>, init: Option<InitDigest>) {
+        self.checked[slot_index(slot)] = false;
         match slot {
             Slot::Current => (self.current, self.current_init) = (connection, init),
             Slot::Candidate => (self.candidate, self.candidate_init) = (connection, init),
@@ -737,7 +752,9 @@ impl E2eDemux {
         }
     }
 
-    /// The node's connection in `slot`, to send on ([`Connection::send`]) or close.
+    /// The node's connection in `slot`, to send on ([`Connection::send`]) or close. Answer
+    /// its authorization requests with [`authorize`](Self::authorize), not through this:
+    /// only that makes sure the check of spec §16.6 came first.
     #[must_use]
     pub fn connection_mut(&mut self, node: &NodeId, slot: Slot) -> Option<&mut Connection> {
         self.peers.get_mut(node)?.slot_mut(slot)
@@ -892,13 +909,20 @@ impl E2eDemux {
                 {
                     // The connection closes on the denial; its Closed event follows.
                     let _ = c.authorize(now, Decision::deny());
+                    if !c.is_closed() {
+                        // Someone answered it already (through `connection_mut`): whatever
+                        // it did since is void. Dropped at once, without a Closed.
+                        peer.set(slot, None, None);
+                    }
                     return Some(RoutedEvent::NodeMismatch { slot });
                 }
+                Event::AuthorizationRequired { .. } => peer.checked[slot_index(slot)] = true,
                 Event::Connected { .. } if slot == Slot::Candidate => {
                     // spec §5.9, §16.6: the Connected candidate replaces the current connection
                     // (whose events were drained first).
                     let init = peer.candidate_init.take();
                     let promoted = peer.candidate.take();
+                    peer.set(Slot::Candidate, None, None);
                     peer.set(Slot::Current, promoted, init);
                 }
                 _ => {}
@@ -908,10 +932,14 @@ impl E2eDemux {
         None
     }
 
-    /// Answers an `AuthorizationRequired` of `node`'s connection in `slot` (spec §5.5).
+    /// Answers an `AuthorizationRequired` of `node`'s connection in `slot` (spec §5.5), once
+    /// [`poll_event`](Self::poll_event) has passed it on: a request not polled yet (or made
+    /// by a connection that replaced the one whose request was polled) is not answered, since
+    /// the key it names has not been checked against `node` (spec §16.6).
     ///
     /// # Errors
-    /// [`DemuxError::NoConnection`] when there is no such connection; else as
+    /// [`DemuxError::NoConnection`] when there is no such connection;
+    /// [`ConnectionError::NoDecisionPending`] when its request was not polled; else as
     /// [`Connection::authorize`].
     pub fn authorize(
         &mut self,
@@ -920,7 +948,12 @@ impl E2eDemux {
         slot: Slot,
         decision: Decision,
     ) -> Result<(), DemuxError> {
-        let c = self.connection_mut(node, slot).ok_or(DemuxError::NoConnection)?;
+        let peer = self.peers.get_mut(node).ok_or(DemuxError::NoConnection)?;
+        let checked = peer.checked[slot_index(slot)];
+        let c = peer.slot_mut(slot).ok_or(DemuxError::NoConnection)?;
+        if !checked {
+            return Err(ConnectionError::NoDecisionPending.into());
+        }
         Ok(c.authorize(now, decision)?)
     }
 
@@ -1394,6 +1427,65 @@ mod tests {
             assert!(now > T0, "no timer fired");
             assert!(d.connection(&dev.node, Slot::Candidate).is_none());
             assert_eq!(d.poll_timeout(), None);
+        }
+
+        /// The application polled a request of device 10's candidate and decided later; a
+        /// relay meanwhile labelled device 11's INIT with device 10's node id, and the new
+        /// candidate replaced the first. The late answer must not reach the new candidate,
+        /// whose key was never checked: that let device 11 connect as device 10.
+        #[test]
+        fn a_late_answer_does_not_reach_a_candidate_that_replaced_the_one_asked_about() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let dev = device(10, 1);
+            let n = dev.node;
+            assert_eq!(d.handle_input(T0, n, dev.init.clone(), responder(2)), Ok(Slot::Candidate));
+            let asked = d.poll_event(T0, &n);
+            assert!(
+                matches!(
+                    asked,
+                    Some(RoutedEvent::Event { slot: Slot::Candidate, event: Event::AuthorizationRequired { .. } })
+                ),
+                "{asked:?}"
+            );
+            let other = device(11, 3);
+            assert_eq!(d.handle_input(T0, n, other.init.clone(), responder(4)), Ok(Slot::Candidate));
+            assert_eq!(
+                d.authorize(T0, &n, Slot::Candidate, Decision::allow()),
+                Err(DemuxError::Connection(ConnectionError::NoDecisionPending))
+            );
+            assert_eq!(d.poll_event(T0, &n), Some(RoutedEvent::NodeMismatch { slot: Slot::Candidate }));
+            let _ = events(&mut d, T0, &n);
+            assert!(d.connection(&n, Slot::Candidate).is_none());
+        }
+
+        #[test]
+        fn a_request_is_answered_only_once_polled() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let mut dev = device(10, 1);
+            let n = dev.node;
+            let _ = d.handle_input(T0, n, dev.init.clone(), responder(2)).unwrap();
+            assert_eq!(
+                d.authorize(T0, &n, Slot::Candidate, Decision::allow()),
+                Err(DemuxError::Connection(ConnectionError::NoDecisionPending))
+            );
+            assert_eq!(d.authorize(T0, &node(1), Slot::Candidate, Decision::allow()), Err(DemuxError::NoConnection));
+            // Polled, it is answered, and the handshake completes.
+            let _ = connect(&mut d, &mut dev);
+            assert!(d.connection(&n, Slot::Current).is_some_and(Connection::is_connected));
+        }
+
+        #[test]
+        fn a_mismatched_request_answered_through_connection_mut_is_dropped() {
+            let mut d = E2eDemux::new(DemuxLimits::default());
+            let dev = device(10, 1);
+            let other = node(0x77);
+            let _ = d.handle_input(T0, other, dev.init.clone(), responder(2)).unwrap();
+            let c = d.connection_mut(&other, Slot::Candidate).unwrap();
+            c.authorize(T0, Decision::allow()).unwrap();
+            assert_eq!(d.poll_event(T0, &other), Some(RoutedEvent::NodeMismatch { slot: Slot::Candidate }));
+            assert!(d.connection(&other, Slot::Candidate).is_none());
+            assert_eq!(d.poll_event(T0, &other), None);
+            assert_eq!(d.poll_transmit(T0, &other, &mut [0u8; 2048]), Ok(None), "its RESP was dropped with it");
         }
     }
 }
