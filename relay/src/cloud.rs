@@ -162,10 +162,13 @@ pub enum CloudError {
 pub struct Cloud {
     endpoint: Endpoint,
     routed: RoutedEndpoint,
-    links: Arc<Mutex<Vec<Connection>>>,
+    /// Live links, and whether each is a relay's.
+    links: Links,
     stop: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
+
+type Links = Arc<Mutex<Vec<(Connection, bool)>>>;
 
 impl Cloud {
     /// Binds the listeners and starts accepting links.
@@ -207,6 +210,7 @@ impl Cloud {
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(endpoint.clone(), routed.clone(), settings.relays, Arc::clone(&links), stop.clone()));
         tasks.spawn(crate::gateway::count_handshake_failures(endpoint.handshake_failures(), stop.clone()));
+        tasks.spawn(link_gauges(Arc::clone(&links), stop.clone()));
         Ok(Self { endpoint, routed, links, stop, tasks: Mutex::new(tasks) })
     }
 
@@ -279,7 +283,8 @@ impl Cloud {
     /// Pushes a revocation list to every live link (gateways pass it on to their devices,
     /// spec §15.8). Returns how many links took it.
     pub async fn push_revocation_list(&self, list: Bytes) -> usize {
-        let links: Vec<Connection> = self.links.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let links: Vec<Connection> =
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(c, _)| c.clone()).collect();
         let mut n = 0;
         for l in links {
             if l.push_revocation_list(list.clone()).await.is_ok() {
@@ -294,9 +299,9 @@ impl Cloud {
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
         self.routed.close();
-        let links: Vec<Connection> = std::mem::take(&mut *self.links.lock().unwrap_or_else(PoisonError::into_inner));
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(PoisonError::into_inner));
         let _ = tokio::time::timeout(grace, async {
-            for l in links {
+            for (l, _) in links {
                 let _ = l.close(veil_protocol::CloseReason::ShuttingDown).await;
             }
         })
@@ -315,13 +320,7 @@ impl Drop for Cloud {
     }
 }
 
-async fn accept_loop(
-    ep: Endpoint,
-    routed: RoutedEndpoint,
-    relays: RelayRule,
-    links: Arc<Mutex<Vec<Connection>>>,
-    stop: CancellationToken,
-) {
+async fn accept_loop(ep: Endpoint, routed: RoutedEndpoint, relays: RelayRule, links: Links, stop: CancellationToken) {
     loop {
         let conn = tokio::select! {
             () = stop.cancelled() => return,
@@ -334,13 +333,39 @@ async fn accept_loop(
         {
             let mut l = links.lock().unwrap_or_else(PoisonError::into_inner);
             // Links that ended are pruned here, so the list stays as long as the live links.
-            l.retain(|c| !c.is_closed());
-            l.push(conn.clone());
+            l.retain(|(c, _)| !c.is_closed());
+            l.push((conn.clone(), relay));
         }
         if relay {
             routed.add_relay_link(conn);
         } else {
             routed.add_direct(conn);
         }
+    }
+}
+
+/// Once a second: the live links by kind ([`m::CONNECTIONS`]), and the list pruned of links
+/// that ended.
+async fn link_gauges(links: Links, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (mut gateways, mut devices) = (0u32, 0u32);
+        {
+            let mut l = links.lock().unwrap_or_else(PoisonError::into_inner);
+            l.retain(|(c, _)| !c.is_closed());
+            for (_, relay) in l.iter() {
+                if *relay {
+                    gateways += 1;
+                } else {
+                    devices += 1;
+                }
+            }
+        }
+        metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::GATEWAY).set(f64::from(gateways));
+        metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::DEVICE).set(f64::from(devices));
     }
 }

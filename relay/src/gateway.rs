@@ -370,6 +370,11 @@ impl Forwarder {
             self.flush();
             let attached = self.links.values().filter(|(_, k)| *k == LinkKind::Device).count();
             self.counters.attached.store(attached as u64, Ordering::Relaxed);
+            #[allow(clippy::cast_precision_loss)]
+            {
+                metrics::gauge!(m::QUEUE_DEPTH, labels::QUEUE => "forwarder_input").set(rx.len() as f64);
+                metrics::gauge!(m::QUEUE_DEPTH, labels::QUEUE => "relay_output").set(self.relay.queued() as f64);
+            }
         }
     }
 
@@ -642,11 +647,17 @@ async fn uplink_loop(
                 }
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = read_link(link, conn, tx.clone(), Arc::clone(&counters)) => {}
+                    () = read_link(link, conn.clone(), tx.clone(), Arc::clone(&counters)) => {}
                 }
                 counters.uplink_up.store(false, Ordering::Relaxed);
                 metrics::gauge!(m::UPLINK_UP).set(0.0);
-                if stop.is_cancelled() {
+                // The drain closed it (`ShuttingDown`, locally): the gateway is going away, so
+                // the uplink is not reconnected (`stop` is cancelled only once the devices left).
+                let drained = matches!(
+                    conn.closed().await,
+                    TransportError::Closed { reason: CloseReason::ShuttingDown, by_peer: false }
+                );
+                if stop.is_cancelled() || drained {
                     return;
                 }
                 tracing::warn!(addr = %s.uplink, "uplink lost; reconnecting");
