@@ -7,9 +7,12 @@
 //! handshakes in one thread; [`timing`] measures a subject and its limit interleaved, so that both
 //! see the same machine load, and reports their ratio. [`net`] holds the loopback pieces of the
 //! transport benchmarks: Veil endpoints, the TLS peer (tokio-rustls) and the plain TCP framing.
+//! [`relay`] holds the relay benchmarks' fleet: a cloud, a gateway and devices provisioned with
+//! veil-relay's tooling.
 #![forbid(unsafe_code)]
 
 pub mod net;
+pub mod relay;
 
 /// Which crypto this build of Veil uses: `"ring"` with the `ring` feature (the default), or
 /// `"pure"`, the pure-Rust resolver that `no_std` firmware gets (`--no-default-features`).

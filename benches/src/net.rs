@@ -351,6 +351,38 @@ pub fn rss_bytes() -> Result<u64, NetError> {
     parse_vm_rss(&status).ok_or_else(|| NetError::Broken("no VmRSS in /proc/self/status".into()))
 }
 
+/// The resident set size (`VmRSS`) of process `pid`, in bytes: a child process the benchmark
+/// started.
+///
+/// # Errors
+/// If the process is gone, or as [`rss_bytes`].
+pub fn rss_bytes_of(pid: u32) -> Result<u64, NetError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_vm_rss(&status).ok_or_else(|| NetError::Broken(format!("no VmRSS in /proc/{pid}/status")))
+}
+
+/// CPU time the live threads of this process have run, in nanoseconds: the sum over
+/// `/proc/self/task/*/schedstat` of its first field. Threads that have ended are not counted,
+/// so take differences over a stretch in which the runtime's threads live throughout.
+///
+/// # Errors
+/// If `/proc` cannot be read (not Linux, or a kernel without scheduler statistics).
+pub fn process_cpu_ns() -> Result<u64, NetError> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let path = task?.path().join("schedstat");
+        // A thread that ended between the listing and the read has nothing left to count.
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let ns: u64 = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| NetError::Broken(format!("{}: {text:?}", path.display())))?;
+        total = total.saturating_add(ns);
+    }
+    Ok(total)
+}
+
 fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let mut fields = line.split_whitespace().skip(1);
@@ -374,8 +406,17 @@ mod tests {
     }
 
     #[test]
-    fn this_process_has_a_resident_set() -> Result<(), NetError> {
+    fn this_process_has_a_resident_set_and_cpu_time() -> Result<(), NetError> {
         assert!(rss_bytes()? > 0);
+        assert!(rss_bytes_of(std::process::id())? > 0);
+        let before = process_cpu_ns()?;
+        // Busy for a moment: the count must move.
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu_ns()? > before);
         Ok(())
     }
 
