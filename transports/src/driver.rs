@@ -1,39 +1,46 @@
 //! The per-connection driver: one tokio task that owns a sans-IO
 //! [`veil_protocol::Connection`], its carrier (a TCP stream, or a UDP connection's
 //! share of the endpoint socket) and its timer, and talks to the application's
-//! [`Connection`] handle through bounded channels.
+//! [`Connection`] handles through the connection's shared queues ([`ConnShared`]).
 //!
-//! The task is a loop around one `select!`: reading, writing, the application's
-//! commands, delivery to the application and the core's timer all make progress
-//! concurrently; after each wake-up [`Driver::pump`] drains the core's events and packets.
-//! Backpressure is structural: the driver stops taking commands while its write buffer
-//! is full, and stops reading while the application has not taken what was delivered.
+//! The task is a hand-written poll loop ([`Driver::poll_drive`]) rather than a `select!`:
+//! reading, writing, the handles' commands and deliveries, the accept queue and one timer
+//! for everything (the core's timers, the close linger, the write-stall timeout, the peer
+//! certificate's expiry) all make progress concurrently, and an idle connection's task holds
+//! only the driver, one `Sleep` and the shutdown signal — no per-branch futures (measured in
+//! benches/RESULTS.md, idle connections). After each wake-up [`Driver::pump`] drains the
+//! core's events and packets. Backpressure is structural: the driver stops taking commands
+//! while its write buffer is full, and stops reading while the application has not taken
+//! what was delivered.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+use tokio_util::sync::WaitForCancellationFuture;
 use veil_protocol::routing::RoutingMessage;
 use veil_protocol::trust::{Authorized, CertRole, RoleSet};
 use veil_protocol::wire::{self, RejectReason, MAX_PACKET_LEN};
 use veil_protocol::{CloseReason, Closed, ConnectionError, Decision, Event, PublicKey, Role};
 
 use crate::config::{AuthRequest, Transport};
-use crate::connection::{lock, Command, ConnShared, Connection, DriverEnds, Message, Received};
+use crate::connection::{lock, Command, ConnShared, Connection, Info, Message, Published, Received};
 use crate::endpoint::{EndpointShared, ReceivedRevocationList, Slot};
 use crate::error::Error;
 use crate::trust::{TimeSource, TrustState};
-use crate::udp::Registration;
+use crate::udp::{Datagrams, Registration};
 
 /// Bytes of TCP frames buffered for writing before the driver stops producing packets.
 const TCP_WRITE_HIGH_WATER: usize = 64 * 1024;
@@ -46,8 +53,14 @@ const READ_RESERVE: usize = 4 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// An empty read or write buffer with more capacity than this is released.
 const IDLE_BUFFER_MAX: usize = 16 * 1024;
-/// Commands taken from the handle in one go (they then share packets, spec §6.4).
+/// Commands taken from the handles in one go (they then share packets, spec §6.4).
 const COMMAND_BATCH: usize = 1_024;
+/// Commands moved off the handles' queue under one lock.
+const COMMAND_CHUNK: usize = 32;
+/// Rounds of the poll loop in one poll of the task before it yields to the others (as a
+/// `select!` loop would at its next await): a peer or an application that keeps the driver
+/// busy cannot hold the worker thread.
+const POLL_ROUNDS: usize = 32;
 /// Worst-case framing of one data message: kind (1), channel (≤ 3), id (≤ 10), length
 /// (≤ 3) — the same bound the core's `max_message_payload` uses (spec §9.2).
 pub(crate) const DATA_FRAMING_MAX: usize = 17;
@@ -70,146 +83,210 @@ pub(crate) enum Incoming {
     Failed(Error),
 }
 
-/// The read side of a carrier.
+/// A TCP connection's stream and buffers. The stream is not split into halves: one task
+/// reads and writes it, and the halves would cost an `Arc` per connection.
 #[derive(Debug)]
-pub(crate) enum Input {
-    Tcp { reader: OwnedReadHalf, buf: BytesMut, codec: LengthDelimitedCodec, max: usize },
-    Udp(mpsc::Receiver<(Bytes, SocketAddr)>),
+pub(crate) struct TcpCarrier {
+    stream: TcpStream,
+    /// Bytes read and not yet decoded; holds no storage while nothing is pending.
+    read: BytesMut,
+    codec: LengthDelimitedCodec,
+    max: usize,
+    /// Frames queued for writing.
+    write: BytesMut,
 }
 
-impl Input {
+/// A UDP connection's share of the endpoint socket.
+#[derive(Debug)]
+pub(crate) struct UdpCarrier {
+    /// This connection's entry in the socket's demultiplexing table.
+    _registration: Registration,
+    /// Datagrams the socket task demultiplexed to this connection.
+    datagrams: Arc<Datagrams>,
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+    /// Datagrams queued for sending.
+    queue: VecDeque<Bytes>,
+}
+
+/// What carries a connection's packets.
+#[derive(Debug)]
+pub(crate) enum Carrier {
+    Tcp(TcpCarrier),
+    Udp(UdpCarrier),
+}
+
+impl Carrier {
     /// spec §3.1: frames are a u16 big-endian length and the packet; a length above
     /// `max` is refused by the codec before it reserves room for the frame.
-    pub(crate) fn tcp(reader: OwnedReadHalf, max: usize) -> Self {
+    pub(crate) fn tcp(stream: TcpStream, max: usize) -> Self {
         let codec =
             LengthDelimitedCodec::builder().length_field_type::<u16>().big_endian().max_frame_length(max).new_codec();
-        Self::Tcp { reader, buf: BytesMut::new(), codec, max }
+        Self::Tcp(TcpCarrier { stream, read: BytesMut::new(), codec, max, write: BytesMut::new() })
     }
 
-    /// The next packet. Cancel-safe: bytes read stay in the buffer, the codec keeps its state.
-    async fn next(&mut self) -> Incoming {
+    /// spec §3.2: one packet per datagram, through the endpoint's socket.
+    pub(crate) fn udp(
+        registration: Registration,
+        datagrams: Arc<Datagrams>,
+        socket: Arc<UdpSocket>,
+        peer: SocketAddr,
+    ) -> Self {
+        Self::Udp(UdpCarrier { _registration: registration, datagrams, socket, peer, queue: VecDeque::new() })
+    }
+
+    /// The next packet, or `Pending` with the task registered for the carrier's readiness.
+    /// Bytes read stay in the buffer and the codec keeps its state between polls.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
         match self {
-            Self::Tcp { reader, buf, codec, max } => loop {
+            Self::Tcp(TcpCarrier { stream, read: buf, codec, max, .. }) => loop {
                 match codec.decode(buf) {
-                    Ok(Some(frame)) if frame.is_empty() => return Incoming::Failed(Error::EmptyFrame),
+                    Ok(Some(frame)) if frame.is_empty() => return Poll::Ready(Incoming::Failed(Error::EmptyFrame)),
                     Ok(Some(frame)) => {
                         if buf.is_empty() && buf.capacity() > IDLE_BUFFER_MAX {
                             *buf = BytesMut::new();
                         }
-                        return Incoming::Packet(frame, None);
+                        return Poll::Ready(Incoming::Packet(frame, None));
                     }
                     Ok(None) => {}
                     Err(e) => {
                         let too_long = e.get_ref().is_some_and(|i| {
                             i.downcast_ref::<tokio_util::codec::LengthDelimitedCodecError>().is_some()
                         });
-                        return Incoming::Failed(if too_long { Error::FrameTooLarge { max: *max } } else { e.into() });
+                        let e = if too_long { Error::FrameTooLarge { max: *max } } else { e.into() };
+                        return Poll::Ready(Incoming::Failed(e));
+                    }
+                }
+                if buf.capacity() == 0 {
+                    // Holding no buffer (an idle connection costs none, benches/RESULTS.md):
+                    // wait until the socket has bytes before taking one.
+                    match stream.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Incoming::Failed(e.into())),
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
                 if buf.capacity() - buf.len() < READ_RESERVE {
                     buf.reserve(READ_CHUNK);
                 }
-                match reader.try_read_buf(buf) {
-                    Ok(0) => return Incoming::End,
+                match stream.try_read_buf(buf) {
+                    Ok(0) => return Poll::Ready(Incoming::End),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Nothing to read: wait holding no read buffer unless a frame is
-                        // partly read, so that an idle connection costs none (measured in
-                        // benches/RESULTS.md, idle connections).
+                        // partly read.
                         if buf.is_empty() {
                             *buf = BytesMut::new();
                         }
-                        if let Err(e) = reader.readable().await {
-                            return Incoming::Failed(e.into());
+                        match stream.poll_read_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(Incoming::Failed(e.into())),
+                            Poll::Pending => return Poll::Pending,
                         }
                     }
-                    Err(e) => return Incoming::Failed(e.into()),
+                    Err(e) => return Poll::Ready(Incoming::Failed(e.into())),
                 }
             },
-            Self::Udp(rx) => match rx.recv().await {
-                // The socket task's copy is this connection's alone: no second copy.
-                Some((p, from)) => {
-                    Incoming::Packet(p.try_into_mut().unwrap_or_else(|p| BytesMut::from(&p[..])), Some(from))
-                }
-                None => Incoming::End,
-            },
+            // The socket task's copy is this connection's alone: no second copy.
+            Self::Udp(u) => u.datagrams.poll_recv(cx).map(|(p, from)| Incoming::Packet(p, Some(from))),
         }
     }
-}
 
-/// The write side of a carrier.
-#[derive(Debug)]
-pub(crate) enum Output {
-    Tcp { writer: OwnedWriteHalf, buf: BytesMut },
-    Udp { socket: Arc<UdpSocket>, peer: SocketAddr, queue: VecDeque<Bytes> },
-}
-
-impl Output {
     fn is_empty(&self) -> bool {
         match self {
-            Self::Tcp { buf, .. } => buf.is_empty(),
-            Self::Udp { queue, .. } => queue.is_empty(),
+            Self::Tcp(t) => t.write.is_empty(),
+            Self::Udp(u) => u.queue.is_empty(),
         }
     }
 
     fn has_room(&self) -> bool {
         match self {
-            Self::Tcp { buf, .. } => buf.len() < TCP_WRITE_HIGH_WATER,
-            Self::Udp { queue, .. } => queue.len() < UDP_WRITE_HIGH_WATER,
+            Self::Tcp(t) => t.write.len() < TCP_WRITE_HIGH_WATER,
+            Self::Udp(u) => u.queue.len() < UDP_WRITE_HIGH_WATER,
         }
     }
 
     /// Queues one packet: a frame (spec §3.1) or a datagram (spec §3.2).
     fn push(&mut self, packet: &[u8]) {
         match self {
-            Self::Tcp { buf, .. } => {
+            Self::Tcp(TcpCarrier { write: buf, .. }) => {
                 // The same layout the reader's `LengthDelimitedCodec` expects; packets never
                 // exceed MAX_PACKET_LEN, so the length fits.
                 buf.reserve(2 + packet.len());
                 buf.put_u16(u16::try_from(packet.len()).unwrap_or(u16::MAX));
                 buf.extend_from_slice(packet);
             }
-            Self::Udp { queue, .. } => queue.push_back(Bytes::copy_from_slice(packet)),
+            Self::Udp(u) => u.queue.push_back(Bytes::copy_from_slice(packet)),
         }
     }
 
-    /// Writes as much as the socket takes. Cancel-safe: a write either happened and was
-    /// accounted for, or did not happen.
-    async fn write_some(&mut self) -> io::Result<()> {
+    /// Writes once, as much as the socket takes, or registers the task for the socket's
+    /// readiness. A write either happened and was accounted for, or did not happen.
+    fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Self::Tcp { writer, buf } => {
+            Self::Tcp(TcpCarrier { stream, write: buf, .. }) => {
                 // Everything queued goes in one write: queued messages share frames and
                 // frames share writes.
-                let n = writer.write(buf).await?;
+                let n = match Pin::new(stream).poll_write(cx, buf) {
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
                 if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 buf.advance(n);
                 if buf.is_empty() && buf.capacity() > IDLE_BUFFER_MAX {
                     // An idle connection should not keep a burst's buffer.
                     *buf = BytesMut::new();
                 }
-                Ok(())
+                Poll::Ready(Ok(()))
             }
-            Self::Udp { socket, peer, queue } => {
+            Self::Udp(UdpCarrier { socket, peer, queue, .. }) => {
                 if let Some(d) = queue.front() {
                     // A datagram the socket refuses is lost, like one the network drops.
-                    // `poll_send_to` rather than `send_to`: its future is ~400 B smaller, and
-                    // it sits in every idle connection's task (benches/RESULTS.md).
-                    let peer = *peer;
-                    if let Err(e) = std::future::poll_fn(|cx| socket.poll_send_to(cx, d, peer)).await {
-                        tracing::debug!(error = %e, "datagram not sent");
+                    match socket.poll_send_to(cx, d, *peer) {
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => tracing::debug!(error = %e, "datagram not sent"),
+                        Poll::Pending => return Poll::Pending,
                     }
                     queue.pop_front();
                 }
-                Ok(())
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    /// Follows a roaming peer (UDP).
+    fn set_peer(&mut self, to: SocketAddr) {
+        if let Self::Udp(u) = self {
+            u.peer = to;
+        }
+    }
+
+    /// Releases the storage of empty queues and buffers (on the driver's timer): a
+    /// connection that has gone idle after a burst holds none.
+    fn trim(&mut self) {
+        match self {
+            Self::Tcp(t) => {
+                // Even at capacity 0 an empty buffer may still hold its allocation (all of it
+                // written and advanced past).
+                if t.write.is_empty() {
+                    t.write = BytesMut::new();
+                }
+            }
+            Self::Udp(u) => {
+                if u.queue.is_empty() && u.queue.capacity() > 0 {
+                    u.queue = VecDeque::new();
+                }
+                u.datagrams.trim();
             }
         }
     }
 
     async fn shutdown(&mut self) {
-        if let Self::Tcp { writer, .. } = self {
-            let _ = writer.shutdown().await;
+        if let Self::Tcp(t) = self {
+            let _ = t.stream.shutdown().await;
         }
     }
 }
@@ -230,6 +307,16 @@ pub(crate) enum Ready {
     Responder,
 }
 
+/// A boxed future the driver polls by hand; allocated only while it is needed (a handoff to
+/// the accept queue, a trust subscription).
+type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Waits for the next change of the trust state; gives the receiver back (`None` once the
+/// trust state is gone, which it never is while the endpoint lives).
+fn next_change(mut rx: watch::Receiver<u64>) -> Pending<Option<watch::Receiver<u64>>> {
+    Box::pin(async move { rx.changed().await.ok().map(|()| rx) })
+}
+
 /// A connection whose peer passed a trust check: what it is re-checked with whenever the
 /// trust state changes or its certificate expires (spec §15.6, §15.8). Boxed in the driver:
 /// connections without a trust authorizer pay one pointer.
@@ -240,7 +327,8 @@ struct PeerTrust {
     remote: PublicKey,
     /// The chain the peer sent in its handshake.
     certificate: Option<Vec<u8>>,
-    changes: watch::Receiver<u64>,
+    /// The wait for the trust state's next change.
+    changes: Option<Pending<Option<watch::Receiver<u64>>>>,
     /// When the chain's validity (plus the skew tolerance) ends, by the monotonic clock.
     expires: Option<Instant>,
 }
@@ -257,21 +345,27 @@ pub(crate) fn expiry_of(state: &TrustState, peer: &Authorized) -> Option<Instant
     Instant::now().checked_add(wait)
 }
 
-/// Why the select loop woke up.
+/// What made the poll loop go round.
 enum Wake {
     Shutdown,
-    ForceClose(Option<CloseReason>),
     Wrote(io::Result<()>),
     Input(Incoming),
-    Delivered(bool),
     HandedOff(bool),
-    Command(Option<Command>),
+    /// The one timer: the core's timers, the close linger, the write-stall timeout or the
+    /// peer certificate's expiry, whichever came first.
     Timer,
-    /// The close linger, the write-stall timeout or the peer certificate's expiry (one timer
-    /// for all: it sits in every connection's task).
-    Deadline,
     /// The trust state changed: re-check the peer (spec §15.8).
     TrustChanged,
+}
+
+/// The driver's end of the shared state. If the driver goes without finishing (its task
+/// aborted), the handles learn it from the drop.
+struct LinkEnd(Arc<ConnShared>);
+
+impl Drop for LinkEnd {
+    fn drop(&mut self) {
+        self.0.end(None);
+    }
 }
 
 /// One connection's task state. Deliberately not `Debug`: the core's state includes
@@ -282,21 +376,21 @@ pub(crate) struct Driver {
     pub(crate) transport: Transport,
     pub(crate) remote_addr: SocketAddr,
     pub(crate) id: u64,
-    pub(crate) input: Input,
-    pub(crate) output: Output,
+    pub(crate) carrier: Carrier,
     pub(crate) ready: Ready,
     /// Holds one of `max_connections` while the task lives.
     pub(crate) _connection_slot: Slot,
     /// Holds one of `max_handshakes` until the session is established.
     pub(crate) handshake_slot: Option<Slot>,
-    /// UDP: this connection's entry in the socket's demultiplexing table.
-    pub(crate) _registration: Option<Registration>,
-    ends: Option<DriverEnds>,
-    shared: Option<Arc<ConnShared>>,
-    handoff: Option<Connection>,
+    /// The state shared with the handles, once the session is established.
+    shared: Option<LinkEnd>,
+    /// A responder's connection on its way to the accept queue.
+    handoff: Option<Pending<bool>>,
+    /// Received messages the handles' queue had no room for yet.
     pending: VecDeque<Received>,
-    /// A message the core's queue could not take yet.
-    held: Option<Held>,
+    /// A message the core's queue could not take yet (boxed: rarely there, and the driver
+    /// sits in every idle connection's task).
+    held: Option<Box<Held>>,
     /// The first local error that ends the connection; wins over the core's report.
     error: Option<Error>,
     closed: Option<Closed>,
@@ -308,8 +402,8 @@ pub(crate) struct Driver {
     input_done: bool,
     carrier_dead: bool,
     shutdown_seen: bool,
-    /// Largest packet we produce: the frame maximum (TCP) or the datagram size (UDP).
-    send_limit: usize,
+    /// The session was just established: release what the handshake left once idle.
+    trim_due: bool,
     /// Certificate roles expected from the peer (spec §15.6).
     expected: RoleSet,
     trust: Option<Box<PeerTrust>>,
@@ -322,17 +416,11 @@ impl Driver {
         core: veil_protocol::Connection,
         transport: Transport,
         remote_addr: SocketAddr,
-        input: Input,
-        output: Output,
+        carrier: Carrier,
         ready: Ready,
         connection_slot: Slot,
         handshake_slot: Option<Slot>,
-        registration: Option<Registration>,
     ) -> Self {
-        let send_limit = match transport {
-            Transport::Tcp => MAX_PACKET_LEN,
-            Transport::Udp => ep.datagram_config.limits.packet_len(),
-        };
         let expected = match (ep.authorizer.roles(), core.role()) {
             (Some(r), Role::Responder) => r.inbound,
             (Some(r), Role::Initiator) => r.outbound,
@@ -344,13 +432,10 @@ impl Driver {
             core,
             transport,
             remote_addr,
-            input,
-            output,
+            carrier,
             ready,
             _connection_slot: connection_slot,
             handshake_slot,
-            _registration: registration,
-            ends: None,
             shared: None,
             handoff: None,
             pending: VecDeque::new(),
@@ -364,7 +449,7 @@ impl Driver {
             input_done: false,
             carrier_dead: false,
             shutdown_seen: false,
-            send_limit,
+            trim_due: false,
             expected,
             trust: None,
         }
@@ -390,55 +475,169 @@ impl Driver {
         )
     }
 
-    /// Runs the connection to its end.
-    pub(crate) async fn run(mut self) {
-        tracing::debug!("connection task started");
-        let outcome = self.drive().await;
-        // Boxed: otherwise the task keeps room for the closing steps next to the running
-        // loop's state for its whole life (≈ 1 KiB per idle connection, benches/RESULTS.md).
-        Box::pin(self.finish(outcome)).await;
+    /// Runs the connection to its end. Not an `async fn`: one would keep the driver twice in
+    /// the task, as its argument and as the local it is moved to (≈ 1.1 KiB per connection,
+    /// benches/RESULTS.md); the block below uses the captured driver in place.
+    pub(crate) fn run(self) -> impl Future<Output = ()> + Send {
+        let mut driver = self;
+        async move {
+            tracing::debug!("connection task started");
+            let ep = Arc::clone(&driver.ep);
+            // The two futures the loop polls, pinned here in the task next to the driver:
+            // the endpoint's shutdown, and one timer for every deadline (re-armed as they
+            // change).
+            let shutdown = ep.shutdown.cancelled();
+            let timer = tokio::time::sleep_until(Instant::now());
+            tokio::pin!(shutdown, timer);
+            let outcome = std::future::poll_fn(|cx| driver.poll_drive(cx, timer.as_mut(), shutdown.as_mut())).await;
+            // Boxed: otherwise the task keeps room for the closing steps next to the running
+            // loop's state for its whole life (≈ 1 KiB per idle connection, benches/RESULTS.md).
+            Box::pin(driver.finish(outcome)).await;
+        }
     }
 
-    async fn drive(&mut self) -> Error {
-        self.pump();
-        loop {
-            if let Some(outcome) = self.done() {
-                return outcome;
-            }
-            let timer = self.core.poll_timeout().map(|t| self.ep.clock.instant(t));
-            let linger = self.closing_since.map(|t| t + self.ep.limits.close_linger);
-            let take_commands = self.can_take_commands();
-            let can_read = !self.input_done && self.pending.is_empty() && self.closed.is_none();
-            let has_ends = self.ends.is_some();
-            let can_write = !self.output.is_empty() && !self.carrier_dead;
-            let watch_shutdown = !self.shutdown_seen;
-            let watch_linger = linger.is_some() && !self.linger_expired;
-            let watch_trust = self.trust.is_some() && self.closed.is_none() && self.close_requested.is_none();
-            let expiry = self.trust.as_ref().and_then(|t| t.expires).filter(|_| watch_trust);
-            let deadline = [linger.filter(|_| watch_linger), self.stall_deadline(), expiry].into_iter().flatten().min();
-            let wake = {
-                let Self { ep, input, output, ends, pending, handoff, trust, .. } = self;
-                let (cmd, force, incoming) = match ends {
-                    Some(e) => (Some(&mut e.cmd), Some(&mut e.force_close), Some(&e.incoming)),
-                    None => (None, None, None),
-                };
-                let changes = trust.as_mut().map(|t| &mut t.changes);
-                tokio::select! {
-                    () = ep.shutdown.cancelled(), if watch_shutdown => Wake::Shutdown,
-                    r = force_changed(force), if has_ends => Wake::ForceClose(r),
-                    r = output.write_some(), if can_write => Wake::Wrote(r),
-                    r = input.next(), if can_read => Wake::Input(r),
-                    ok = deliver(incoming, pending), if !pending.is_empty() => Wake::Delivered(ok),
-                    ok = hand_off(&ep.accept_tx, handoff), if handoff.is_some() => Wake::HandedOff(ok),
-                    c = recv_command(cmd), if take_commands => Wake::Command(c),
-                    () = sleep_until(timer), if timer.is_some() => Wake::Timer,
-                    () = sleep_until(deadline), if deadline.is_some() => Wake::Deadline,
-                    () = trust_changed(changes), if watch_trust => Wake::TrustChanged,
-                }
-            };
-            self.on_wake(wake);
+    /// The connection's loop: until it is over, drain the core, poll every source that may
+    /// make progress, and exchange with the handles; `Pending` once none did (each has
+    /// registered the task's waker by then).
+    fn poll_drive(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+        mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Poll<Error> {
+        for _ in 0..POLL_ROUNDS {
             self.pump();
+            if let Some(outcome) = self.done() {
+                return Poll::Ready(outcome);
+            }
+            let mut woke = false;
+            if !self.shutdown_seen && shutdown.as_mut().poll(cx).is_ready() {
+                self.on_wake(Wake::Shutdown);
+                woke = true;
+            }
+            if !self.carrier.is_empty() && !self.carrier_dead {
+                if let Poll::Ready(r) = self.carrier.poll_write_some(cx) {
+                    self.on_wake(Wake::Wrote(r));
+                    woke = true;
+                }
+            }
+            if !self.input_done && self.pending.is_empty() && self.closed.is_none() {
+                if let Poll::Ready(incoming) = self.carrier.poll_next(cx) {
+                    self.on_wake(Wake::Input(incoming));
+                    woke = true;
+                }
+            }
+            if let Some(handoff) = self.handoff.as_mut() {
+                if let Poll::Ready(ok) = handoff.as_mut().poll(cx) {
+                    self.handoff = None;
+                    self.on_wake(Wake::HandedOff(ok));
+                    woke = true;
+                }
+            }
+            if self.closed.is_none() && self.close_requested.is_none() {
+                if let Some(changes) = self.trust.as_mut().and_then(|t| t.changes.as_mut()) {
+                    if let Poll::Ready(rx) = changes.as_mut().poll(cx) {
+                        if let Some(t) = self.trust.as_mut() {
+                            t.changes = rx.map(next_change);
+                        }
+                        self.on_wake(Wake::TrustChanged);
+                        woke = true;
+                    }
+                }
+            }
+            if let Some(at) = self.next_deadline() {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    self.on_wake(Wake::Timer);
+                    woke = true;
+                }
+            }
+            // Last, so that the handles find the task's waker with the state as it is now
+            // (including a session that `pump` has just established).
+            if self.exchange(cx) {
+                woke = true;
+            }
+            if !woke {
+                if self.trim_due {
+                    self.trim_due = false;
+                    self.trim();
+                }
+                return Poll::Pending;
+            }
         }
+        // Still busy: let the worker's other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The earliest of the core's next timeout, the close linger, the write-stall timeout and
+    /// the peer certificate's expiry.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let timer = self.core.poll_timeout().map(|t| self.ep.clock.instant(t));
+        let linger = self.closing_since.map(|t| t + self.ep.limits.close_linger).filter(|_| !self.linger_expired);
+        let watch_trust = self.closed.is_none() && self.close_requested.is_none();
+        let expiry = self.trust.as_ref().and_then(|t| t.expires).filter(|_| watch_trust);
+        [timer, linger, self.stall_deadline(), expiry].into_iter().flatten().min()
+    }
+
+    /// Everything between the driver and the handles: a forced close, the handles' commands
+    /// (while the core and the carrier take them), their going away, and received messages
+    /// (while their queue has room). Leaves the task's waker for the handles. Whether anything
+    /// changed (the loop then goes round again).
+    fn exchange(&mut self, cx: &Context<'_>) -> bool {
+        let Some(LinkEnd(shared)) = &self.shared else { return false };
+        let (force, abandoned) = {
+            let mut link = lock(&shared.link);
+            if !link.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                link.driver = Some(cx.waker().clone());
+            }
+            (link.force_close.take(), link.abandoned)
+        };
+        let mut changed = false;
+        if let Some(reason) = force {
+            // The ordered `Close` could not get through: close with what the core has.
+            shared.refuse_commands();
+            self.request_close(reason);
+            changed = true;
+        }
+        // Commands come off the queue a chunk at a time (one lock per chunk, not per message).
+        let mut chunk: [Option<Command>; COMMAND_CHUNK] = [const { None }; COMMAND_CHUNK];
+        let mut n = 0;
+        'batch: while n < COMMAND_BATCH && self.can_take_commands() {
+            let Some(LinkEnd(shared)) = &self.shared else { break };
+            let k = shared.take_commands(&mut chunk);
+            if k == 0 {
+                break;
+            }
+            for i in 0..k {
+                if !self.can_take_commands() {
+                    // The core's queue filled up, or a `Close` came: the rest waits.
+                    if let Some(LinkEnd(shared)) = &self.shared {
+                        shared.untake_commands(&mut chunk[i..k]);
+                    }
+                    break 'batch;
+                }
+                if let Some(cmd) = chunk[i].take() {
+                    self.apply(cmd);
+                    n += 1;
+                }
+            }
+        }
+        changed |= n > 0;
+        if abandoned && self.close_requested.is_none() {
+            // Every handle is gone: once their last commands are out, close (as dropping
+            // the last handle promises).
+            let drained = self.shared.as_ref().is_some_and(|s| lock(&s.0.link).commands.is_empty());
+            if drained {
+                self.request_close(CloseReason::Normal);
+                changed = true;
+            }
+        }
+        let waiting = self.pending.len();
+        self.deliver_ready();
+        changed || self.pending.len() != waiting
     }
 
     fn on_wake(&mut self, wake: Wake) {
@@ -448,13 +647,6 @@ impl Driver {
                 self.shutdown_seen = true;
                 self.request_close(CloseReason::ShuttingDown);
             }
-            Wake::ForceClose(reason) => {
-                // The ordered `Close` could not get through: close with what the core has.
-                self.request_close(reason.unwrap_or(CloseReason::Normal));
-                if let Some(e) = self.ends.as_mut() {
-                    e.cmd.close();
-                }
-            }
             Wake::Wrote(Ok(())) => self.stalled_since = None,
             Wake::Wrote(Err(e)) => {
                 tracing::debug!(error = %e, "write failed");
@@ -462,31 +654,14 @@ impl Driver {
                 self.carrier_dead = true;
             }
             Wake::Input(incoming) => self.on_input(incoming),
-            Wake::Delivered(true) | Wake::Timer => {}
             Wake::HandedOff(true) => {
                 self.ep.counters.accepted.fetch_add(1, Ordering::Relaxed);
             }
-            Wake::Delivered(false) => {
-                // The application dropped every handle.
-                self.pending.clear();
-                self.request_close(CloseReason::Normal);
-            }
             Wake::HandedOff(false) => {
                 // The endpoint is gone: nobody will accept this connection.
-                self.handoff = None;
                 self.request_close(CloseReason::ShuttingDown);
             }
-            Wake::Command(None) => self.request_close(CloseReason::Normal),
-            Wake::Command(Some(cmd)) => {
-                self.apply(cmd);
-                let mut n = 1;
-                while n < COMMAND_BATCH && self.can_take_commands() {
-                    let Some(Ok(cmd)) = self.ends.as_mut().map(|e| e.cmd.try_recv()) else { break };
-                    self.apply(cmd);
-                    n += 1;
-                }
-            }
-            Wake::Deadline => {
+            Wake::Timer => {
                 let at = Instant::now();
                 if self.closing_since.is_some_and(|t| t + self.ep.limits.close_linger <= at) {
                     self.linger_expired = true;
@@ -501,6 +676,7 @@ impl Driver {
                     // spec §15.6: a certificate's `not_after` passed.
                     self.recheck();
                 }
+                self.trim();
             }
             Wake::TrustChanged => self.recheck(),
         }
@@ -508,6 +684,20 @@ impl Driver {
         // never early).
         if self.core.poll_timeout().is_some_and(|t| now >= t) {
             self.core.handle_timeout(now);
+        }
+    }
+
+    /// Releases the storage of empty queues and buffers: the timer fires at the latest with
+    /// the core's keepalive, so a connection that has gone idle after a burst holds none for
+    /// long.
+    fn trim(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+        self.carrier.trim();
+        self.core.release_idle_memory();
+        if let Some(LinkEnd(shared)) = &self.shared {
+            shared.trim();
         }
     }
 
@@ -558,7 +748,7 @@ impl Driver {
                 // spec §10.2 #3: a bad length is fatal; a responder still in its handshake
                 // answers REJECT(Malformed), an established session sends Close.
                 if self.core.role() == Role::Responder && self.shared.is_none() && !self.core.is_closed() {
-                    self.output.push(&[wire::TYPE_HANDSHAKE_REJECT, RejectReason::Malformed.code()]);
+                    self.carrier.push(&[wire::TYPE_HANDSHAKE_REJECT, RejectReason::Malformed.code()]);
                 }
                 self.request_close(CloseReason::ProtocolViolation);
             }
@@ -573,11 +763,9 @@ impl Driver {
         }
         tracing::info!(from = %self.remote_addr, to = %from, "peer moved to a new address");
         self.remote_addr = from;
-        if let Output::Udp { peer, .. } = &mut self.output {
-            *peer = from;
-        }
-        if let Some(s) = &self.shared {
-            *lock(&s.remote_addr) = from;
+        self.carrier.set_peer(from);
+        if let Some(LinkEnd(s)) = &self.shared {
+            lock(&s.info).remote_addr = from;
         }
     }
 
@@ -602,7 +790,7 @@ impl Driver {
     /// When a carrier that takes none of our packets has kept us waiting for
     /// `write_stall_timeout` (a peer that stopped reading). Every write restarts it.
     fn stall_deadline(&mut self) -> Option<Instant> {
-        if self.output.is_empty() || self.carrier_dead {
+        if self.carrier.is_empty() || self.carrier_dead {
             self.stalled_since = None;
             return None;
         }
@@ -612,11 +800,11 @@ impl Driver {
     }
 
     fn can_take_commands(&self) -> bool {
-        self.ends.is_some()
+        self.shared.is_some()
             && self.held.is_none()
             && self.close_requested.is_none()
             && self.closed.is_none()
-            && self.output.has_room()
+            && self.carrier.has_room()
     }
 
     fn apply(&mut self, cmd: Command) {
@@ -679,7 +867,7 @@ impl Driver {
     fn send(&mut self, channel: u16, payload: Bytes) {
         match self.core.send(channel, payload.clone()) {
             Ok(_) => {}
-            Err(ConnectionError::QueueFull) => self.held = Some(Held::Data(channel, payload)),
+            Err(ConnectionError::QueueFull) => self.held = Some(Box::new(Held::Data(channel, payload))),
             Err(e) => tracing::debug!(error = %e, "message not sent"),
         }
     }
@@ -689,7 +877,7 @@ impl Driver {
     fn send_routing(&mut self, msg: RoutingMessage) {
         match self.core.send_routing(msg.clone()) {
             Ok(()) => {}
-            Err(ConnectionError::QueueFull) => self.held = Some(Held::Routing(msg)),
+            Err(ConnectionError::QueueFull) => self.held = Some(Box::new(Held::Routing(msg))),
             Err(e) => tracing::debug!(error = %e, "routing message not sent"),
         }
     }
@@ -697,8 +885,16 @@ impl Driver {
     /// Largest payload of one `send`: what the peer accepts (core) and what fits in the
     /// packets we produce.
     fn max_payload(&self) -> usize {
-        let ours = self.send_limit.saturating_sub(wire::transport_overhead(self.core_mode()) + DATA_FRAMING_MAX);
+        let ours = self.send_limit().saturating_sub(wire::transport_overhead(self.core_mode()) + DATA_FRAMING_MAX);
         self.core.max_message_payload().min(ours)
+    }
+
+    /// Largest packet we produce: the frame maximum (TCP) or the datagram size (UDP).
+    fn send_limit(&self) -> usize {
+        match self.transport {
+            Transport::Tcp => MAX_PACKET_LEN,
+            Transport::Udp => self.ep.datagram_config.limits.packet_len(),
+        }
     }
 
     fn core_mode(&self) -> veil_protocol::Mode {
@@ -714,7 +910,7 @@ impl Driver {
         loop {
             let mut progressed = false;
             let now = self.ep.clock.now();
-            match self.held.take() {
+            match self.held.take().map(|h| *h) {
                 Some(Held::Data(channel, payload)) => self.send(channel, payload),
                 Some(Held::Routing(msg)) => self.send_routing(msg),
                 None => {}
@@ -725,11 +921,11 @@ impl Driver {
             }
             let mut internal = None;
             SCRATCH.with_borrow_mut(|buf| {
-                let buf = &mut buf[..self.send_limit];
-                while self.output.has_room() {
+                let buf = &mut buf[..self.send_limit()];
+                while self.carrier.has_room() {
                     match self.core.poll_transmit(now, buf) {
                         Ok(Some(n)) => {
-                            self.output.push(&buf[..n]);
+                            self.carrier.push(&buf[..n]);
                             progressed = true;
                         }
                         Ok(None) => break,
@@ -759,7 +955,7 @@ impl Driver {
         match ev {
             Event::AuthorizationRequired { remote_static, certificate } => {
                 // Subscribed before the check, so that no change after it goes unseen.
-                let changes = self.ep.authorizer.trust_state().map(TrustState::subscribe);
+                let changes = self.ep.authorizer.trust_state().map(|s| next_change(s.subscribe()));
                 let req = AuthRequest {
                     remote_static: &remote_static,
                     certificate: certificate.as_deref(),
@@ -777,6 +973,7 @@ impl Driver {
                             let expires = expiry_of(state, &peer);
                             let state = state.clone();
                             let remote = remote_static;
+                            let changes = Some(changes);
                             self.trust =
                                 Some(Box::new(PeerTrust { state, peer, remote, certificate, changes, expires }));
                         }
@@ -788,23 +985,22 @@ impl Driver {
             }
             Event::Connected { remote_static, handshake_hash } => {
                 tracing::info!(remote = ?remote_static, "connection established");
-                let shared = Arc::new(ConnShared {
+                let published = Published {
                     id: self.id,
                     transport: self.transport,
                     role: self.core.role(),
                     remote_static,
                     peer: self.trust.as_ref().map(|t| Box::new(t.peer.clone())),
-                    remote_addr: Mutex::new(self.remote_addr),
-                    handshake_hash: Mutex::new(handshake_hash),
-                    max_payload: self.max_payload().into(),
-                    stats: Mutex::new(self.core.stats()),
-                });
+                    info: Info { remote_addr: self.remote_addr, handshake_hash, stats: self.core.stats() },
+                    max_payload: self.max_payload(),
+                };
                 let limits = &self.ep.limits;
-                let (conn, ends) =
-                    Connection::new(Arc::clone(&shared), limits.send_queue, limits.recv_queue, limits.close_linger);
-                self.shared = Some(shared);
-                self.ends = Some(ends);
+                let shared =
+                    Arc::new(ConnShared::new(published, limits.send_queue, limits.recv_queue, limits.close_linger));
+                let conn = Connection::new(Arc::clone(&shared));
+                self.shared = Some(LinkEnd(shared));
                 self.handshake_slot = None;
+                self.trim_due = true;
                 match &mut self.ready {
                     Ready::Initiator(tx) => {
                         if let Some(tx) = tx.take() {
@@ -813,7 +1009,11 @@ impl Driver {
                             let _ = tx.send(Ok(conn));
                         }
                     }
-                    Ready::Responder => self.handoff = Some(conn),
+                    Ready::Responder => {
+                        let accept = self.ep.accept_tx.clone();
+                        // Waits for room in the accept queue; `false` when the endpoint is gone.
+                        self.handoff = Some(Box::pin(async move { accept.send(conn).await.is_ok() }));
+                    }
                 }
                 self.send_time_sync();
             }
@@ -831,8 +1031,8 @@ impl Driver {
             }
             Event::Rehandshaked { handshake_hash } => {
                 tracing::debug!("re-handshake complete");
-                if let Some(s) = &self.shared {
-                    *lock(&s.handshake_hash) = handshake_hash;
+                if let Some(LinkEnd(s)) = &self.shared {
+                    lock(&s.info).handshake_hash = handshake_hash;
                 }
                 self.send_time_sync();
             }
@@ -858,33 +1058,42 @@ impl Driver {
 
     /// Hands received messages to the application while its queue has room.
     fn deliver_ready(&mut self) {
-        let Some(ends) = &self.ends else {
+        let Some(LinkEnd(shared)) = &self.shared else {
             if self.closed.is_some() {
                 self.pending.clear();
             }
             return;
         };
-        while let Some(m) = self.pending.pop_front() {
-            match ends.incoming.try_send(m) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(m)) => {
-                    self.pending.push_front(m);
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.pending.clear();
-                    if self.handoff.is_none() {
-                        self.request_close(CloseReason::Normal);
-                    }
-                    break;
-                }
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut link = lock(&shared.link);
+        if link.abandoned {
+            // Nobody will read them.
+            link.incoming = VecDeque::new();
+            drop(link);
+            self.pending.clear();
+            if self.handoff.is_none() {
+                self.request_close(CloseReason::Normal);
             }
+            return;
+        }
+        let was_empty = link.incoming.is_empty();
+        while link.incoming.len() < shared.recv_queue {
+            let Some(m) = self.pending.pop_front() else { break };
+            link.incoming.push_back(m);
+        }
+        let arrived = was_empty && !link.incoming.is_empty();
+        drop(link);
+        // Receivers wait only on an empty queue: the first message wakes them.
+        if arrived {
+            shared.arrived.notify_waiters();
         }
     }
 
     fn publish(&self) {
-        if let Some(s) = &self.shared {
-            *lock(&s.stats) = self.core.stats();
+        if let Some(LinkEnd(s)) = &self.shared {
+            lock(&s.info).stats = self.core.stats();
             s.max_payload.store(self.max_payload(), Ordering::Relaxed);
         }
     }
@@ -893,7 +1102,7 @@ impl Driver {
     fn done(&self) -> Option<Error> {
         let finished = self.carrier_dead
             || self.linger_expired
-            || self.closed.is_some() && self.output.is_empty() && self.pending.is_empty();
+            || self.closed.is_some() && self.carrier.is_empty() && self.pending.is_empty();
         finished.then(|| self.outcome())
     }
 
@@ -913,7 +1122,7 @@ impl Driver {
         self.handshake_slot = None;
         if !self.carrier_dead {
             let linger = self.ep.limits.close_linger;
-            let _ = tokio::time::timeout(linger, self.output.shutdown()).await;
+            let _ = tokio::time::timeout(linger, self.carrier.shutdown()).await;
         }
         self.publish();
         match &outcome {
@@ -932,78 +1141,11 @@ impl Driver {
             }
             Ready::Responder => {}
         }
-        if let Some(mut ends) = self.ends.take() {
-            // Refuse further commands, then publish the outcome, then close the message
-            // channel: whoever sees a channel closed finds the outcome set.
-            ends.cmd.close();
-            ends.outcome.send_replace(Some(outcome));
+        if let Some(LinkEnd(shared)) = &self.shared {
+            // Refuses further commands and publishes the outcome, which `recv` returns after
+            // the messages already queued.
+            shared.end(Some(outcome));
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn trust_changed(rx: Option<&mut watch::Receiver<u64>>) {
-    match rx {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                // The trust state is gone (it never is while the endpoint lives).
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_command(rx: Option<&mut mpsc::Receiver<Command>>) -> Option<Command> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn force_changed(rx: Option<&mut tokio::sync::watch::Receiver<Option<CloseReason>>>) -> Option<CloseReason> {
-    match rx {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => *rx.borrow_and_update(),
-            // Every handle is gone; the command channel reports that too.
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits for room in the application's queue and hands over the oldest message.
-/// `false` when the application is gone.
-async fn deliver(tx: Option<&mpsc::Sender<Received>>, pending: &mut VecDeque<Received>) -> bool {
-    let Some(tx) = tx else { return std::future::pending().await };
-    match tx.reserve().await {
-        Ok(permit) => {
-            if let Some(m) = pending.pop_front() {
-                permit.send(m);
-            }
-            true
-        }
-        Err(_) => false,
-    }
-}
-
-/// Waits for room in the accept queue and hands over the connection. `false` when the
-/// endpoint is gone.
-async fn hand_off(tx: &mpsc::Sender<Connection>, conn: &mut Option<Connection>) -> bool {
-    match tx.reserve().await {
-        Ok(permit) => {
-            if let Some(c) = conn.take() {
-                permit.send(c);
-            }
-            true
-        }
-        Err(_) => false,
     }
 }
 
@@ -1021,38 +1163,42 @@ mod tests {
     /// after it has nothing to read.
     const SETTLE: Duration = Duration::from_millis(100);
 
-    async fn pair() -> (Input, TcpStream) {
+    async fn pair() -> (Carrier, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ours, (theirs, _)) = tokio::try_join!(TcpStream::connect(addr), listener.accept()).unwrap();
-        let (reader, _writer) = ours.into_split();
-        (Input::tcp(reader, MAX_PACKET_LEN), theirs)
+        (Carrier::tcp(ours, MAX_PACKET_LEN), theirs)
     }
 
-    fn read_buffer(input: &Input) -> &BytesMut {
-        match input {
-            Input::Tcp { buf, .. } => buf,
-            Input::Udp(_) => unreachable!("a TCP input"),
+    fn read_buffer(carrier: &Carrier) -> &BytesMut {
+        match carrier {
+            Carrier::Tcp(t) => &t.read,
+            Carrier::Udp(_) => unreachable!("a TCP carrier"),
         }
+    }
+
+    /// The next packet, as the driver's loop polls for it.
+    async fn next(carrier: &mut Carrier) -> Incoming {
+        std::future::poll_fn(|cx| carrier.poll_next(cx)).await
     }
 
     #[tokio::test]
     async fn an_idle_tcp_connection_holds_no_read_buffer_but_keeps_a_partial_frame() {
         let (mut input, mut peer) = pair().await;
         peer.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
-        match tokio::time::timeout(SETTLE * 50, input.next()).await.unwrap() {
+        match tokio::time::timeout(SETTLE * 50, next(&mut input)).await.unwrap() {
             Incoming::Packet(p, None) => assert_eq!(&p[..], &[1, 2, 3]),
             other => panic!("expected the packet, got {other:?}"),
         }
         // Nothing more to read: the pending read gave its buffer back.
-        assert!(tokio::time::timeout(SETTLE, input.next()).await.is_err());
+        assert!(tokio::time::timeout(SETTLE, next(&mut input)).await.is_err());
         assert_eq!(read_buffer(&input).capacity(), 0);
 
         // Half a frame stays buffered while the rest is awaited, and the frame completes.
         peer.write_all(&[0, 4, 9, 8]).await.unwrap();
         // Bounded wait for the four bytes to arrive (loopback: far sooner).
         for _ in 0..100 {
-            assert!(tokio::time::timeout(SETTLE, input.next()).await.is_err(), "half a frame is no packet");
+            assert!(tokio::time::timeout(SETTLE, next(&mut input)).await.is_err(), "half a frame is no packet");
             if !read_buffer(&input).is_empty() {
                 break;
             }
@@ -1060,12 +1206,12 @@ mod tests {
         // (The codec has taken the length prefix; the bytes read of the packet stay.)
         assert_eq!(&read_buffer(&input)[..], &[9, 8]);
         peer.write_all(&[7, 6]).await.unwrap();
-        match tokio::time::timeout(SETTLE * 50, input.next()).await.unwrap() {
+        match tokio::time::timeout(SETTLE * 50, next(&mut input)).await.unwrap() {
             Incoming::Packet(p, None) => assert_eq!(&p[..], &[9, 8, 7, 6]),
             other => panic!("expected the packet, got {other:?}"),
         }
 
         drop(peer);
-        assert!(matches!(tokio::time::timeout(SETTLE * 50, input.next()).await.unwrap(), Incoming::End));
+        assert!(matches!(tokio::time::timeout(SETTLE * 50, next(&mut input)).await.unwrap(), Incoming::End));
     }
 }

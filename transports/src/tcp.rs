@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use veil_protocol::{PublicKey, Role};
 
 use crate::config::{EndpointLimits, Transport};
 use crate::connection::Connection;
-use crate::driver::{Driver, Input, Output, Ready};
+use crate::driver::{Carrier, Driver, Ready};
 use crate::endpoint::{EndpointShared, Slot};
 use crate::error::Error;
 
@@ -106,19 +105,16 @@ fn spawn(
 ) {
     // Veil packs small messages into frames itself; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
     let max = ep.stream_config.limits.packet_len();
     let driver = Driver::new(
         Arc::clone(ep),
         core,
         Transport::Tcp,
         addr,
-        Input::tcp(reader, max),
-        Output::Tcp { writer, buf: BytesMut::new() },
+        Carrier::tcp(stream, max),
         ready,
         connection_slot,
         handshake_slot,
-        None,
     )
     .expecting(expected);
     let span = driver.span();

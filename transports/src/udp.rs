@@ -13,10 +13,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use veil_protocol::cookie::{CookieChecker, CookieStatus, Verdict};
@@ -26,7 +27,7 @@ use veil_protocol::{ConnectionError, Mode, PublicKey, Role};
 
 use crate::config::Transport;
 use crate::connection::{lock, Connection};
-use crate::driver::{Driver, Input, Output, Ready};
+use crate::driver::{Carrier, Driver, Ready};
 use crate::endpoint::EndpointShared;
 use crate::error::Error;
 
@@ -38,13 +39,70 @@ const INDEX_ATTEMPTS: usize = 8;
 /// Room for the stateless answers of the socket task: a COOKIE_REPLY (21 B) or a REJECT (6 B).
 const ANSWER_BUFFER: usize = 64;
 
-type DatagramTx = mpsc::Sender<(Bytes, SocketAddr)>;
-type DatagramRx = mpsc::Receiver<(Bytes, SocketAddr)>;
+/// One connection's datagrams from the socket task, with their source addresses: a queue
+/// bounded by `datagram_queue`, whose storage is allocated when datagrams arrive and released
+/// by the driver's timer once empty ([`Datagrams::trim`]), so that an idle connection holds
+/// none (a tokio `mpsc` channel would hold ≈ 2.5 KiB; benches/RESULTS.md, idle connections).
+#[derive(Debug)]
+pub(crate) struct Datagrams {
+    capacity: usize,
+    inner: Mutex<DatagramsInner>,
+}
+
+#[derive(Debug, Default)]
+struct DatagramsInner {
+    queue: VecDeque<(BytesMut, SocketAddr)>,
+    /// The driver's task, waiting for a datagram.
+    waker: Option<Waker>,
+}
+
+impl Datagrams {
+    fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), inner: Mutex::default() }
+    }
+
+    /// The socket task: queues a copy of `data`, or gives up when the queue is full.
+    fn push(&self, data: &[u8], from: SocketAddr) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.queue.len() >= self.capacity {
+            return false;
+        }
+        inner.queue.push_back((BytesMut::from(data), from));
+        let waker = inner.waker.take();
+        drop(inner);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// The driver: the next datagram, or `Pending` with the task's waker kept for `push`.
+    pub(crate) fn poll_recv(&self, cx: &Context<'_>) -> Poll<(BytesMut, SocketAddr)> {
+        let mut inner = lock(&self.inner);
+        match inner.queue.pop_front() {
+            Some(d) => Poll::Ready(d),
+            None => {
+                if !inner.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    inner.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Releases the queue's storage if it is empty.
+    pub(crate) fn trim(&self) {
+        let mut inner = lock(&self.inner);
+        if inner.queue.is_empty() && inner.queue.capacity() > 0 {
+            inner.queue = VecDeque::new();
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct Table {
     /// Live connections by the index peers address them with.
-    by_index: HashMap<u32, DatagramTx>,
+    by_index: HashMap<u32, Arc<Datagrams>>,
     /// Responders by the INIT that created them: (source, initiator's index) → our index.
     by_init: HashMap<(SocketAddr, u32), u32>,
 }
@@ -70,7 +128,7 @@ impl UdpShared {
         mut make: impl FnMut() -> Result<veil_protocol::Connection, Error>,
         init: Option<(SocketAddr, u32)>,
         queue: usize,
-    ) -> Result<(veil_protocol::Connection, Registration, DatagramRx), Error> {
+    ) -> Result<(veil_protocol::Connection, Registration, Arc<Datagrams>), Error> {
         for _ in 0..INDEX_ATTEMPTS {
             let core = make()?;
             let index = core.local_index();
@@ -78,12 +136,12 @@ impl UdpShared {
             if t.by_index.contains_key(&index) {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(queue.max(1));
-            t.by_index.insert(index, tx);
+            let datagrams = Arc::new(Datagrams::new(queue));
+            t.by_index.insert(index, Arc::clone(&datagrams));
             if let Some(key) = init {
                 t.by_init.insert(key, index);
             }
-            return Ok((core, Registration { udp: Arc::clone(self), index, init }, rx));
+            return Ok((core, Registration { udp: Arc::clone(self), index, init }, datagrams));
         }
         Err(Error::TooManyConnections)
     }
@@ -151,8 +209,8 @@ fn drop_datagram(ep: &EndpointShared, why: &'static str, from: SocketAddr) {
     tracing::trace!(%from, why, "datagram dropped");
 }
 
-fn forward(ep: &EndpointShared, tx: &DatagramTx, data: &[u8], from: SocketAddr) {
-    if tx.try_send((Bytes::copy_from_slice(data), from)).is_err() {
+fn forward(ep: &EndpointShared, to: &Datagrams, data: &[u8], from: SocketAddr) {
+    if !to.push(data, from) {
         // The connection is not keeping up (or just ended): UDP semantics, drop.
         drop_datagram(ep, "connection queue full", from);
     }
@@ -257,20 +315,17 @@ fn dispatch(
         )
         .map_err(Error::from)
     };
-    let (core, registration, rx) = match udp.register(make, Some(key), ep.limits.datagram_queue) {
+    let (core, registration, datagrams) = match udp.register(make, Some(key), ep.limits.datagram_queue) {
         Ok(x) => x,
         Err(e) => {
             ep.report_failure(from, Transport::Udp, e);
             return;
         }
     };
-    let tx = lock(&udp.table).by_index.get(&registration.index).cloned();
+    // The INIT alone: the cookie has done its work (spec §5.7.4).
+    forward(ep, &datagrams, init, from);
     let ready = Ready::Responder;
-    spawn(ep, udp, core, from, rx, ready, admission.connection, Some(admission.handshake), registration, None);
-    if let Some(tx) = tx {
-        // The INIT alone: the cookie has done its work (spec §5.7.4).
-        forward(ep, &tx, init, from);
-    }
+    spawn(ep, udp, core, from, datagrams, ready, admission.connection, Some(admission.handshake), registration, None);
 }
 
 /// Sends a COOKIE_REPLY and counts it (spec §5.7.4).
@@ -289,7 +344,7 @@ fn spawn(
     udp: &Arc<UdpShared>,
     core: veil_protocol::Connection,
     peer: SocketAddr,
-    rx: DatagramRx,
+    datagrams: Arc<Datagrams>,
     ready: Ready,
     connection_slot: crate::endpoint::Slot,
     handshake_slot: Option<crate::endpoint::Slot>,
@@ -301,12 +356,10 @@ fn spawn(
         core,
         Transport::Udp,
         peer,
-        Input::Udp(rx),
-        Output::Udp { socket: Arc::clone(&udp.socket), peer, queue: VecDeque::new() },
+        Carrier::udp(registration, datagrams, Arc::clone(&udp.socket), peer),
         ready,
         connection_slot,
         handshake_slot,
-        Some(registration),
     )
     .expecting(expected);
     let span = driver.span();
@@ -334,8 +387,8 @@ pub(crate) async fn connect(
         )
         .map_err(Error::from)
     };
-    let (core, registration, rx) = udp.register(make, None, ep.limits.datagram_queue)?;
+    let (core, registration, datagrams) = udp.register(make, None, ep.limits.datagram_queue)?;
     let (tx, ready) = oneshot::channel();
-    spawn(ep, udp, core, addr, rx, Ready::Initiator(Some(tx)), slot, None, registration, expected);
+    spawn(ep, udp, core, addr, datagrams, Ready::Initiator(Some(tx)), slot, None, registration, expected);
     ready.await.unwrap_or(Err(Error::EndpointClosed))
 }
