@@ -230,7 +230,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    const fn index(self) -> usize {
+    pub(crate) const fn index(self) -> usize {
         match self {
             Self::ToServer => 0,
             Self::ToClient => 1,

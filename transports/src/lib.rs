@@ -140,9 +140,13 @@
 //! proxy with per-direction loss, reordering, duplication, delay, jitter and corruption,
 //! and counters of what it did. It is off by default; this crate's own tests turn it on
 //! through a dev-dependency on itself, and other crates' fault-injection suites enable it
-//! in their `[dev-dependencies]`.
+//! in their `[dev-dependencies]`. `veil_transports::chaos` holds its TCP counterpart,
+//! `ChaosProxy`: connections cut at random points, corrupted bytes, stalls and delays, and
+//! commands that cut every connection or take the link down for a while.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "fault-injection")]
+pub mod chaos;
 mod clock;
 mod config;
 mod connection;
