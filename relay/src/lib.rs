@@ -26,5 +26,6 @@ pub mod keyfile;
 pub mod metrics;
 pub mod run;
 pub mod sink;
+pub mod spool;
 pub mod tooling;
 pub mod trustload;
