@@ -8,7 +8,8 @@
 //! - `malformed.json`: inputs to the decoders with the error each must yield;
 //! - `cookies.json`, `trust.json`: the cookie challenge and the trust layer (spec §5.7.4, §15);
 //! - `routing.json`: routed-mode handshakes, routing messages and a relayed message (spec §16);
-//! - `certificate_handshakes.json`: handshakes carrying certificate chains (spec §5.4.1, §15.4).
+//! - `certificate_handshakes.json`: handshakes carrying certificate chains (spec §5.4.1, §15.4);
+//! - `delivery.json`: delivery messages and a scripted sender/receiver exchange (spec §17).
 //!
 //! Everything is derived from fixed inputs (the ephemeral keys come from
 //! `Connection::new_with_fixed_ephemeral_for_testing_only`, time from a virtual clock), so
@@ -53,6 +54,9 @@ mod routing_vectors;
 
 #[path = "certificate_vectors/mod.rs"]
 mod certificate_vectors;
+
+#[path = "delivery_vectors/mod.rs"]
+mod delivery_vectors;
 
 /// Fixed inputs of one side.
 struct Party {
@@ -943,11 +947,11 @@ fn malformed_cases() -> Vec<MalformedCase> {
         ),
         (Target::Message, vec![], None, E::Truncated, "empty input"),
         (Target::Message, vec![0x00, 0x00], None, E::UnknownMessageKind(0x00), "kind 0x00"),
-        (Target::Message, vec![0x02, 0x00], None, E::UnknownMessageKind(0x02), "reserved kind Ack"),
+        (Target::Message, vec![0x02, 0x00], None, E::MalformedMessage, "Ack without its next"),
         (Target::Message, vec![0x08, 0x80], None, E::MalformedMessage, "RevocationPush with a truncated length"),
         (Target::Message, vec![0x09, 0x00], None, E::UnknownMessageKind(0x09), "reserved kind FlowReport"),
         (Target::Message, vec![0x0a], None, E::MalformedMessage, "TimeSync without a body"),
-        (Target::Message, vec![0x0f], None, E::UnknownMessageKind(0x0f), "first unassigned kind"),
+        (Target::Message, vec![0x12], None, E::UnknownMessageKind(0x12), "first unassigned kind"),
         (Target::Message, vec![0x80, 0x01, 0x02], None, E::UnknownMessageKind(0x80), "extension kind 0x80"),
         (Target::Message, vec![0xff], None, E::UnknownMessageKind(0xff), "kind 0xff"),
         (Target::Message, vec![0x01], None, E::MalformedMessage, "Data without a body"),
@@ -1010,6 +1014,7 @@ fn malformed_cases() -> Vec<MalformedCase> {
     cases
         .into_iter()
         .chain(cookie_vectors::malformed_cases())
+        .chain(delivery_vectors::malformed_cases())
         .map(|(target, input, pad, expected, description)| {
             let mut full = input.clone();
             if let Some((b, len)) = pad {
@@ -1103,6 +1108,8 @@ fn generate() -> Output {
         });
     }
     routing.relayed.hops.iter().for_each(|h| seed_hex(&h.packet));
+    let delivery = delivery_vectors::generate();
+    delivery.messages.iter().for_each(|m| seed_hex(&m.encoding));
     seeds.retain(|s| !s.is_empty());
 
     let hs = VectorFile {
@@ -1152,6 +1159,7 @@ fn generate() -> Output {
             ("trust.json", to_json(&trust)),
             ("routing.json", to_json(&routing)),
             ("certificate_handshakes.json", to_json(&certificate_vectors::generate(GENERATOR))),
+            ("delivery.json", to_json(&delivery)),
         ],
         seeds,
         trust_seeds,

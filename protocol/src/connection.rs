@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 use crate::cookie::MAX_COOKIE_REPLIES;
 use crate::crypto::{Psk, PublicKey};
+use crate::delivery::{Ack, DeliveryMessage, StreamId};
 use crate::error::{ConnectionError, DecodeError, DenyReason, HandshakeError, SessionError};
 use crate::handshake::{Handshake, HandshakeParams, HANDSHAKE_HASH_LEN};
 use crate::message::{self, CloseReason, Message, Messages};
@@ -129,6 +130,11 @@ pub enum Event {
     /// The connection does not interpret it; the routing layer does (`veil_protocol::routing`).
     /// A node that does not route drops it (spec §16.7).
     Routing(RoutingMessage),
+    /// The peer sent a delivery message (spec §17): an `Ack` for the local
+    /// [`Outbox`](crate::delivery::Outbox), a `Stream` or `Skip` for the local
+    /// [`Inbox`](crate::delivery::Inbox). The connection does not interpret it. Events keep the
+    /// order of the messages in the packet, so a `Stream` comes before the Data it announces.
+    Delivery(DeliveryMessage),
     /// A data message queued before the peer announced its packet limit (spec §3.3) turned
     /// out larger than one packet to that peer: it was taken off the queue unsent (it would
     /// otherwise block every message behind it). The application may send it again in
@@ -295,6 +301,13 @@ enum Outgoing {
     TimeSync(u64),
     /// A routing message (spec §16).
     Routing(RoutingMessage),
+    /// A delivery acknowledgement (spec §17.3), boxed: its ranges would double the size of
+    /// every queued message.
+    Ack(Box<Ack>),
+    /// spec §17.2.
+    Stream(StreamId),
+    /// spec §17.6.
+    Skip(u16, u64),
 }
 
 impl Outgoing {
@@ -307,6 +320,9 @@ impl Outgoing {
             Self::RevocationPush(list) => Message::RevocationPush { list },
             Self::TimeSync(unix_time) => Message::TimeSync { unix_time: *unix_time },
             Self::Routing(m) => m.message(),
+            Self::Ack(ack) => Message::Ack(**ack),
+            Self::Stream(stream) => Message::Stream { stream: *stream },
+            Self::Skip(channel, next) => Message::Skip { channel: *channel, next: *next },
         }
     }
 
@@ -320,6 +336,19 @@ impl Outgoing {
             _ => 0,
         }
     }
+}
+
+/// Length of the run at the front of `q` that must share a packet: the `Stream`s and `Skip`s
+/// there and the message after them (spec §17.2).
+fn glued_len(q: &VecDeque<Outgoing>) -> usize {
+    let mut n = 0;
+    for m in q {
+        n += m.message().encoded_len();
+        if !matches!(m, Outgoing::Stream(_) | Outgoing::Skip(..)) {
+            break;
+        }
+    }
+    n
 }
 
 /// One Veil connection (spec §5–§7), sans IO.
@@ -630,6 +659,47 @@ impl Connection {
         self.queued_bytes += payload.len();
         self.queue.push_back(Outgoing::Data { channel, id, payload });
         Ok(id)
+    }
+
+    /// Queues a data message with the id the caller assigned (spec §17.2): for the delivery
+    /// layer ([`Outbox::poll_transmit`](crate::delivery::Outbox::poll_transmit)), whose ids
+    /// belong to its stream and repeat on retransmission. [`Connection::send`]'s own numbering
+    /// is not touched. Messages queued before the connection is confirmed leave once it is.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn send_data(&mut self, channel: u16, id: u64, payload: Bytes) -> Result<(), ConnectionError> {
+        if self.is_closed() || self.close_pending.is_some() {
+            return Err(ConnectionError::Closed);
+        }
+        if payload.len() > self.max_message_payload() {
+            return Err(ConnectionError::MessageTooLarge);
+        }
+        if self.queued_bytes + payload.len() > self.config.limits.send_queue_bytes && !self.queue.is_empty() {
+            return Err(ConnectionError::QueueFull);
+        }
+        self.queued_bytes += payload.len();
+        self.queue.push_back(Outgoing::Data { channel, id, payload });
+        Ok(())
+    }
+
+    /// Queues a delivery message for the peer (spec §17). An `Ack` leaves ahead of queued
+    /// data; a `Stream` or `Skip` follows the data already queued, so that it precedes the
+    /// Data queued after it (spec §17.2), and is never refused for space. Messages queued
+    /// before the connection is confirmed leave once it is.
+    ///
+    /// # Errors
+    /// [`ConnectionError::Closed`].
+    pub fn send_delivery(&mut self, msg: DeliveryMessage) -> Result<(), ConnectionError> {
+        if self.is_closed() || self.close_pending.is_some() {
+            return Err(ConnectionError::Closed);
+        }
+        match msg {
+            DeliveryMessage::Ack(ack) => self.priority.push_back(Outgoing::Ack(Box::new(ack))),
+            DeliveryMessage::Stream { stream } => self.queue.push_back(Outgoing::Stream(stream)),
+            DeliveryMessage::Skip { channel, next } => self.queue.push_back(Outgoing::Skip(channel, next)),
+        }
+        Ok(())
     }
 
     /// Bytes queued by [`Connection::send`] and not yet sealed.
@@ -1461,9 +1531,16 @@ impl Connection {
                 | Message::Deliver { .. }
                 | Message::Route { .. }
                 | Message::Withdraw { .. }
-                | Message::Unreachable { .. } => {
+                | Message::Unreachable { .. }
+                | Message::Stored { .. } => {
                     if let Some(r) = RoutingMessage::from_message(&m, plain) {
                         self.events.push_back(Event::Routing(r));
+                    }
+                }
+                // spec §17: the delivery layer decides what these are worth.
+                Message::Ack(_) | Message::Stream { .. } | Message::Skip { .. } => {
+                    if let Some(d) = DeliveryMessage::from_message(&m) {
+                        self.events.push_back(Event::Delivery(d));
                     }
                 }
                 Message::Close { reason } => {
@@ -1910,6 +1987,12 @@ impl Connection {
                 let msg = m.message();
                 let len = msg.encoded_len();
                 if at - hlen + len > room {
+                    break;
+                }
+                // spec §17.2, §17.6: a Stream or Skip travels in the same packet as the message
+                // queued after it (unless that run does not fit even an empty packet).
+                if at > hlen && matches!(m, Outgoing::Stream(_) | Outgoing::Skip(..)) && at - hlen + glued_len(q) > room
+                {
                     break;
                 }
                 // Invariant: the length was checked against the buffer just above.

@@ -284,3 +284,64 @@ impl From<SessionError> for ConnectionError {
         Self::Session(e)
     }
 }
+
+/// The delivery layer refused an operation or a peer's message (spec §17.10). Local: the only
+/// wire effect is the close reason of the errors that close the connection
+/// ([`DeliveryError::closes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// `push` with the window full (spec §17.4): refused, the caller waits for
+    /// acknowledgements (backpressure).
+    WindowFull,
+    /// The channel's next id would reach 2^64 − 1024 (spec §17.2): refused.
+    IdsExhausted,
+    /// An `Ack` names an id the sender never assigned (spec §17.3): the peer is broken, close
+    /// with ProtocolViolation.
+    AckBeyondSent,
+    /// A Data at or beyond `next + RECEIVE_WINDOW` (spec §17.5). Returned as an error (close
+    /// with ProtocolViolation) in stream mode; in datagram and routed modes the Data is
+    /// dropped and counted ([`DataOutcome::Dropped`](crate::delivery::DataOutcome::Dropped)).
+    OutOfWindow,
+    /// A Data beyond the receiver's channel or buffer bound (spec §17.5): dropped without an
+    /// acknowledgement, counted; the sender retransmits it later.
+    ReceiverFull,
+    /// A payload larger than the whole window (`window_bytes`): it could never be accepted.
+    MessageTooLarge,
+    /// A Data handed to an inbox that follows no stream yet: delivery is not in use on the
+    /// connection (spec §17: no `Stream` read), so the Data is best effort, not the inbox's.
+    NoStream,
+    /// A [`DeliveryConfig`](crate::delivery::DeliveryConfig) outside its bounds.
+    Config(&'static str),
+    /// Saved delivery state (spec §17.8) that does not decode or breaks an invariant or a
+    /// bound of the configuration it is imported into.
+    State(&'static str),
+}
+
+impl DeliveryError {
+    /// Whether the error ends the connection (with ProtocolViolation, spec §17.10). Only
+    /// [`DeliveryError::AckBeyondSent`] and [`DeliveryError::OutOfWindow`] ever come from a
+    /// peer's message as errors.
+    #[must_use]
+    pub const fn closes(self) -> bool {
+        matches!(self, Self::AckBeyondSent | Self::OutOfWindow)
+    }
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WindowFull => f.write_str("delivery window full"),
+            Self::IdsExhausted => f.write_str("message ids of the channel exhausted"),
+            Self::AckBeyondSent => f.write_str("acknowledgement of an id never sent"),
+            Self::OutOfWindow => f.write_str("data beyond the receive window"),
+            Self::ReceiverFull => f.write_str("receiver bound reached"),
+            Self::MessageTooLarge => f.write_str("message larger than the delivery window"),
+            Self::NoStream => f.write_str("data without a delivery stream"),
+            Self::Config(what) => write!(f, "delivery configuration error: {what}"),
+            Self::State(what) => write!(f, "invalid saved delivery state: {what}"),
+        }
+    }
+}
+
+impl core::error::Error for DeliveryError {}

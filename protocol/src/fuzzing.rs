@@ -18,10 +18,12 @@
 #[cfg(not(feature = "std"))]
 extern crate std;
 
+mod delivery;
 mod demux;
 mod relay;
 mod routing;
 mod trust;
+pub use delivery::{delivery, op as delivery_op};
 pub use demux::{demux, op as demux_op};
 pub use relay::{relay, relay_ops, RelayOp};
 pub use routing::routing;
@@ -1278,10 +1280,17 @@ fn expected_events(plaintext: &[u8]) -> Option<Vec<Event>> {
             | Message::Deliver { .. }
             | Message::Route { .. }
             | Message::Withdraw { .. }
-            | Message::Unreachable { .. } => {
+            | Message::Unreachable { .. }
+            | Message::Stored { .. } => {
                 let buf = Bytes::copy_from_slice(plaintext);
                 if let Some(r) = crate::routing::RoutingMessage::from_message(&m, &buf) {
                     events.push(Event::Routing(r));
+                }
+            }
+            // spec §17: delivery messages are reported as they are.
+            Message::Ack(_) | Message::Stream { .. } | Message::Skip { .. } => {
+                if let Some(d) = crate::delivery::DeliveryMessage::from_message(&m) {
+                    events.push(Event::Delivery(d));
                 }
             }
             Message::Handshake { .. } => return None,
@@ -1373,6 +1382,7 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     seed_routing(&mut out);
     seed_relay(&mut out);
     out.extend(demux::seeds().into_iter().map(|(name, input)| ("demux", name.into(), input)));
+    out.extend(delivery::seeds().into_iter().map(|(name, input)| ("delivery", name.into(), input)));
     out
 }
 
@@ -1455,6 +1465,7 @@ fn seed_routing(out: &mut Seeds) {
         Message::Route { route: 2, node },
         Message::Withdraw { route: 2, reason: crate::routing::RouteReason::Detached },
         Message::Unreachable { route: 0, reason: crate::routing::RouteReason::UplinkDown },
+        Message::Stored { route: 0, generation: 1, first: 7, count: 3 },
     ];
     let mut all = Vec::new();
     for m in &msgs {
@@ -1500,6 +1511,11 @@ fn seed_decode(out: &mut Seeds) {
         Message::Pong { id: u32::MAX },
         Message::Close { reason: CloseReason::ProtocolViolation },
         Message::Handshake { packet: &[TYPE_HANDSHAKE_REJECT, 0x02] },
+        // spec §17: delivery messages.
+        Message::Ack(crate::delivery::Ack::new(3, 1_000, &[(1, 4), (2, 1)]).unwrap()),
+        Message::Stream { stream: *b"stream!!" },
+        Message::Skip { channel: 3, next: 1 << 33 },
+        Message::Stored { route: 4, generation: 0, first: (1 << 24) - 1, count: 2 },
     ];
     let mut all = Vec::new();
     for (i, m) in messages.iter().enumerate() {
@@ -1695,6 +1711,7 @@ mod tests {
                 "routing" => routing(&input),
                 "relay" => relay(&input),
                 "demux" => demux(&input),
+                "delivery" => delivery(&input),
                 t => panic!("unknown target {t} for {name}"),
             }
         }

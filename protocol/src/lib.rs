@@ -7,8 +7,8 @@
 //!
 //! Layers implemented here: packet framing and headers ([`wire`]), Noise handshakes
 //! ([`handshake`]), transport sessions with rekeying and replay protection
-//! ([`session`], [`replay`]), messages ([`message`]) and the per-peer driver
-//! ([`Connection`]).
+//! ([`session`], [`replay`]), messages ([`message`]), the per-peer driver
+//! ([`Connection`]) and exactly-once, in-order delivery across connections ([`delivery`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -60,6 +60,7 @@ pub mod config;
 pub mod connection;
 pub mod cookie;
 pub mod crypto;
+pub mod delivery;
 pub mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -78,7 +79,7 @@ pub mod wire;
 pub use config::{Config, Limits};
 pub use connection::{Closed, Connection, ConnectionStats, Decision, Event};
 pub use crypto::{Psk, PublicKey, StaticKeypair};
-pub use error::{ConnectionError, DecodeError, DenyReason, HandshakeError, SessionError};
+pub use error::{ConnectionError, DecodeError, DeliveryError, DenyReason, HandshakeError, SessionError};
 pub use message::CloseReason;
 pub use params::{Mode, Pattern, Suite, PROTOCOL_VERSION};
 pub use session::{Role, Session};

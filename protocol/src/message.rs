@@ -5,13 +5,14 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::{Ack, StreamId, STREAM_ID_LEN};
 use crate::error::DecodeError;
 use crate::routing::RouteReason;
 use crate::trust::NodeId;
 
 /// spec §9.2: application data.
 pub const KIND_DATA: u8 = 0x01;
-/// spec §9.2: reserved for acknowledgements (delivery layer).
+/// spec §9.2, §17.3: delivery acknowledgement.
 pub const KIND_ACK: u8 = 0x02;
 /// spec §9.2: liveness probe.
 pub const KIND_PING: u8 = 0x03;
@@ -37,6 +38,14 @@ pub const KIND_ROUTE: u8 = 0x0C;
 pub const KIND_WITHDRAW: u8 = 0x0D;
 /// spec §9.2, §16.5: a `Forward` naming the sender's route handle was dropped.
 pub const KIND_UNREACHABLE: u8 = 0x0E;
+/// spec §9.2, §17.2: the sender's delivery stream.
+pub const KIND_STREAM: u8 = 0x0F;
+/// spec §9.2, §17.6: the sender will never send again the ids of a channel below a bound.
+pub const KIND_SKIP: u8 = 0x10;
+/// spec §9.2, §17.9: the gateway's custody acknowledgement.
+pub const KIND_STORED: u8 = 0x11;
+/// spec §17.9: `Stored.first` is a 24-bit counter: it stays below this.
+pub const STORED_COUNTER_SPAN: u32 = 1 << 24;
 
 /// Why a connection closed (spec §9.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -193,6 +202,33 @@ pub enum Message<'a> {
         /// Why.
         reason: RouteReason,
     },
+    /// Delivery acknowledgement of one channel (spec §17.3), validated when decoded.
+    Ack(Ack),
+    /// The Data the sender sends from now on belongs to delivery stream `stream` (spec §17.2).
+    Stream {
+        /// The sender's stream id (8 raw bytes on the wire).
+        stream: StreamId,
+    },
+    /// The sender will never send again an id of `channel` below `next` (spec §17.6).
+    Skip {
+        /// The channel.
+        channel: u16,
+        /// The lowest id the sender may still send.
+        next: u64,
+    },
+    /// The relay holds, in its spool, the routed packets its peer sent in `Forward`s naming
+    /// `route` with generation `generation` and `counter_lo` `first .. first + count` (modulo
+    /// 2^24) (spec §17.9). Validated when decoded.
+    Stored {
+        /// The handle the `Forward`s named.
+        route: u32,
+        /// The G bit of the packets' type byte: 0 or 1.
+        generation: u8,
+        /// The `counter_lo` of the first packet, below 2^24.
+        first: u32,
+        /// How many consecutive packets: 1 ..= 2^24.
+        count: u32,
+    },
 }
 
 /// spec §16.4: `Forward` and `Deliver` bodies.
@@ -217,6 +253,29 @@ struct NoticeBody {
     reason: u8,
 }
 
+/// spec §17.9: `Stored` body.
+#[derive(Serialize, Deserialize)]
+struct StoredBody {
+    route: u32,
+    generation: u8,
+    first: u32,
+    count: u32,
+}
+
+impl StoredBody {
+    /// spec §17.9: the ranges a `Stored` may name.
+    const fn is_valid(&self) -> bool {
+        self.generation <= 1 && self.first < STORED_COUNTER_SPAN && self.count >= 1 && self.count <= STORED_COUNTER_SPAN
+    }
+}
+
+/// spec §17.6: `Skip` body.
+#[derive(Serialize, Deserialize)]
+struct SkipBody {
+    channel: u16,
+    next: u64,
+}
+
 #[derive(Serialize, Deserialize)]
 struct DataBody<'a> {
     channel: u16,
@@ -236,7 +295,7 @@ fn as_bytes<S: serde::Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error
     s.serialize_bytes(bytes)
 }
 
-fn varint_len(mut v: u64) -> usize {
+pub(crate) fn varint_len(mut v: u64) -> usize {
     let mut n = 1;
     while v >= 0x80 {
         v >>= 7;
@@ -264,13 +323,20 @@ impl<'a> Message<'a> {
             }
             Self::Route { route, .. } => varint_len(u64::from(route)) + crate::trust::NODE_ID_LEN,
             Self::Withdraw { route, .. } | Self::Unreachable { route, .. } => varint_len(u64::from(route)) + 1,
+            Self::Ack(ref ack) => ack.body_len(),
+            Self::Stream { .. } => STREAM_ID_LEN,
+            Self::Skip { channel, next } => varint_len(u64::from(channel)) + varint_len(next),
+            Self::Stored { route, first, count, .. } => {
+                varint_len(u64::from(route)) + 1 + varint_len(u64::from(first)) + varint_len(u64::from(count))
+            }
         }
     }
 
     /// Writes the message into `out`, returning its length.
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`] if `out` is too short.
+    /// [`DecodeError::Truncated`] if `out` is too short; [`DecodeError::MalformedMessage`] for a
+    /// `Stored` whose fields are out of range (spec §17.9), which a receiver would refuse.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, DecodeError> {
         let (kind, body) = out.split_first_mut().ok_or(DecodeError::Truncated)?;
         let n = match *self {
@@ -321,6 +387,27 @@ impl<'a> Message<'a> {
             Self::Unreachable { route, reason } => {
                 *kind = KIND_UNREACHABLE;
                 postcard::to_slice(&NoticeBody { route, reason: reason.code() }, body)
+            }
+            Self::Ack(ref ack) => {
+                *kind = KIND_ACK;
+                return Ok(1 + ack.encode_body(body)?);
+            }
+            Self::Stream { stream } => {
+                *kind = KIND_STREAM;
+                postcard::to_slice(&stream, body)
+            }
+            Self::Skip { channel, next } => {
+                *kind = KIND_SKIP;
+                postcard::to_slice(&SkipBody { channel, next }, body)
+            }
+            Self::Stored { route, generation, first, count } => {
+                let b = StoredBody { route, generation, first, count };
+                // Never put on the wire what a receiver must refuse.
+                if !b.is_valid() {
+                    return Err(DecodeError::MalformedMessage);
+                }
+                *kind = KIND_STORED;
+                postcard::to_slice(&b, body)
             }
         }
         .map_err(|_| DecodeError::Truncated)?
@@ -396,6 +483,26 @@ impl<'a> Message<'a> {
                     Self::Unreachable { route: n.route, reason }
                 };
                 Ok((m, rest))
+            }
+            KIND_ACK => {
+                // Ranges land in a fixed-size array: nothing is allocated (spec §17.3).
+                let (ack, rest) = Ack::decode_body(body)?;
+                Ok((Self::Ack(ack), rest))
+            }
+            KIND_STREAM => {
+                let (stream, rest) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Stream { stream }, rest))
+            }
+            KIND_SKIP => {
+                let (s, rest): (SkipBody, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                Ok((Self::Skip { channel: s.channel, next: s.next }, rest))
+            }
+            KIND_STORED => {
+                let (s, rest): (StoredBody, _) = postcard::take_from_bytes(body).map_err(bad)?;
+                if !s.is_valid() {
+                    return Err(DecodeError::MalformedMessage);
+                }
+                Ok((Self::Stored { route: s.route, generation: s.generation, first: s.first, count: s.count }, rest))
             }
             other => Err(DecodeError::UnknownMessageKind(other)),
         }
@@ -501,7 +608,7 @@ mod tests {
 
     #[test]
     fn reserved_and_malformed_kinds_are_errors() {
-        for k in [0u8, KIND_ACK, KIND_FLOW_REPORT, 0x0f, 0x80] {
+        for k in [0u8, KIND_FLOW_REPORT, 0x12, 0x7f, 0x80] {
             assert_eq!(Message::decode(&[k, 0]), Err(DecodeError::UnknownMessageKind(k)));
         }
         assert_eq!(Message::decode(&[KIND_DATA, 1, 1, 9, 0]), Err(DecodeError::MalformedMessage));
@@ -542,6 +649,60 @@ mod tests {
             &[KIND_ROUTE, 0x01, 0xab],                                 // node id cut short
             &[KIND_WITHDRAW, 0x01],                                    // no reason
             &[KIND_UNREACHABLE, 0x80],                                 // route varint cut
+        ] {
+            assert_eq!(Message::decode(bad), Err(DecodeError::MalformedMessage), "{bad:02x?}");
+        }
+    }
+
+    #[test]
+    fn delivery_messages_round_trip_with_exact_lengths() {
+        let msgs = [
+            Message::Ack(Ack::cumulative(1, 300)),
+            Message::Ack(Ack::new(u16::MAX, u64::MAX - 5000, &[(1, 2), (3, 1000)]).unwrap()),
+            Message::Stream { stream: [0xa5; 8] },
+            Message::Skip { channel: 2, next: 1 << 40 },
+            Message::Stored { route: 3, generation: 1, first: STORED_COUNTER_SPAN - 1, count: STORED_COUNTER_SPAN },
+            Message::Stored { route: u32::MAX, generation: 0, first: 0, count: 1 },
+        ];
+        let mut buf = [0u8; 256];
+        let mut at = 0;
+        for m in &msgs {
+            let n = m.encode(&mut buf[at..]).unwrap();
+            assert_eq!(n, m.encoded_len(), "{m:?}");
+            assert!(m.encode(&mut [0u8; 64][..n - 1]).is_err(), "{m:?} in a short buffer");
+            at += n;
+        }
+        let decoded: alloc::vec::Vec<_> = Messages::new(&buf[..at]).map(Result::unwrap).collect();
+        assert_eq!(decoded, msgs);
+        // spec §17.2, §17.3, §17.6 layouts.
+        assert_eq!(buf[..5], [KIND_ACK, 0x01, 0xac, 0x02, 0x00]);
+        let mut one = [0u8; 16];
+        let n = Message::Ack(Ack::new(5, 10, &[(2, 3)]).unwrap()).encode(&mut one).unwrap();
+        assert_eq!(&one[..n], [KIND_ACK, 5, 10, 1, 2, 3]);
+        let n = Message::Stream { stream: *b"stream!!" }.encode(&mut one).unwrap();
+        assert_eq!(&one[..n], [&[KIND_STREAM][..], b"stream!!"].concat());
+        let n = Message::Skip { channel: 300, next: 128 }.encode(&mut one).unwrap();
+        assert_eq!(&one[..n], [KIND_SKIP, 0xac, 0x02, 0x80, 0x01]);
+        let n = Message::Stored { route: 2, generation: 1, first: 200, count: 3 }.encode(&mut one).unwrap();
+        assert_eq!(&one[..n], [KIND_STORED, 2, 1, 0xc8, 0x01, 3]);
+        for bad in [
+            Message::Stored { route: 0, generation: 2, first: 0, count: 1 },
+            Message::Stored { route: 0, generation: 0, first: STORED_COUNTER_SPAN, count: 1 },
+            Message::Stored { route: 0, generation: 0, first: 0, count: 0 },
+            Message::Stored { route: 0, generation: 0, first: 0, count: STORED_COUNTER_SPAN + 1 },
+        ] {
+            assert_eq!(bad.encode(&mut one), Err(DecodeError::MalformedMessage), "{bad:?}");
+        }
+        for bad in [
+            &[KIND_STREAM, 1, 2, 3, 4, 5, 6, 7][..],         // 7 of 8 bytes
+            &[KIND_SKIP, 1],                                 // no next
+            &[KIND_ACK, 1, 0, 1, 0, 1],                      // zero skip
+            &[KIND_ACK, 1, 0, 1, 1, 0],                      // zero count
+            &[KIND_STORED, 0, 2, 0, 1],                      // generation 2
+            &[KIND_STORED, 0, 0, 0x80, 0x80, 0x80, 0x08, 1], // first = 2^24
+            &[KIND_STORED, 0, 0, 0, 0],                      // count 0
+            &[KIND_STORED, 0, 0, 0, 0x81, 0x80, 0x80, 0x08], // count = 2^24 + 1
+            &[KIND_STORED, 0, 0, 0],                         // no count
         ] {
             assert_eq!(Message::decode(bad), Err(DecodeError::MalformedMessage), "{bad:02x?}");
         }

@@ -183,6 +183,19 @@ pub enum RoutingMessage {
         /// Why.
         reason: RouteReason,
     },
+    /// The sender (a relay) holds in its spool the routed packets sent to it in `Forward`s
+    /// naming `route` with generation `generation` and `counter_lo` `first .. first + count`
+    /// modulo 2^24 (spec §17.9).
+    Stored {
+        /// The handle, as in the `Forward`s.
+        route: u32,
+        /// The packets' G bit: 0 or 1.
+        generation: u8,
+        /// The first packet's `counter_lo`, below 2^24.
+        first: u32,
+        /// How many consecutive packets: 1 ..= 2^24.
+        count: u32,
+    },
 }
 
 impl RoutingMessage {
@@ -195,6 +208,9 @@ impl RoutingMessage {
             Self::Route { route, node } => Message::Route { route: *route, node: *node },
             Self::Withdraw { route, reason } => Message::Withdraw { route: *route, reason: *reason },
             Self::Unreachable { route, reason } => Message::Unreachable { route: *route, reason: *reason },
+            Self::Stored { route, generation, first, count } => {
+                Message::Stored { route: *route, generation: *generation, first: *first, count: *count }
+            }
         }
     }
 
@@ -209,6 +225,7 @@ impl RoutingMessage {
             Message::Route { route, node } => Self::Route { route, node },
             Message::Withdraw { route, reason } => Self::Withdraw { route, reason },
             Message::Unreachable { route, reason } => Self::Unreachable { route, reason },
+            Message::Stored { route, generation, first, count } => Self::Stored { route, generation, first, count },
             _ => return None,
         })
     }
@@ -221,7 +238,8 @@ impl RoutingMessage {
             | Self::Deliver { route, .. }
             | Self::Route { route, .. }
             | Self::Withdraw { route, .. }
-            | Self::Unreachable { route, .. } => *route,
+            | Self::Unreachable { route, .. }
+            | Self::Stored { route, .. } => *route,
         }
     }
 }

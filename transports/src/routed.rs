@@ -1159,6 +1159,10 @@ impl Actor {
             RoutingMessage::Withdraw { route, reason } => self.forget(id, route, reason),
             RoutingMessage::Deliver { route, packet } => self.deliver(id, route, &packet),
             RoutingMessage::Unreachable { route, reason } => self.unreachable(id, route, reason),
+            RoutingMessage::Stored { route, count, .. } => {
+                // spec §17.9: custody only spares retransmissions; delivery does not rely on it.
+                tracing::trace!(route, count, "custody notice");
+            }
             other => {
                 // spec §16.7: `Forward` goes to relays; this node is none.
                 bump(&self.counters.dropped_not_a_relay);
