@@ -181,6 +181,11 @@ pub struct Config {
     /// `[control]`: the cloud's local control socket. Cloud only, optional.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// `[spool]`: the gateway's durable store for device packets while its uplink is down
+    /// (spec §17.9). Gateway only, optional; absent: no spool (packets for the cloud are
+    /// dropped with `Unreachable { UplinkDown }` while the uplink reconnects).
+    #[serde(default)]
+    pub spool: Option<SpoolConfig>,
     /// `[metrics]`: the Prometheus endpoint. Optional; absent: no metrics endpoint.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
@@ -448,6 +453,50 @@ pub struct ControlConfig {
     pub socket: PathBuf,
 }
 
+/// `[spool]`: the gateway's spool ([`crate::spool`], spec §17.9).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// `spool.path` (required in the section): the redb database file, created if missing;
+    /// its directory must exist. Keep it on a local disk: every stored batch is synced.
+    pub path: PathBuf,
+    /// `spool.max_bytes`: bytes stored in all (packets plus 41 B each). Default 67 108 864
+    /// (64 MiB), from 65 536 to 2^40.
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: u64,
+    /// `spool.max_bytes_per_device`: bytes stored for one device, so that one device cannot
+    /// fill the spool for the others. Default 1 048 576 (1 MiB), from 4 096 to `max_bytes`.
+    #[serde(default = "default_spool_per_device")]
+    pub max_bytes_per_device: u64,
+    /// `spool.ttl_secs`: packets stored longer than this are dropped and counted. Default
+    /// 86 400 (a day), from 60 to 2 592 000 (30 days).
+    #[serde(default = "default_spool_ttl")]
+    pub ttl_secs: u64,
+}
+
+const fn default_spool_max_bytes() -> u64 {
+    64 << 20
+}
+
+const fn default_spool_per_device() -> u64 {
+    1 << 20
+}
+
+const fn default_spool_ttl() -> u64 {
+    86_400
+}
+
+impl SpoolConfig {
+    /// The spool's settings.
+    #[must_use]
+    pub fn spool_config(&self) -> crate::spool::SpoolConfig {
+        crate::spool::SpoolConfig::new(&self.path)
+            .max_bytes(self.max_bytes)
+            .max_bytes_per_source(self.max_bytes_per_device)
+            .ttl(Duration::from_secs(self.ttl_secs))
+    }
+}
+
 /// `[metrics]`: the Prometheus endpoint ([`crate::metrics::install`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -653,6 +702,9 @@ impl Config {
         if let Some(control) = &self.control {
             check_parent_dir("control.socket", &control.socket)?;
         }
+        if let Some(spool) = &self.spool {
+            check_parent_dir("spool.path", &spool.path)?;
+        }
         Ok(())
     }
 
@@ -674,6 +726,9 @@ impl Config {
             NodeRole::Cloud => {
                 if self.uplink.is_some() {
                     return Err(problem("uplink", only(NodeRole::Gateway)));
+                }
+                if self.spool.is_some() {
+                    return Err(problem("spool", only(NodeRole::Gateway)));
                 }
                 self.sink.get_or_insert_with(SinkConfig::default);
             }
@@ -704,6 +759,20 @@ impl Config {
                     return Err(problem("sink.path", "only used with sink.kind = \"file\""));
                 }
                 _ => {}
+            }
+        }
+        if let Some(sp) = &self.spool {
+            if !(65_536..=1 << 40).contains(&sp.max_bytes) {
+                return Err(problem("spool.max_bytes", "must be from 65536 to 1099511627776"));
+            }
+            if sp.max_bytes_per_device < 4_096 || sp.max_bytes_per_device > sp.max_bytes {
+                return Err(problem(
+                    "spool.max_bytes_per_device",
+                    format!("must be from 4096 to spool.max_bytes ({})", sp.max_bytes),
+                ));
+            }
+            if !(60..=2_592_000).contains(&sp.ttl_secs) {
+                return Err(problem("spool.ttl_secs", "must be from 60 to 2592000 (30 days)"));
             }
         }
         if let Some(m) = &self.metrics {
@@ -805,6 +874,9 @@ impl Config {
         }
         if let Some(sink) = &mut self.sink {
             sink.path.iter_mut().for_each(fix);
+        }
+        if let Some(spool) = &mut self.spool {
+            fix(&mut spool.path);
         }
         if let Some(control) = &mut self.control {
             fix(&mut control.socket);

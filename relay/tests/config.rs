@@ -175,6 +175,16 @@ fn every_kind_of_error_names_its_key() {
         (gateway_with(("cloud_key", "backoff_max_ms = 10\ncloud_key"), ""), "uplink.backoff_max_ms", "from"),
         (gateway_with(("tcp = \"127.0.0.1:7400\"\n", ""), ""), "listen", "listen.tcp, listen.udp"),
         (gateway("[metrics]\nlisten = \"127.0.0.1:7400\"\n"), "metrics.listen", "also listen.tcp"),
+        // The spool.
+        (gateway("[spool]\nmax_bytes = 100000\n"), "spool.path", "required"),
+        (gateway("[spool]\npath = \"s.redb\"\nmax_bytes = 1000\n"), "spool.max_bytes", "from 65536"),
+        (
+            gateway("[spool]\npath = \"s.redb\"\nmax_bytes = 100000\nmax_bytes_per_device = 200000\n"),
+            "spool.max_bytes_per_device",
+            "to spool.max_bytes (100000)",
+        ),
+        (gateway("[spool]\npath = \"s.redb\"\nttl_secs = 5\n"), "spool.ttl_secs", "from 60"),
+        (gateway("[spool]\npath = \"s.redb\"\nsize = 5\n"), "spool.size", "unknown field"),
     ];
     for (text, key, message) in &cases {
         let e = error(text);
@@ -193,6 +203,12 @@ fn every_kind_of_error_names_its_key() {
     assert_eq!(error(&cloud("[sink]\nkind = \"file\"\n")).key(), Some("sink.path"));
     assert_eq!(error(&cloud("[sink]\nkind = \"stdout\"\npath = \"x\"\n")).key(), Some("sink.path"));
     assert_eq!(error(&cloud("[sink]\nkind = \"kafka\"\n")).key(), Some("sink.kind"));
+    assert_eq!(error(&cloud("[spool]\npath = \"s.redb\"\n")).key(), Some("spool"));
+    // A valid spool section: defaults filled in, the path resolved against the file's directory.
+    let c = parse(&gateway("[spool]\npath = \"spool/s.redb\"\nmax_bytes_per_device = 8192\n")).unwrap();
+    let spool = c.spool.as_ref().unwrap();
+    assert_eq!(spool.path, std::path::Path::new("/etc/veil/spool/s.redb"));
+    assert_eq!((spool.max_bytes, spool.max_bytes_per_device, spool.ttl_secs), (64 << 20, 8192, 86_400));
 
     // Errors the parser finds carry the line and column of the value.
     let e = error(&gateway_with(("127.0.0.1:7401", "cloud:x"), ""));
