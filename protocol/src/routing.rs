@@ -58,6 +58,8 @@ pub enum RouteReason {
     Revoked,
     /// The relay is going away.
     ShuttingDown,
+    /// The relay's spool (spec §17.9) has no room for the packet; transient.
+    SpoolFull,
     /// A code this version does not define.
     Unknown(u8),
 }
@@ -75,6 +77,7 @@ impl RouteReason {
             Self::TooLarge => 6,
             Self::Revoked => 7,
             Self::ShuttingDown => 8,
+            Self::SpoolFull => 9,
             Self::Unknown(c) => c,
         }
     }
@@ -91,6 +94,7 @@ impl RouteReason {
             6 => Self::TooLarge,
             7 => Self::Revoked,
             8 => Self::ShuttingDown,
+            9 => Self::SpoolFull,
             c => Self::Unknown(c),
         }
     }
@@ -107,6 +111,7 @@ impl fmt::Display for RouteReason {
             Self::TooLarge => f.write_str("too large"),
             Self::Revoked => f.write_str("revoked"),
             Self::ShuttingDown => f.write_str("shutting down"),
+            Self::SpoolFull => f.write_str("spool full"),
             Self::Unknown(c) => write!(f, "unknown reason {c}"),
         }
     }
@@ -1055,8 +1060,25 @@ mod tests {
             assert_eq!(RouteReason::from_code(c).code(), c);
         }
         assert_eq!(RouteReason::from_code(0), RouteReason::Unknown(0));
-        assert_eq!(RouteReason::from_code(9), RouteReason::Unknown(9));
+        assert_eq!(RouteReason::from_code(10), RouteReason::Unknown(10));
+        assert_eq!(RouteReason::from_code(255), RouteReason::Unknown(255));
         assert_eq!(RouteReason::UplinkDown.code(), 3);
+        // spec §16.5: the codes of the table, in order.
+        let named = [
+            RouteReason::UnknownRoute,
+            RouteReason::Detached,
+            RouteReason::UplinkDown,
+            RouteReason::NotAllowed,
+            RouteReason::Congested,
+            RouteReason::TooLarge,
+            RouteReason::Revoked,
+            RouteReason::ShuttingDown,
+            RouteReason::SpoolFull,
+        ];
+        for (i, r) in named.into_iter().enumerate() {
+            assert_eq!(usize::from(r.code()), i + 1, "{r}");
+        }
+        assert_eq!(RouteReason::SpoolFull.to_string(), "spool full");
     }
 
     #[test]

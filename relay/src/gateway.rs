@@ -560,6 +560,7 @@ pub const fn drop_label(e: &RoutingError) -> &'static str {
             RouteReason::TooLarge => "too_large",
             RouteReason::Revoked => "revoked",
             RouteReason::ShuttingDown => "shutting_down",
+            RouteReason::SpoolFull => "spool_full",
             _ => "other",
         },
         _ => "other",

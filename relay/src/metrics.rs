@@ -34,7 +34,8 @@ pub const MESSAGES: &str = "veil_relay_messages_total";
 /// Counter: application payload bytes, by [`labels::DIRECTION`] and [`labels::HOP`].
 pub const BYTES: &str = "veil_relay_bytes_total";
 /// Counter: routing messages dropped, by [`labels::REASON`] (the routing reason in
-/// snake_case, e.g. `"no_route"`, `"uplink_down"`, `"not_allowed"`, `"congested"`).
+/// snake_case, e.g. `"no_route"`, `"uplink_down"`, `"not_allowed"`, `"congested"`,
+/// `"spool_full"`).
 pub const ROUTING_DROPS: &str = "veil_relay_routing_drops_total";
 /// Counter: envelopes a gateway forwarded (a `Forward` in, a `Deliver` out; spec §16.4).
 pub const FORWARDED: &str = "veil_relay_forwarded_envelopes_total";
