@@ -111,6 +111,9 @@ pub const DELIVERY_RTO: Duration = Duration::from_secs(1);
 pub const DELIVERY_RTO_MAX: Duration = Duration::from_secs(16);
 /// spec §17.9: how long a message in a relay's custody is not retransmitted.
 pub const CUSTODY_TIMEOUT: Duration = Duration::from_secs(300);
+/// spec §17.9: a relay sends at most one `Stored` per link each `STORED_DELAY` while more are
+/// waiting ([`crate::relay::custody::StoredCoalescer`]).
+pub const STORED_DELAY: Duration = Duration::from_millis(10);
 /// spec §17.2: a channel's next id never reaches this (2^64 − 1024), so that
 /// `next + RECEIVE_WINDOW` never overflows.
 pub const ID_LIMIT: u64 = u64::MAX - (RECEIVE_WINDOW - 1);

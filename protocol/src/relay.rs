@@ -39,15 +39,36 @@
 //! plus one), and at most [`RelayLimits::max_notices_per_link`] `Unreachable` notices wait,
 //! the oldest dropped first. Nothing panics on any input or call order: unknown link ids are
 //! no-ops, [`Verdict::UnknownLink`] or a typed [`RelayError`].
+//!
+//! # Custody (spec §17.9)
+//!
+//! A gateway with a spool turns custody on ([`Relay::set_custody`]). Then a `Forward` of a
+//! routed TRANSPORT packet toward the cloud while the uplink is down is not dropped but
+//! returned as [`Verdict::Spool`]; the gateway appends it to its spool and, once it is durable,
+//! calls [`Relay::stored`], whose `Stored` notices come out of [`Relay::poll_output`],
+//! coalesced ([`custody::StoredCoalescer`]). A packet the spool refuses is answered with
+//! [`Relay::spool_full`]. The order rule is kept by the core: every [`Verdict::Spool`] marks
+//! its (source, destination) pair as *spooling*, and while a pair is marked its newer
+//! TRANSPORT packets are spooled too, even with the uplink up, so that they queue behind the
+//! stored ones. The gateway clears the mark once the spool holds nothing more of the pair
+//! ([`Relay::set_spooling`]), and sets it again for what a reopened spool holds. Stored packets
+//! go back out through [`Relay::replay`].
+
+pub mod custody;
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 use core::fmt;
 
+use bytes::Bytes;
+
 use crate::message::Message;
 use crate::routing::{RouteReason, RouteTable, RoutingError, RoutingMessage, MAX_ROUTES};
 use crate::time::Timestamp;
 use crate::trust::NodeId;
+use crate::wire::{self, Packet};
+use crate::Mode;
+use custody::StoredCoalescer;
 
 /// Names one link connection. Chosen by the caller, unique per link connection for the
 /// relay's lifetime (a reconnecting node gets a new one).
@@ -157,6 +178,27 @@ pub enum Verdict {
     /// The message was dropped (spec §16.4, §16.7); an `Unreachable` answer may be waiting in
     /// [`Relay::poll_output`] (rate limited, spec §16.5).
     Dropped(RoutingError),
+    /// Custody (spec §17.9, [`Relay::set_custody`]): append `packet` to the spool, then call
+    /// [`Relay::stored`] once it is durable, or [`Relay::spool_full`] if the spool refuses it.
+    /// Given for a routed TRANSPORT packet toward the cloud while the uplink is down, and for
+    /// every newer one of the same source and destination until [`Relay::set_spooling`]
+    /// clears the pair.
+    Spool {
+        /// The link the `Forward` came in on (the `Stored` goes back on it).
+        link: LinkId,
+        /// The node that authenticated that link: the packet's source.
+        source: NodeId,
+        /// The destination (the cloud).
+        destination: NodeId,
+        /// The handle the `Forward` named (for `Stored` and `Unreachable`).
+        route: u32,
+        /// The packet's G bit, 0 or 1 (spec §16.2).
+        generation: u8,
+        /// The packet's `counter_lo` (spec §16.2), below 2^24.
+        counter_lo: u32,
+        /// The routed packet, unchanged.
+        packet: Bytes,
+    },
     /// The link is not (or no longer) known to the relay: it went down, was replaced by a newer
     /// link of the same node, or its node was revoked. Dropped; nothing answers.
     UnknownLink,
@@ -183,6 +225,14 @@ pub struct RelayStats {
     pub congested: u64,
     /// Step 5: TooLarge.
     pub too_large: u64,
+    /// [`Verdict::Spool`]s returned (spec §17.9).
+    pub spooled: u64,
+    /// Their packet bytes.
+    pub spooled_bytes: u64,
+    /// Packets the spool refused ([`Relay::spool_full`]): SpoolFull.
+    pub spool_full: u64,
+    /// Stored packets handed back to the uplink by [`Relay::replay`].
+    pub replayed: u64,
     /// `Route`, `Withdraw`, `Deliver` or `Unreachable` received from a peer (spec §16.7).
     pub not_a_relay: u64,
     /// Routing messages on links the relay does not know.
@@ -214,6 +264,7 @@ impl RelayStats {
             RouteReason::UplinkDown => self.uplink_down,
             RouteReason::Congested => self.congested,
             RouteReason::TooLarge => self.too_large,
+            RouteReason::SpoolFull => self.spool_full,
             _ => 0,
         }
     }
@@ -226,6 +277,7 @@ impl RelayStats {
             RouteReason::UplinkDown => &mut self.uplink_down,
             RouteReason::Congested => &mut self.congested,
             RouteReason::TooLarge => &mut self.too_large,
+            RouteReason::SpoolFull => &mut self.spool_full,
             _ => return,
         };
         bump(c);
@@ -312,6 +364,12 @@ pub struct Relay<P = CloudOnly> {
     /// Next announcement repeat per datagram link.
     timers: BTreeSet<(Timestamp, LinkId)>,
     stats: RelayStats,
+    /// Custody on (spec §17.9).
+    custody: bool,
+    /// (source, destination) pairs with packets in the spool: their newer packets are spooled.
+    spooling: BTreeSet<(NodeId, NodeId)>,
+    /// `Stored` notices waiting (spec §17.9).
+    stored: StoredCoalescer,
 }
 
 impl Relay<CloudOnly> {
@@ -342,7 +400,101 @@ impl<P: Policy> Relay<P> {
             ready: BTreeSet::new(),
             timers: BTreeSet::new(),
             stats: RelayStats::default(),
+            custody: false,
+            spooling: BTreeSet::new(),
+            stored: StoredCoalescer::default(),
         }
+    }
+
+    /// Turns custody (spec §17.9) on or off: with it, `Forward`s the uplink cannot take yet
+    /// become [`Verdict::Spool`] (see the [module documentation](self)). Off by default: a
+    /// relay without a spool drops them (`UplinkDown`, spec §16.4).
+    pub fn set_custody(&mut self, on: bool) {
+        self.custody = on;
+        if !on {
+            self.spooling.clear();
+        }
+    }
+
+    /// Whether custody is on.
+    #[must_use]
+    pub const fn custody(&self) -> bool {
+        self.custody
+    }
+
+    /// Marks (`true`) or clears (`false`) the pair (`source`, `destination`) as having packets
+    /// in the spool (spec §17.9, order): while marked, `source`'s newer TRANSPORT packets to
+    /// `destination` are [`Verdict::Spool`] even with the uplink up. Every [`Verdict::Spool`]
+    /// marks its pair; the gateway clears it once the spool holds nothing more of the pair and
+    /// no append of it is pending, and marks what a reopened spool holds. The pairs are
+    /// bounded by the spool's sources, which the gateway bounds.
+    pub fn set_spooling(&mut self, source: NodeId, destination: NodeId, on: bool) {
+        if on && self.custody {
+            self.spooling.insert((source, destination));
+        } else {
+            self.spooling.remove(&(source, destination));
+        }
+    }
+
+    /// Whether the pair is marked (see [`set_spooling`](Self::set_spooling)).
+    #[must_use]
+    pub fn is_spooling(&self, source: &NodeId, destination: &NodeId) -> bool {
+        self.spooling.contains(&(*source, *destination))
+    }
+
+    /// The packet of a [`Verdict::Spool`] (from `link`, handle `route`, G bit `generation`,
+    /// `counter_lo`) is durable in the spool: its `Stored` notice is queued, coalesced with
+    /// its neighbours (spec §17.9). Call [`handle_timeout`](Self::handle_timeout) when
+    /// [`poll_timeout`](Self::poll_timeout) is due (at once for a first record), then drain
+    /// [`poll_output`](Self::poll_output). Unknown links: no-op (the link closed meanwhile).
+    pub fn stored(&mut self, now: Timestamp, link: LinkId, route: u32, generation: u8, counter_lo: u32) {
+        if self.links.contains_key(&link) {
+            self.stored.record(now, link, route, generation, counter_lo);
+        }
+    }
+
+    /// The spool refused the packet of a [`Verdict::Spool`] for a `Forward` naming `route` on
+    /// `in_link`: answers `Unreachable { SpoolFull }` on `in_link` (spec §17.9, §16.5, rate
+    /// limited) and counts it. Unknown links: counted only.
+    pub fn spool_full(&mut self, now: Timestamp, in_link: LinkId, route: u32) {
+        self.stats.count_drop(RouteReason::SpoolFull);
+        self.notice(now, in_link, route, RouteReason::SpoolFull);
+    }
+
+    /// A stored packet from `source` to `destination` goes out (spec §17.9, replay): returns
+    /// the uplink and the `Deliver` to queue on it, after what [`poll_output`](Self::poll_output)
+    /// yields now (it may hold the `Route` announcing `source`, spec §16.4 step 4). Whether the
+    /// packet may be removed from the spool is the caller's: once the uplink took it.
+    ///
+    /// # Errors
+    /// The reason it cannot go now: `UplinkDown` (no uplink, or one to another node: keep it),
+    /// `Congested` (the uplink's table is full: keep it and retry later), `NotAllowed` (the
+    /// policy no longer lets `source` reach `destination`) or `TooLarge` (it will never fit
+    /// the uplink): drop it.
+    pub fn replay(
+        &mut self,
+        now: Timestamp,
+        source: NodeId,
+        destination: NodeId,
+        packet: Bytes,
+    ) -> Result<(LinkId, RoutingMessage), RouteReason> {
+        let Some((up, cloud)) = self.uplink() else { return Err(RouteReason::UplinkDown) };
+        if cloud != destination {
+            return Err(RouteReason::UplinkDown);
+        }
+        if !self.policy.allows(&source, LinkKind::Device, &destination, LinkKind::Uplink) {
+            return Err(RouteReason::NotAllowed);
+        }
+        if self.links.get(&up).is_some_and(|l| {
+            let len = Message::Deliver { route: 0, packet: &packet }.encoded_len();
+            // The handle may take up to 5 B where 0 takes 1.
+            len.saturating_add(4) > l.max_message
+        }) {
+            return Err(RouteReason::TooLarge);
+        }
+        let handle = self.announce(now, up, source).ok_or(RouteReason::Congested)?;
+        bump(&mut self.stats.replayed);
+        Ok((up, RoutingMessage::Deliver { route: handle, packet }))
     }
 
     /// The policy.
@@ -493,6 +645,8 @@ impl<P: Policy> Relay<P> {
             self.cloud = None;
             return;
         }
+        // spec §17.9: a revoked source's stored packets are dropped (the caller's spool).
+        self.spooling.retain(|(src, _)| src != node);
         let Some(&id) = self.nodes.get(node) else { return };
         self.forget_link(id);
         if let Some(up) = self.uplink {
@@ -527,9 +681,20 @@ impl<P: Policy> Relay<P> {
         if !self.policy.allows(&source, source_kind, &dst, dst_kind) {
             return self.drop_forward(now, link, route, RoutingError::Unreachable(RouteReason::NotAllowed));
         }
+        // spec §17.9, order: behind what the source already has in the spool.
+        if self.spooling.contains(&(source, dst)) {
+            if let Some(v) = self.spool(link, source, dst, route, &packet) {
+                return v;
+            }
+        }
         // Step 3.
         let Some(&out) = self.nodes.get(&dst) else {
             let reason = if dst_kind == LinkKind::Uplink { RouteReason::UplinkDown } else { RouteReason::Detached };
+            if reason == RouteReason::UplinkDown && self.custody {
+                if let Some(v) = self.spool(link, source, dst, route, &packet) {
+                    return v;
+                }
+            }
             return self.drop_forward(now, link, route, RoutingError::Unreachable(reason));
         };
         // Step 4: the handle of the link's peer, never anything the sender said.
@@ -602,18 +767,25 @@ impl<P: Policy> Relay<P> {
             }
             self.ready.remove(&id);
         }
-        None
+        self.stored.poll_output()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) has work next: the next repetition of an
-    /// unused announcement on a datagram link (spec §16.3).
+    /// unused announcement on a datagram link (spec §16.3), or the next `Stored` notice
+    /// (spec §17.9).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.timers.first().map(|(t, _)| *t)
+        let repeat = self.timers.first().map(|(t, _)| *t);
+        match (repeat, self.stored.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Queues the announcement repeats due at `now` (spec §16.3). Calling early does nothing.
+    /// Queues the announcement repeats (spec §16.3) and the `Stored` notices (spec §17.9) due
+    /// at `now`. Calling early does nothing.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.stored.handle_timeout(now);
         let due: Vec<LinkId> = self.timers.iter().take_while(|(t, _)| *t <= now).map(|(_, id)| *id).collect();
         for id in due {
             let Some(l) = self.links.get_mut(&id) else { continue };
@@ -669,10 +841,17 @@ impl<P: Policy> Relay<P> {
         self.links.is_empty()
     }
 
-    /// Messages waiting in [`poll_output`](Self::poll_output), over all links.
+    /// Messages waiting in [`poll_output`](Self::poll_output), over all links (`Stored`
+    /// ranges not yet due included).
     #[must_use]
     pub fn queued(&self) -> usize {
-        self.links.values().map(Link::queued).sum()
+        self.links.values().map(Link::queued).sum::<usize>() + self.stored.waiting()
+    }
+
+    /// The `Stored` coalescer's counters (spec §17.9).
+    #[must_use]
+    pub const fn custody_stats(&self) -> &custody::CustodyStats {
+        self.stored.stats()
     }
 
     /// The bindings the relay announced on `link` (handle, node), including those whose
@@ -708,7 +887,36 @@ impl<P: Policy> Relay<P> {
             self.timers.remove(&(t, id));
         }
         self.ready.remove(&id);
+        self.stored.forget(id);
         Some(l)
+    }
+
+    /// [`Verdict::Spool`] for a routed TRANSPORT packet (spec §17.9, §16.2), marking its pair;
+    /// `None` for anything else (handshake packets are not stored).
+    fn spool(
+        &mut self,
+        link: LinkId,
+        source: NodeId,
+        destination: NodeId,
+        route: u32,
+        packet: &Bytes,
+    ) -> Option<Verdict> {
+        let Ok(Packet::Transport(header, _)) = wire::parse(Mode::Routed, wire::MAX_PACKET_LEN, packet) else {
+            return None;
+        };
+        let counter_lo = header.counter_lo?;
+        self.spooling.insert((source, destination));
+        bump(&mut self.stats.spooled);
+        self.stats.spooled_bytes = self.stats.spooled_bytes.saturating_add(packet.len() as u64);
+        Some(Verdict::Spool {
+            link,
+            source,
+            destination,
+            route,
+            generation: u8::from(header.generation),
+            counter_lo,
+            packet: packet.clone(),
+        })
     }
 
     /// Announces `node` on `link` (spec §16.3) and returns its handle. A new handle queues a
@@ -1278,6 +1486,144 @@ mod tests {
         assert_eq!(r.link_up(T0, 6, CLOUD, LinkKind::Device, false, MTU), Err(RelayError::NodeConflict));
         assert_eq!(r.len(), 2);
         assert!(!RelayError::TooManyLinks.to_string().is_empty());
+    }
+
+    /// A routed TRANSPORT packet (spec §16.2): type `0x10 | g`, counter_lo, 16 B of "tag".
+    fn transport(g: u8, counter_lo: u32) -> Bytes {
+        let c = counter_lo.to_be_bytes();
+        let mut p = vec![0x10 | g, c[1], c[2], c[3]];
+        p.extend_from_slice(&[0xab; 16]);
+        Bytes::from(p)
+    }
+
+    fn custody_gateway() -> Relay {
+        let mut r = gateway();
+        r.set_custody(true);
+        r
+    }
+
+    #[test]
+    fn with_custody_transport_packets_toward_a_down_uplink_are_spooled_and_handshakes_dropped() {
+        let mut r = custody_gateway();
+        r.link_down(T0, UP);
+        let _ = drain(&mut r);
+        let p = transport(1, 0x01_02_03);
+        assert_eq!(
+            r.on_routing(T0, 1, forward(0, &p)),
+            Verdict::Spool {
+                link: 1,
+                source: dev(1),
+                destination: CLOUD,
+                route: 0,
+                generation: 1,
+                counter_lo: 0x01_02_03,
+                packet: p.clone()
+            }
+        );
+        assert!(r.is_spooling(&dev(1), &CLOUD) && !r.is_spooling(&dev(2), &CLOUD));
+        // spec §17.9: handshake packets are not stored; nor is what is no routed TRANSPORT
+        // packet (A = 1, truncated).
+        let init = Bytes::from_static(&[0x01, 1, 0, 0, 0, 0, 0, 0]);
+        let bad_flags = Bytes::from(vec![0x12; 20]);
+        let short = Bytes::from_static(&[0x10, 0, 0, 1]);
+        for p in [&init, &bad_flags, &short] {
+            assert_eq!(r.on_routing(at(1_000), 2, forward(0, p)), dropped(RouteReason::UplinkDown));
+        }
+        assert_eq!((r.stats().spooled, r.stats().spooled_bytes, r.stats().uplink_down), (1, 20, 3));
+        // Without custody, the same packet is dropped (spec §16.4 unchanged).
+        r.set_custody(false);
+        assert!(!r.is_spooling(&dev(1), &CLOUD));
+        assert_eq!(r.on_routing(at(2_000), 1, forward(0, &p)), dropped(RouteReason::UplinkDown));
+    }
+
+    #[test]
+    fn a_spooling_source_queues_behind_its_stored_packets_until_the_gateway_clears_it() {
+        let mut r = custody_gateway();
+        r.link_down(T0, UP);
+        let _ = drain(&mut r);
+        assert!(matches!(r.on_routing(T0, 1, forward(0, &transport(0, 1))), Verdict::Spool { .. }));
+        r.link_up(at(1), UP + 1, CLOUD, LinkKind::Uplink, false, MTU).unwrap();
+        let _ = drain(&mut r);
+        // spec §17.9, order: device 1 has packets in the spool, so its newer ones join them;
+        // device 2 has none and is forwarded; handshakes are never held back.
+        assert!(matches!(r.on_routing(at(2), 1, forward(0, &transport(0, 2))), Verdict::Spool { counter_lo: 2, .. }));
+        assert_eq!(r.on_routing(at(2), 2, forward(0, &transport(0, 9))), deliver(UP + 1, 1, &transport(0, 9)));
+        let init = Bytes::from_static(&[0x01, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r.on_routing(at(2), 1, forward(0, &init)), deliver(UP + 1, 0, &init));
+        // The spool replayed and emptied: device 1 is forwarded again.
+        r.set_spooling(dev(1), CLOUD, false);
+        assert_eq!(r.on_routing(at(3), 1, forward(0, &transport(0, 3))), deliver(UP + 1, 0, &transport(0, 3)));
+        // A reopened spool marks what it holds (only with custody on).
+        r.set_spooling(dev(2), CLOUD, true);
+        assert!(matches!(r.on_routing(at(4), 2, forward(0, &transport(0, 10))), Verdict::Spool { .. }));
+        // Revocation forgets the source's mark with its link.
+        r.revoke(at(5), &dev(2));
+        assert!(!r.is_spooling(&dev(2), &CLOUD));
+        let mut plain = gateway();
+        plain.set_spooling(dev(1), CLOUD, true);
+        assert!(!plain.is_spooling(&dev(1), &CLOUD), "no custody, no marks");
+    }
+
+    #[test]
+    fn stored_notices_are_coalesced_and_paced_on_the_virtual_clock() {
+        let mut r = custody_gateway();
+        r.link_down(T0, UP);
+        let _ = drain(&mut r);
+        for c in 0..5 {
+            r.stored(T0, 1, 0, 0, c);
+        }
+        r.stored(T0, 2, 0, 1, 7);
+        r.stored(T0, 77, 0, 0, 0); // a link that is gone: nothing
+        assert_eq!(drain(&mut r), [], "due, but released by handle_timeout");
+        assert_eq!(r.poll_timeout(), Some(T0));
+        r.handle_timeout(T0);
+        let stored =
+            |link, generation, first, count| (link, RoutingMessage::Stored { route: 0, generation, first, count });
+        assert_eq!(drain(&mut r), [stored(1, 0, 0, 5), stored(2, 1, 7, 1)]);
+        r.stored(at(3), 1, 0, 0, 5);
+        assert_eq!(r.poll_timeout(), Some(at(10)), "STORED_DELAY after the last one");
+        assert_eq!(r.queued(), 1);
+        r.handle_timeout(at(10));
+        assert_eq!(drain(&mut r), [stored(1, 0, 5, 1)]);
+        assert_eq!(r.poll_timeout(), None);
+        // A link that closes takes its waiting notices with it.
+        r.stored(at(11), 2, 0, 1, 8);
+        r.link_down(at(11), 2);
+        r.handle_timeout(at(100));
+        assert_eq!(drain(&mut r), []);
+        assert_eq!(r.custody_stats().sent, 3);
+    }
+
+    #[test]
+    fn a_full_spool_is_answered_spool_full_within_the_rate_limit() {
+        let mut r = custody_gateway();
+        r.spool_full(T0, 1, 0);
+        r.spool_full(at(10), 1, 0);
+        assert_eq!(drain(&mut r), [unreachable(1, 0, RouteReason::SpoolFull)]);
+        assert_eq!((r.stats().spool_full, r.stats().dropped(RouteReason::SpoolFull)), (2, 2));
+        assert_eq!(r.stats().notices_limited, 1);
+    }
+
+    #[test]
+    fn replay_announces_the_source_then_delivers_and_refuses_what_cannot_go() {
+        let mut r = custody_gateway();
+        r.link_down(T0, UP);
+        let _ = drain(&mut r);
+        let p = transport(0, 1);
+        assert_eq!(r.replay(T0, dev(1), CLOUD, p.clone()), Err(RouteReason::UplinkDown));
+        r.link_up(at(1), UP + 1, CLOUD, LinkKind::Uplink, false, 64).unwrap();
+        let _ = drain(&mut r);
+        // A device that left meanwhile is announced again for its stored packets.
+        r.link_down(at(1), 2);
+        let _ = drain(&mut r);
+        assert_eq!(
+            r.replay(at(2), dev(2), CLOUD, p.clone()),
+            Ok((UP + 1, RoutingMessage::Deliver { route: 2, packet: p.clone() }))
+        );
+        assert_eq!(drain(&mut r), [route(UP + 1, 2, dev(2))]);
+        assert_eq!(r.replay(at(2), dev(1), dev(9), p.clone()), Err(RouteReason::UplinkDown), "another cloud's");
+        assert_eq!(r.replay(at(2), dev(1), CLOUD, Bytes::from(vec![0x10; 64])), Err(RouteReason::TooLarge));
+        assert_eq!(r.stats().replayed, 1);
     }
 
     #[test]

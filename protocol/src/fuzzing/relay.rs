@@ -8,6 +8,8 @@ use alloc::vec::Vec;
 
 use bytes::Bytes;
 
+use crate::message::STORED_COUNTER_SPAN;
+use crate::relay::custody::MAX_STORED_RANGES;
 use crate::relay::{LinkId, LinkKind, Relay, RelayError, RelayLimits, Verdict};
 use crate::routing::{RouteReason, RoutingError, RoutingMessage};
 use crate::time::{Duration, Timestamp};
@@ -157,6 +159,10 @@ struct PeerView {
     used: BTreeSet<u32>,
 }
 
+fn view_peer(views: &BTreeMap<LinkId, PeerView>, id: LinkId) -> Option<NodeId> {
+    views.get(&id).map(|v| v.peer)
+}
+
 struct Harness {
     relay: Relay,
     now: Timestamp,
@@ -168,7 +174,10 @@ impl Harness {
     fn new() -> Self {
         let limits =
             RelayLimits { max_links: MAX_LINKS, max_routes_per_link: MAX_ROUTES, max_notices_per_link: MAX_NOTICES };
-        Self { relay: Relay::new(limits), now: Timestamp::from_millis(1_000), views: BTreeMap::new(), forwarded: 0 }
+        let mut relay = Relay::new(limits);
+        // spec §17.9: custody on; packets that are no routed TRANSPORT packet keep §16.4.
+        relay.set_custody(true);
+        Self { relay, now: Timestamp::from_millis(1_000), views: BTreeMap::new(), forwarded: 0 }
     }
 
     fn apply(&mut self, op: RelayOp) {
@@ -242,7 +251,15 @@ impl Harness {
 
     fn forward(&mut self, id: LinkId, route: u32, len: u16) {
         let _ = self.drain();
-        let packet = Bytes::from(vec![0xa5; usize::from(len.max(1))]);
+        let mut packet = vec![0xa5; usize::from(len.max(1))];
+        if len.is_multiple_of(2) && len >= 20 {
+            // A routed TRANSPORT packet (spec §16.2): G from the length, counter_lo = len.
+            packet[..4].copy_from_slice(&[0x10 | ((len >> 1) & 1) as u8, 0, (len >> 8) as u8, len as u8]);
+        }
+        let transport = packet[0] & 0xfe == 0x10;
+        let packet = Bytes::from(packet);
+        let spooling = view_peer(&self.views, id)
+            .is_some_and(|p| self.relay.cloud().is_some_and(|c| self.relay.is_spooling(&p, &c)));
         let verdict = self.relay.on_routing(self.now, id, RoutingMessage::Forward { route, packet: packet.clone() });
         let Some(view) = self.views.get_mut(&id) else {
             assert_eq!(verdict, Verdict::UnknownLink);
@@ -275,12 +292,36 @@ impl Harness {
                 }
             }
             Verdict::Forward { msg, .. } => panic!("a Forward verdict with {msg:?}"),
+            Verdict::Spool { link, source: s, destination, route: r, generation, counter_lo, packet: p } => {
+                // spec §17.9: only routed TRANSPORT packets toward the cloud, from the link's
+                // peer, while the uplink is down or behind what the source has spooled.
+                assert!(transport, "a packet that is no TRANSPORT packet was spooled");
+                assert_eq!((link, s, r), (id, source, route));
+                assert_eq!(Some(destination), dst);
+                assert_eq!(Some(destination), self.relay.cloud());
+                assert!(spooling || self.relay.link_of(&destination).is_none(), "spooled with the uplink up");
+                assert!(self.relay.is_spooling(&s, &destination), "a spooled pair not marked");
+                assert_eq!((p.as_ptr(), p.len()), (packet.as_ptr(), packet.len()), "the packet was copied or changed");
+                assert_eq!((generation, counter_lo), (((len >> 1) & 1) as u8, u32::from(len)));
+                // The gateway's part: stored, refused, or the pair cleared as if the spool
+                // emptied now, by the counter's residue.
+                if counter_lo.is_multiple_of(3) {
+                    self.relay.stored(self.now, id, route, generation, counter_lo);
+                } else if counter_lo % 3 == 1 {
+                    self.relay.spool_full(self.now, id, route);
+                } else {
+                    self.relay.set_spooling(s, destination, false);
+                }
+            }
             Verdict::Dropped(RoutingError::UnknownRoute(r)) => assert!(r == route && dst.is_none()),
             Verdict::Dropped(RoutingError::Unreachable(reason)) => {
                 let dst = dst.expect("a known handle failed later than step 1");
                 let out = self.relay.link_of(&dst);
                 match reason {
-                    RouteReason::UplinkDown => assert!(self.relay.cloud() == Some(dst) && out.is_none()),
+                    RouteReason::UplinkDown => {
+                        assert!(self.relay.cloud() == Some(dst) && out.is_none());
+                        assert!(!transport, "custody on, yet a TRANSPORT packet was dropped");
+                    }
                     RouteReason::Detached => assert!(out.is_none()),
                     RouteReason::Congested => {
                         let full = out.and_then(|o| self.relay.announced(o)).map(Iterator::count);
@@ -329,9 +370,16 @@ impl Harness {
                             | RouteReason::UplinkDown
                             | RouteReason::Congested
                             | RouteReason::TooLarge
+                            | RouteReason::SpoolFull
                     ),
                     "{reason:?}"
                 ),
+                RoutingMessage::Stored { generation, first, count, .. } => {
+                    assert_eq!(view.kind, LinkKind::Device, "a Stored on the uplink");
+                    assert!(
+                        generation <= 1 && first < STORED_COUNTER_SPAN && (1..=STORED_COUNTER_SPAN).contains(&count)
+                    );
+                }
                 m => panic!("the relay sent {m:?}"),
             }
         }
@@ -345,7 +393,7 @@ impl Harness {
         assert!(self.relay.len() <= MAX_LINKS);
         // Pending output per link: a Withdraw and a Route per handle (handles stay below
         // 2 * MAX_ROUTES + 1), and the notices.
-        let per_link = 2 * (2 * MAX_ROUTES + 1) + MAX_NOTICES;
+        let per_link = 2 * (2 * MAX_ROUTES + 1) + MAX_NOTICES + MAX_STORED_RANGES;
         assert!(self.relay.queued() <= self.relay.len() * per_link, "output queue grew to {}", self.relay.queued());
         let attached: Vec<NodeId> = self.relay.attached().collect();
         let unique: BTreeSet<NodeId> = attached.iter().copied().collect();
@@ -386,7 +434,10 @@ impl Harness {
 /// the destination the in-link's peer named, and names a handle that the out link's peer,
 /// having read everything the relay sent before it, resolves to the in-link's peer (spec
 /// §16.4: the source is the link's); every drop has the reason of its §16.4 step; messages
-/// only relays send are dropped (`NotARelay`) without an answer; once drained, every peer's
+/// only relays send are dropped (`NotARelay`) without an answer; with custody (spec §17.9) a
+/// routed TRANSPORT packet toward the cloud is spooled, never dropped UplinkDown, only while
+/// the uplink is down or its source's pair is marked, and `Stored` goes on device links only,
+/// well-formed; once drained, every peer's
 /// view equals the relay's table; device links announce only the cloud and the uplink only
 /// attached devices; announcements are never repeated after the peer used them nor duplicated
 /// on stream links; a node is attached over one link; links and pending output stay within
@@ -403,4 +454,37 @@ pub fn relay_ops(ops: impl IntoIterator<Item = RelayOp>) {
     }
     let _ = h.drain();
     h.check();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_reaches_custody_and_its_invariants_hold() {
+        let up = RelayOp::LinkUp { link: 0, node: 0, uplink: true, lossy: false, max_message: 1_000 };
+        let dev = RelayOp::LinkUp { link: 1, node: 1, uplink: false, lossy: true, max_message: 1_000 };
+        let mut h = Harness::new();
+        for op in [up.clone(), dev, RelayOp::Drain, RelayOp::LinkDown { link: 0 }, RelayOp::Drain] {
+            h.apply(op);
+        }
+        // Counters 20 (spooled, the pair cleared), 22 (refused), 24 (stored), a packet that is
+        // no TRANSPORT packet (dropped); the uplink back: 28 is spooled behind the others
+        // (refused), 26 clears the pair, 30 is forwarded.
+        for len in [20, 22, 24, 21] {
+            h.apply(RelayOp::Forward { link: 1, route: 0, len });
+        }
+        h.apply(RelayOp::Advance { millis: 20 });
+        let sent = h.drain();
+        assert!(sent.iter().any(|(_, m)| matches!(m, RoutingMessage::Stored { first: 24, count: 1, .. })), "{sent:?}");
+        h.apply(up);
+        h.apply(RelayOp::Forward { link: 1, route: 0, len: 28 });
+        h.apply(RelayOp::Forward { link: 1, route: 0, len: 26 });
+        h.apply(RelayOp::Forward { link: 1, route: 0, len: 30 });
+        let s = h.relay.stats();
+        assert_eq!((s.spooled, s.spool_full, s.uplink_down, s.forwarded), (5, 2, 1, 1));
+        h.apply(RelayOp::Advance { millis: 20 });
+        let _ = h.drain();
+        h.check();
+    }
 }
