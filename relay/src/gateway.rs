@@ -11,6 +11,15 @@
 //! Revocation lists the cloud pushes over the uplink are applied by the endpoint's trust
 //! state (devices now revoked are closed, spec §15.8), withdrawn from the cloud with reason
 //! `Revoked`, and pushed on to every attached device.
+//!
+//! With a spool ([`GatewaySettings::spool`], `[spool]`; spec §17.9) the gateway takes custody
+//! of device packets while its uplink is down: it stores them durably (on a thread of its
+//! own, in batches: one commit per batch), acknowledges them with `Stored`, answers what does
+//! not fit with `Unreachable { SpoolFull }`, and replays them to the cloud, oldest first,
+//! once the uplink is back; newer packets of a device with packets in the spool queue behind
+//! them. Stored packets expire after the spool's ttl; a revoked device's are dropped.
+
+mod spooler;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,9 +29,11 @@ use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::{self as m, labels};
+use crate::spool::{Appended, FullReason, SpoolConfig, SpoolError};
 use crate::trustload::LoadedNode;
 use bytes::Bytes;
 use rand::Rng;
+use spooler::{Answer, Done, Pending, Spooler, REPLAY_RETRY};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +80,9 @@ pub struct GatewaySettings {
     /// shows what the gateway sees of device traffic: opaque routed packets (spec §16.6).
     /// The `demo` uses it to check that no payload is readable at the gateway.
     pub tap: Option<mpsc::Sender<Bytes>>,
+    /// The spool (spec §17.9): `None`, packets for the cloud are dropped while the uplink is
+    /// down (`Unreachable { UplinkDown }`).
+    pub spool: Option<SpoolConfig>,
 }
 
 impl std::fmt::Debug for GatewaySettings {
@@ -103,6 +117,7 @@ impl GatewaySettings {
             protocol_limits: veil_protocol::Limits::default(),
             relay_limits: RelayLimits::default(),
             tap: None,
+            spool: None,
         }
     }
 
@@ -124,6 +139,7 @@ impl GatewaySettings {
         s.backoff_max = uplink.backoff_max();
         s.limits = node.limits.clone();
         s.protocol_limits = node.protocol_limits;
+        s.spool = config.spool.as_ref().map(crate::config::SpoolConfig::spool_config);
         Ok(s)
     }
 }
@@ -138,6 +154,9 @@ pub enum GatewayError {
     /// Neither a TCP nor a UDP device listener is configured.
     #[error("no device listener: configure listen.tcp and/or listen.udp")]
     NoListener,
+    /// The spool could not be opened.
+    #[error("cannot open the spool: {0}")]
+    Spool(#[source] SpoolError),
 }
 
 /// Gateway counters (a snapshot).
@@ -158,6 +177,14 @@ pub struct GatewayStats {
     pub dropped: u64,
     /// Data messages from devices (a gateway carries only envelopes): dropped.
     pub data_dropped: u64,
+    /// Packets stored in the spool (spec §17.9).
+    pub spool_appended: u64,
+    /// Stored packets replayed to the cloud.
+    pub spool_replayed: u64,
+    /// Packets the spool did not take (answered `SpoolFull`).
+    pub spool_refused: u64,
+    /// Packets in the spool now.
+    pub spool_packets: u64,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +196,10 @@ struct Counters {
     forwarded_bytes: AtomicU64,
     dropped: AtomicU64,
     data_dropped: AtomicU64,
+    spool_appended: AtomicU64,
+    spool_replayed: AtomicU64,
+    spool_refused: AtomicU64,
+    spool_packets: AtomicU64,
 }
 
 /// What the link tasks tell the forwarding task.
@@ -242,23 +273,51 @@ impl Gateway {
             }
             None => {}
         }
+        let cloud = NodeId::from_public_key(&settings.cloud_key);
+        let mut relay = Relay::new(settings.relay_limits);
+        let (spooler, spool_answers) = match settings.spool.clone() {
+            Some(config) => {
+                let (spooler, answers, sources) = spooler::start(config).await.map_err(GatewayError::Spool)?;
+                // spec §17.9: what a restarted gateway holds goes out first, and its devices'
+                // newer packets queue behind it.
+                relay.set_custody(true);
+                for source in &sources {
+                    relay.set_spooling(*source, cloud, true);
+                }
+                tracing::info!(packets = spooler.stats.entries, devices = sources.len(), "spool open");
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    metrics::gauge!(m::SPOOL_PACKETS).set(spooler.stats.entries as f64);
+                    metrics::gauge!(m::SPOOL_BYTES).set(spooler.stats.bytes as f64);
+                }
+                (Some(spooler), Some(answers))
+            }
+            None => (None, None),
+        };
         let endpoint = b.bind().await.map_err(GatewayError::Bind)?;
         let counters = Arc::new(Counters::default());
+        if let Some(sp) = &spooler {
+            counters.spool_packets.store(sp.stats.entries, Ordering::Relaxed);
+        }
         let stop = CancellationToken::new();
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let next_link = Arc::new(AtomicU64::new(1));
         let uplink = Arc::new(std::sync::Mutex::new(None));
         let mut tasks = JoinSet::new();
         let forwarder = Forwarder {
-            relay: Relay::new(settings.relay_limits),
+            relay,
             links: HashMap::new(),
             clock: Clock::new(),
             counters: Arc::clone(&counters),
             draining: false,
             tap: settings.tap.clone(),
             uplink: Arc::clone(&uplink),
+            cloud,
+            spooler,
+            replay_at: None,
+            expire_at: None,
         };
-        tasks.spawn(forwarder.run(rx, stop.clone()).instrument(tracing::info_span!("veil_gateway")));
+        tasks.spawn(forwarder.run(rx, spool_answers, stop.clone()).instrument(tracing::info_span!("veil_gateway")));
         tasks.spawn(accept_loop(
             endpoint.clone(),
             tx.clone(),
@@ -309,6 +368,10 @@ impl Gateway {
             forwarded_bytes: c.forwarded_bytes.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             data_dropped: c.data_dropped.load(Ordering::Relaxed),
+            spool_appended: c.spool_appended.load(Ordering::Relaxed),
+            spool_replayed: c.spool_replayed.load(Ordering::Relaxed),
+            spool_refused: c.spool_refused.load(Ordering::Relaxed),
+            spool_packets: c.spool_packets.load(Ordering::Relaxed),
         }
     }
 
@@ -353,21 +416,49 @@ struct Forwarder {
     draining: bool,
     tap: Option<mpsc::Sender<Bytes>>,
     uplink: Arc<std::sync::Mutex<Option<Connection>>>,
+    /// The cloud's node id (the uplink is pinned to its key): what the spool stores for.
+    cloud: NodeId,
+    /// The spool, when configured (spec §17.9).
+    spooler: Option<Spooler>,
+    /// When to try the replay again (the uplink's queue or table was full).
+    replay_at: Option<tokio::time::Instant>,
+    /// When expiry runs next (while the spool holds packets).
+    expire_at: Option<tokio::time::Instant>,
 }
 
 impl Forwarder {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut spool: Option<mpsc::Receiver<Answer>>,
+        stop: CancellationToken,
+    ) {
         loop {
             let deadline = self.relay.poll_timeout().map(|t| self.clock.instant(t));
+            let spool_timer = match (self.replay_at, self.expire_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
                 input = rx.recv() => match input {
                     Some(input) => self.on_input(input),
                     None => break,
                 },
+                answer = recv_answer(&mut spool) => match answer {
+                    Some(a) => self.on_spool(a),
+                    None => {
+                        tracing::error!("the spool thread ended; custody stops");
+                        spool = None;
+                        self.spooler = None;
+                        self.relay.set_custody(false);
+                    }
+                },
                 () = sleep_until(deadline) => self.relay.handle_timeout(self.clock.now()),
+                () = sleep_until(spool_timer) => self.on_spool_timer(),
             }
             self.flush();
+            self.spool_work();
             let attached = self.links.values().filter(|(_, k)| *k == LinkKind::Device).count();
             self.counters.attached.store(attached as u64, Ordering::Relaxed);
             #[allow(clippy::cast_precision_loss)]
@@ -418,6 +509,13 @@ impl Forwarder {
                 let peer = NodeId::from_public_key(&conn.remote_static());
                 if revoked {
                     self.relay.revoke(now, &peer);
+                    // spec §17.9: a revoked device's stored packets are dropped.
+                    if let Some(sp) = &mut self.spooler {
+                        let n = sp.drop_source(peer);
+                        if n > 0 {
+                            metrics::counter!(m::SPOOL_DROPPED, labels::REASON => "revoked").increment(n as u64);
+                        }
+                    }
                 }
                 self.relay.link_down(now, link);
                 tracing::info!(link, %peer, revoked, "link down");
@@ -503,7 +601,206 @@ impl Forwarder {
                 metrics::counter!(m::ROUTING_DROPS, labels::REASON => drop_label(&reason)).increment(1);
                 tracing::debug!(link, route, %reason, "envelope dropped");
             }
+            Verdict::Spool { link, source, destination, route, generation, counter_lo, packet } => {
+                let p = Pending { link, route, generation, counter_lo, source, destination, packet };
+                let refused = match &mut self.spooler {
+                    Some(sp) => sp.push(p).is_err(),
+                    None => true,
+                };
+                if refused {
+                    self.refuse(now, link, route, "queue");
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// A packet the spool did not take: counted, answered `SpoolFull` (rate limited).
+    fn refuse(&mut self, now: veil_protocol::Timestamp, link: LinkId, route: u32, reason: &'static str) {
+        self.counters.spool_refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::SPOOL_REFUSED, labels::REASON => reason).increment(1);
+        self.relay.spool_full(now, link, route);
+    }
+
+    /// Starts what the spool can do now: the next append, the next replay batch.
+    fn spool_work(&mut self) {
+        let Some(sp) = &mut self.spooler else { return };
+        sp.maybe_append();
+        // spec §17.9: replay once the uplink is Connected again to the node the packets are for.
+        let up = self.relay.uplink().is_some_and(|(_, c)| c == self.cloud);
+        if up && !sp.replaying && sp.stats.entries > 0 && self.replay_at.is_none() {
+            sp.peek(self.cloud);
+        }
+        if sp.stats.entries > 0 && self.expire_at.is_none() {
+            self.expire_at = Some(tokio::time::Instant::now() + sp.expire_every);
+        }
+    }
+
+    fn on_spool_timer(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.replay_at.is_some_and(|t| t <= now) {
+            self.replay_at = None;
+        }
+        if self.expire_at.is_some_and(|t| t <= now) {
+            self.expire_at = None;
+            if let Some(sp) = &mut self.spooler {
+                sp.expire();
+            }
+        }
+    }
+
+    fn on_spool(&mut self, answer: Answer) {
+        let now = self.clock.now();
+        let Answer { done, stats, emptied } = answer;
+        match done {
+            Done::Appended { batch, outcomes } => {
+                if let Some(sp) = &mut self.spooler {
+                    sp.appended(&batch);
+                }
+                match outcomes {
+                    Ok(outcomes) => {
+                        for (p, outcome) in batch.iter().zip(outcomes) {
+                            match outcome {
+                                Appended::Stored { .. } => {
+                                    self.counters.spool_appended.fetch_add(1, Ordering::Relaxed);
+                                    metrics::counter!(m::SPOOL_APPENDED).increment(1);
+                                    // Durable now: the custody notice may go (spec §17.9).
+                                    self.relay.stored(now, p.link, p.route, p.generation, p.counter_lo);
+                                }
+                                Appended::Full(FullReason::Total) => self.refuse(now, p.link, p.route, "total"),
+                                Appended::Full(FullReason::Source) => self.refuse(now, p.link, p.route, "per_device"),
+                                Appended::BadSize => self.refuse(now, p.link, p.route, "bad_size"),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, packets = batch.len(), "spool append failed");
+                        for p in &batch {
+                            self.refuse(now, p.link, p.route, "storage");
+                        }
+                    }
+                }
+            }
+            Done::Peeked(Ok(entries)) => self.replay(now, entries),
+            Done::Peeked(Err(e)) => {
+                tracing::warn!(error = %e, "spool read failed");
+                self.stop_replay(true);
+            }
+            Done::Removed(r) => {
+                if let Err(e) = r {
+                    // The entries stay and go out again: the cloud drops the repeats (spec §6.3).
+                    tracing::warn!(error = %e, "spool remove failed");
+                }
+                self.stop_replay(false);
+            }
+            Done::Expired(r) => {
+                if let Some(sp) = &mut self.spooler {
+                    sp.expiring = false;
+                }
+                match r {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(packets = n, "spooled packets expired");
+                        }
+                        metrics::counter!(m::SPOOL_EXPIRED).increment(n);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "spool expiry failed"),
+                }
+            }
+            Done::Dropped(r) => match r {
+                Ok(n) => metrics::counter!(m::SPOOL_DROPPED, labels::REASON => "revoked").increment(n),
+                Err(e) => tracing::warn!(error = %e, "spool drop of a revoked device failed"),
+            },
+        }
+        let Some(sp) = &mut self.spooler else { return };
+        sp.stats = stats;
+        self.counters.spool_packets.store(stats.entries, Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)]
+        {
+            metrics::gauge!(m::SPOOL_PACKETS).set(stats.entries as f64);
+            metrics::gauge!(m::SPOOL_BYTES).set(stats.bytes as f64);
+        }
+        // spec §17.9, order: a device with nothing stored and nothing waiting for the disk
+        // is forwarded directly again.
+        for source in emptied {
+            if !sp.is_outstanding(&source) {
+                self.relay.set_spooling(source, self.cloud, false);
+            }
+        }
+        if stats.entries == 0 {
+            self.expire_at = None;
+        }
+    }
+
+    fn stop_replay(&mut self, retry: bool) {
+        if let Some(sp) = &mut self.spooler {
+            sp.replaying = false;
+        }
+        if retry {
+            self.replay_at = Some(tokio::time::Instant::now() + REPLAY_RETRY);
+        }
+    }
+
+    /// Sends a batch of stored packets, oldest first, as `Deliver`s on the uplink (spec §17.9),
+    /// and removes those it took.
+    fn replay(&mut self, now: veil_protocol::Timestamp, entries: Vec<crate::spool::Entry>) {
+        let mut gone = Vec::new();
+        let mut sources = Vec::new();
+        let mut retry = false;
+        let mut replayed = 0u64;
+        for e in entries {
+            match self.relay.replay(now, e.source, e.destination, e.packet) {
+                Ok((out, msg)) => {
+                    // The `Route` announcing the source goes first (spec §16.4 step 4).
+                    self.flush();
+                    let Some((conn, _)) = self.links.get(&out) else {
+                        retry = true;
+                        break;
+                    };
+                    if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
+                        let _ = tap.try_send(packet.clone());
+                    }
+                    match conn.try_send_routing(msg) {
+                        Ok(()) => {
+                            replayed += 1;
+                            gone.push(e.seq);
+                            sources.push(e.source);
+                        }
+                        // Full: later. Closed: its end is on the way, and with it UplinkDown.
+                        Err(_) => {
+                            retry = true;
+                            break;
+                        }
+                    }
+                }
+                Err(RouteReason::UplinkDown) => break,
+                Err(RouteReason::Congested) => {
+                    retry = true;
+                    break;
+                }
+                Err(reason) => {
+                    // It can never go (the policy changed, or it no longer fits the uplink).
+                    let label = drop_label(&RoutingError::Unreachable(reason));
+                    metrics::counter!(m::SPOOL_DROPPED, labels::REASON => label).increment(1);
+                    gone.push(e.seq);
+                    sources.push(e.source);
+                }
+            }
+        }
+        self.counters.spool_replayed.fetch_add(replayed, Ordering::Relaxed);
+        metrics::counter!(m::SPOOL_REPLAYED).increment(replayed);
+        metrics::counter!(m::FORWARDED).increment(replayed);
+        if gone.is_empty() {
+            self.stop_replay(retry);
+            return;
+        }
+        if retry {
+            self.replay_at = Some(tokio::time::Instant::now() + REPLAY_RETRY);
+        }
+        sources.sort_unstable();
+        sources.dedup();
+        if let Some(sp) = &mut self.spooler {
+            sp.remove(gone, sources);
         }
     }
 
@@ -564,6 +861,13 @@ pub const fn drop_label(e: &RoutingError) -> &'static str {
             _ => "other",
         },
         _ => "other",
+    }
+}
+
+async fn recv_answer(rx: &mut Option<mpsc::Receiver<Answer>>) -> Option<Answer> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -51,6 +51,25 @@ pub const UPLINK_RECONNECTS: &str = "veil_relay_uplink_reconnects_total";
 /// [`labels::FAILED`]).
 pub const TRUST_RELOADS: &str = "veil_relay_trust_reloads_total";
 
+/// Gauge: packets in the gateway's spool (spec §17.9).
+pub const SPOOL_PACKETS: &str = "veil_relay_spool_packets";
+/// Gauge: bytes in the gateway's spool, as its bounds count them (packet plus 41 B each).
+pub const SPOOL_BYTES: &str = "veil_relay_spool_bytes";
+/// Counter: packets stored durably in the spool (each acknowledged with `Stored`).
+pub const SPOOL_APPENDED: &str = "veil_relay_spool_appended_total";
+/// Counter: stored packets replayed to the cloud (taken by the uplink and removed).
+pub const SPOOL_REPLAYED: &str = "veil_relay_spool_replayed_total";
+/// Counter: packets the spool did not take, by [`labels::REASON`]: `"total"` (spool full),
+/// `"per_device"` (the device's share full), `"queue"` (too many waiting for the disk),
+/// `"bad_size"`, `"storage"` (a write failed). Each is answered `Unreachable { SpoolFull }`
+/// (rate limited).
+pub const SPOOL_REFUSED: &str = "veil_relay_spool_refused_total";
+/// Counter: stored packets dropped after `spool.ttl_secs`.
+pub const SPOOL_EXPIRED: &str = "veil_relay_spool_expired_total";
+/// Counter: stored packets dropped otherwise, by [`labels::REASON`]: `"revoked"` (their
+/// device was revoked), `"not_allowed"`, `"too_large"` (they can no longer go to the cloud).
+pub const SPOOL_DROPPED: &str = "veil_relay_spool_dropped_total";
+
 /// Label keys, and the values that have fixed vocabularies.
 pub mod labels {
     /// Key: the peer's kind — [`DEVICE`], [`GATEWAY`] or [`CLOUD`].
@@ -114,6 +133,13 @@ pub fn register() {
     describe_gauge!(UPLINK_UP, Unit::Count, "1 while the gateway's uplink to the cloud is up, else 0.");
     describe_counter!(UPLINK_RECONNECTS, Unit::Count, "Uplink reconnection attempts.");
     describe_counter!(TRUST_RELOADS, Unit::Count, "Trust reloads, by outcome.");
+    describe_gauge!(SPOOL_PACKETS, Unit::Count, "Packets in the gateway's spool.");
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes in the gateway's spool.");
+    describe_counter!(SPOOL_APPENDED, Unit::Count, "Packets stored durably in the spool.");
+    describe_counter!(SPOOL_REPLAYED, Unit::Count, "Stored packets replayed to the cloud.");
+    describe_counter!(SPOOL_REFUSED, Unit::Count, "Packets the spool did not take, by reason.");
+    describe_counter!(SPOOL_EXPIRED, Unit::Count, "Stored packets dropped after their time to live.");
+    describe_counter!(SPOOL_DROPPED, Unit::Count, "Stored packets dropped otherwise, by reason.");
 }
 
 /// Why the metrics endpoint could not start.

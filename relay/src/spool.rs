@@ -456,6 +456,13 @@ impl Spool {
         self.per_source.contains_key(source)
     }
 
+    /// The devices with entries waiting (a gateway that reopens its spool queues their newer
+    /// packets behind them, spec §17.9).
+    #[must_use]
+    pub fn sources(&self) -> Vec<NodeId> {
+        self.per_source.keys().copied().collect()
+    }
+
     /// What the spool holds.
     #[must_use]
     pub fn stats(&self) -> SpoolStats {
