@@ -182,7 +182,9 @@ pub fn hex_id(key: &PublicKey) -> String {
     NodeId::from_public_key(key).to_string()
 }
 
-fn toml_path(p: &Path) -> String {
+/// A path as a TOML string.
+#[must_use]
+pub fn toml_path(p: &Path) -> String {
     // Temporary paths hold no quote or backslash; Debug quoting is TOML's basic string then.
     format!("{:?}", p.display().to_string())
 }
@@ -467,17 +469,29 @@ pub struct GatewayProc {
 /// `cloud` over `uplink`, on fresh loopback ports (retried if a port was taken meanwhile),
 /// and waits until its uplink is up.
 pub async fn start_gateway(net: &Net, name: &str, cloud: &CloudProc, uplink: Transport) -> GatewayProc {
+    let cloud_addr = if uplink == Transport::Udp { cloud.udp } else { cloud.tcp };
+    start_gateway_to(net, name, cloud_addr, uplink, "").await
+}
+
+/// [`start_gateway`] with the uplink to `cloud_addr` (e.g. a proxy in front of the cloud)
+/// and `extra` appended to the configuration (e.g. a `[spool]` section).
+pub async fn start_gateway_to(
+    net: &Net,
+    name: &str,
+    cloud_addr: SocketAddr,
+    uplink: Transport,
+    extra: &str,
+) -> GatewayProc {
     for attempt in 1..=START_ATTEMPTS {
         let (tcp, udp, metrics) = (free_tcp(), free_udp(), free_tcp());
         let d = net.dir();
-        let cloud_addr = if uplink == Transport::Udp { cloud.udp } else { cloud.tcp };
         let text = format!(
             "role = \"gateway\"\n\n[node]\nkey = {key}\ncertificate = {cert}\n\n\
              [trust]\nmode = \"ca\"\nca = {ca}\ncrl = {crl}\n\n\
              [listen]\ntcp = \"{tcp}\"\nudp = \"{udp}\"\n\n\
              [uplink]\naddress = \"{cloud_addr}\"\ntransport = \"{uplink}\"\ncloud_key = {cloud_key}\n\
              backoff_initial_ms = 50\nbackoff_max_ms = 500\n\n\
-             [metrics]\nlisten = \"{metrics}\"\n",
+             [metrics]\nlisten = \"{metrics}\"\n{extra}",
             key = toml_path(&d.join(format!("{name}.key"))),
             cert = toml_path(&d.join(format!("{name}.cert"))),
             ca = toml_path(&net.fleet.ca_pub),
@@ -535,6 +549,19 @@ impl GatewayProc {
                 }
                 Started::Exited(s) => panic!("{} did not restart ({s}):\n{}", self.name, self.proc.log()),
             }
+        }
+    }
+
+    /// SIGKILLs the gateway and starts it again on the same ports, waiting only for its
+    /// `/metrics` endpoint (its uplink may be down).
+    #[allow(dead_code)] // used by spool.rs only
+    pub async fn restart_offline(&mut self) {
+        self.proc.kill();
+        self.proc = spawn_gateway(self.config.parent().unwrap(), &self.name, &self.config, &self.tap);
+        let metrics = self.metrics;
+        if let Started::Exited(s) = wait_ready(&mut self.proc, || async move { scrape(metrics).await.is_some() }).await
+        {
+            panic!("{} did not restart ({s}):\n{}", self.name, self.proc.log());
         }
     }
 

@@ -1,0 +1,206 @@
+//! The gateway's spool (spec §17.9) in the real `veil-relay` binary: a cloud and a gateway
+//! with `[spool]` are spawned as in `processes.rs`, the gateway's uplink goes through a
+//! `veil_transports::chaos::ChaosProxy` in this process, which the tests take down and bring
+//! back (an outage of the uplink, shorter than the end-to-end idle timeout, so that the
+//! device's end-to-end session with the cloud lives through it), and a simulated device
+//! sends through the gateway.
+//!
+//! | test | what it proves |
+//! |---|---|
+//! | [`messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_each`] | packets sent while the uplink is down are stored (metrics), nothing reaches the cloud meanwhile, and once the uplink is back every message is in the sink, in order, once each; the spool is empty again and later messages go directly |
+//! | [`a_full_spool_answers_spool_full_and_loses_nothing_silently`] | with a 4 KiB share per device: stored + refused = sent, the device is told `Unreachable { SpoolFull }` (within the rate limit), and exactly the stored ones reach the cloud, in order |
+//! | [`a_gateway_killed_while_spooling_replays_its_spool_after_a_restart`] | SIGKILL after packets were stored, a restart with the uplink still down finds them (gauge), and they reach the cloud in order once the uplink is back, on the device's surviving end-to-end session |
+//!
+//! Every wait is bounded (`util::WAIT`); every child is killed on every exit path.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[allow(dead_code)]
+mod util;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use util::{
+    eventually, hex_id, sim_device, start_cloud, start_gateway_to, toml_path, within, CloudProc, GatewayProc, Net,
+};
+use veil_protocol::routing::RouteReason;
+use veil_protocol::trust::NodeId;
+use veil_relay::demo::SimDevice;
+use veil_relay::metrics::{SPOOL_APPENDED, SPOOL_PACKETS, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP};
+use veil_transports::chaos::{ChaosConfig, ChaosProxy};
+use veil_transports::{NodeEvent, Transport};
+
+/// A cloud, a proxy in front of its TCP listener, and a gateway with a spool whose uplink
+/// goes through the proxy.
+async fn setup(net: &Net, spool_extra: &str) -> (CloudProc, ChaosProxy, GatewayProc) {
+    let cloud = start_cloud(net).await;
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let proxy = ChaosProxy::start(listen, cloud.tcp, ChaosConfig::new(17)).await.unwrap();
+    let spool = format!("\n[spool]\npath = {}\n{spool_extra}", toml_path(&net.dir().join("spool.redb")));
+    let gw = start_gateway_to(net, "gateway", proxy.local_addr(), Transport::Tcp, &spool).await;
+    (cloud, proxy, gw)
+}
+
+/// The payloads from `d` in the sink, in sink order, whose text starts with `prefix`.
+fn received(cloud: &CloudProc, d: &str, prefix: &str) -> Vec<String> {
+    cloud
+        .sink_lines()
+        .into_iter()
+        .filter(|l| l.device == d && l.payload.starts_with(prefix.as_bytes()))
+        .map(|l| String::from_utf8(l.payload).unwrap())
+        .collect()
+}
+
+/// A device with an end-to-end session to the cloud through `gw`, proven by one message.
+async fn device(net: &Net, gw: &GatewayProc, cloud: &CloudProc) -> (SimDevice, String) {
+    let d = sim_device(net, 0, gw, Transport::Tcp).await;
+    let id = hex_id(net.device(0).identity.public());
+    d.send(1, Bytes::from_static(b"warm-up")).await.unwrap();
+    cloud.wait_line("the warm-up message", |l| l.device == id && l.payload == b"warm-up").await;
+    (d, id)
+}
+
+/// Takes the uplink down and waits until the gateway knows.
+async fn cut(proxy: &ChaosProxy, gw: &GatewayProc) {
+    proxy.set_down(true);
+    gw.wait_metric(UPLINK_UP, &[], |v| v == 0.0).await;
+}
+
+fn texts(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix} {i:03}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_each() {
+    const N: usize = 40;
+    let net = Net::provision(1);
+    let (cloud, proxy, gw) = setup(&net, "").await;
+    let (d, id) = device(&net, &gw, &cloud).await;
+
+    cut(&proxy, &gw).await;
+    let sent = texts("outage", N);
+    for t in &sent {
+        d.send(1, Bytes::from(t.clone())).await.unwrap();
+    }
+    // Every packet is in custody: stored durably (and acknowledged with `Stored`).
+    gw.wait_metric(SPOOL_APPENDED, &[], |v| v >= N as f64).await;
+    assert_eq!(gw.metric(SPOOL_PACKETS, &[]).await, N as f64);
+    assert_eq!(gw.metric(SPOOL_REFUSED, &[]).await, 0.0);
+    assert!(received(&cloud, &id, "outage").is_empty(), "something passed the cut uplink");
+
+    // The uplink comes back: everything, in order, once each.
+    proxy.set_down(false);
+    eventually("every stored message at the cloud", || (received(&cloud, &id, "outage").len() >= N).then_some(()))
+        .await;
+    gw.wait_metric(SPOOL_PACKETS, &[], |v| v == 0.0).await;
+    assert_eq!(gw.metric(SPOOL_REPLAYED, &[]).await, N as f64);
+    assert_eq!(received(&cloud, &id, "outage"), sent, "order or count differs");
+
+    // With the spool empty, new messages go straight through (and after the replayed ones).
+    d.send(1, Bytes::from_static(b"after 000")).await.unwrap();
+    cloud.wait_line("a message after the outage", |l| l.device == id && l.payload == b"after 000").await;
+    assert_eq!(gw.metric(SPOOL_APPENDED, &[]).await, N as f64, "stored although the uplink was up");
+    let all: Vec<String> = cloud
+        .sink_lines()
+        .into_iter()
+        .filter(|l| l.device == id)
+        .map(|l| String::from_utf8(l.payload).unwrap())
+        .collect();
+    assert_eq!(all.last().map(String::as_str), Some("after 000"), "{all:?}");
+    assert_eq!(all.len(), N + 2, "{all:?}");
+    d.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_answers_spool_full_and_loses_nothing_silently() {
+    // Entries cost their packet plus 41 B: 4096 B hold about 20 packets of 150 B.
+    const N: usize = 40;
+    let net = Net::provision(1);
+    let (cloud, proxy, gw) = setup(&net, "max_bytes_per_device = 4096\n").await;
+    let (d, id) = device(&net, &gw, &cloud).await;
+
+    cut(&proxy, &gw).await;
+    let sent: Vec<String> = texts("full", N).into_iter().map(|t| format!("{t} {}", "x".repeat(100))).collect();
+    for t in &sent {
+        d.send(1, Bytes::from(t.clone())).await.unwrap();
+    }
+    // Each packet is either stored or refused.
+    let counts = || async {
+        let stored = gw.metric(SPOOL_APPENDED, &[]).await;
+        (stored, gw.metric(SPOOL_REFUSED, &[("reason", "per_device")]).await)
+    };
+    gw.wait_metric(SPOOL_REFUSED, &[("reason", "per_device")], |v| v >= 1.0).await;
+    let (mut stored, mut refused) = counts().await;
+    for _ in 0..200 {
+        if stored + refused >= N as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        (stored, refused) = counts().await;
+    }
+    assert_eq!(stored + refused, N as f64, "stored {stored} + refused {refused}");
+    assert!(stored >= 10.0 && refused >= 10.0, "stored {stored}, refused {refused}");
+    // The refusals came within a second of the UplinkDown notice, so the rate limit (spec
+    // §16.5: one notice per link and handle each second) held their notices back; one more
+    // refused packet a second later is answered.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    d.send(1, Bytes::from(format!("late {}", "x".repeat(100)))).await.unwrap();
+    within("Unreachable { SpoolFull } at the device", async {
+        loop {
+            if let NodeEvent::Unreachable { reason: RouteReason::SpoolFull, relay, .. } =
+                d.routed.next_event().await.unwrap()
+            {
+                assert_eq!(relay, NodeId::from_public_key(&gw.key));
+                return;
+            }
+        }
+    })
+    .await;
+    gw.wait_metric(SPOOL_REFUSED, &[("reason", "per_device")], |v| v == refused + 1.0).await;
+    assert_eq!(gw.metric(SPOOL_APPENDED, &[]).await, stored);
+
+    // The stored ones reach the cloud, in order; the refused ones never do (the device was
+    // told; a delivery layer would send them again).
+    proxy.set_down(false);
+    gw.wait_metric(SPOOL_PACKETS, &[], |v| v == 0.0).await;
+    let got = eventually("the stored messages at the cloud", || {
+        let got = received(&cloud, &id, "full");
+        (got.len() as f64 >= stored).then_some(got)
+    })
+    .await;
+    assert_eq!(got.len() as f64, stored);
+    // Stored packets are the first ones (the device's share filled up and stayed full).
+    assert_eq!(got, sent[..got.len()], "not the first ones in order");
+    assert!(received(&cloud, &id, "late").is_empty(), "a refused packet reached the cloud");
+    d.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_while_spooling_replays_its_spool_after_a_restart() {
+    const N: usize = 30;
+    let net = Net::provision(1);
+    let (cloud, proxy, mut gw) = setup(&net, "").await;
+    let (d, id) = device(&net, &gw, &cloud).await;
+
+    cut(&proxy, &gw).await;
+    let sent = texts("crash", N);
+    for t in &sent {
+        d.send(1, Bytes::from(t.clone())).await.unwrap();
+    }
+    gw.wait_metric(SPOOL_APPENDED, &[], |v| v >= N as f64).await;
+    // SIGKILL, and a restart while the uplink is still down: the spool is found intact.
+    gw.restart_offline().await;
+    gw.wait_metric(SPOOL_PACKETS, &[], |v| v == N as f64).await;
+    assert!(received(&cloud, &id, "crash").is_empty());
+
+    // The cloud kept the device's end-to-end session: the replayed packets open.
+    proxy.set_down(false);
+    gw.wait_metric(UPLINK_UP, &[], |v| v == 1.0).await;
+    eventually("the stored messages at the cloud", || (received(&cloud, &id, "crash").len() >= N).then_some(())).await;
+    gw.wait_metric(SPOOL_PACKETS, &[], |v| v == 0.0).await;
+    assert_eq!(received(&cloud, &id, "crash"), sent);
+    assert_eq!(gw.metric(SPOOL_REPLAYED, &[]).await, N as f64);
+    d.close();
+}
