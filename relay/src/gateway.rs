@@ -33,7 +33,7 @@ use crate::spool::{Appended, FullReason, SpoolConfig, SpoolError};
 use crate::trustload::LoadedNode;
 use bytes::Bytes;
 use rand::Rng;
-use spooler::{Answer, Done, Pending, Spooler, REPLAY_RETRY};
+use spooler::{Answer, Done, Pending, Spooler, REPLAY_IDLE, REPLAY_RETRY};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -680,6 +680,12 @@ impl Forwarder {
                         }
                     }
                 }
+            }
+            // Entries, but none for this cloud (stored for another one, spec §17.9: they wait
+            // for their ttl): look again later rather than at once.
+            Done::Peeked(Ok(entries)) if entries.is_empty() => {
+                self.stop_replay(false);
+                self.replay_at = Some(tokio::time::Instant::now() + REPLAY_IDLE);
             }
             Done::Peeked(Ok(entries)) => self.replay(now, entries),
             Done::Peeked(Err(e)) => {

@@ -7,7 +7,7 @@
 //!
 //! | test | what it proves |
 //! |---|---|
-//! | [`messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_each`] | packets sent while the uplink is down are stored (metrics), nothing reaches the cloud meanwhile, and once the uplink is back every message is in the sink, in order, once each; the spool is empty again and later messages go directly |
+//! | [`messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_each`] | packets sent while the uplink is down are stored (metrics), nothing reaches the cloud meanwhile; once the uplink is back, with the device sending on during the replay, every message is in the sink, in order, once each; the spool is empty again and later messages go directly |
 //! | [`a_full_spool_answers_spool_full_and_loses_nothing_silently`] | with a 4 KiB share per device: stored + refused = sent, the device is told `Unreachable { SpoolFull }` (within the rate limit), and exactly the stored ones reach the cloud, in order |
 //! | [`a_gateway_killed_while_spooling_replays_its_spool_after_a_restart`] | SIGKILL after packets were stored, a restart with the uplink still down finds them (gauge), and they reach the cloud in order once the uplink is back, on the device's surviving end-to-end session |
 //!
@@ -75,6 +75,7 @@ fn texts(prefix: &str, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_each() {
     const N: usize = 40;
+    const M: usize = 20;
     let net = Net::provision(1);
     let (cloud, proxy, gw) = setup(&net, "").await;
     let (d, id) = device(&net, &gw, &cloud).await;
@@ -90,18 +91,27 @@ async fn messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_eac
     assert_eq!(gw.metric(SPOOL_REFUSED, &[]).await, 0.0);
     assert!(received(&cloud, &id, "outage").is_empty(), "something passed the cut uplink");
 
-    // The uplink comes back: everything, in order, once each.
+    // The uplink comes back, and the device sends on while the spool replays (spec §17.9,
+    // order: its newer packets queue behind the stored ones): everything, in order, once each.
     proxy.set_down(false);
-    eventually("every stored message at the cloud", || (received(&cloud, &id, "outage").len() >= N).then_some(()))
-        .await;
+    gw.wait_metric(UPLINK_UP, &[], |v| v == 1.0).await;
+    let more = texts("outage more", M);
+    for t in &more {
+        d.send(1, Bytes::from(t.clone())).await.unwrap();
+    }
+    let all_sent: Vec<String> = sent.iter().chain(&more).cloned().collect();
+    eventually("every message at the cloud", || (received(&cloud, &id, "outage").len() >= N + M).then_some(())).await;
     gw.wait_metric(SPOOL_PACKETS, &[], |v| v == 0.0).await;
-    assert_eq!(gw.metric(SPOOL_REPLAYED, &[]).await, N as f64);
-    assert_eq!(received(&cloud, &id, "outage"), sent, "order or count differs");
+    let replayed = gw.metric(SPOOL_REPLAYED, &[]).await;
+    assert_eq!(replayed, gw.metric(SPOOL_APPENDED, &[]).await, "stored but not replayed");
+    assert!(replayed >= N as f64);
+    assert_eq!(received(&cloud, &id, "outage"), all_sent, "order or count differs");
 
     // With the spool empty, new messages go straight through (and after the replayed ones).
     d.send(1, Bytes::from_static(b"after 000")).await.unwrap();
     cloud.wait_line("a message after the outage", |l| l.device == id && l.payload == b"after 000").await;
-    assert_eq!(gw.metric(SPOOL_APPENDED, &[]).await, N as f64, "stored although the uplink was up");
+    let appended = gw.metric(SPOOL_APPENDED, &[]).await;
+    assert_eq!(appended, replayed, "stored although the uplink was up and the spool empty");
     let all: Vec<String> = cloud
         .sink_lines()
         .into_iter()
@@ -109,7 +119,7 @@ async fn messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_eac
         .map(|l| String::from_utf8(l.payload).unwrap())
         .collect();
     assert_eq!(all.last().map(String::as_str), Some("after 000"), "{all:?}");
-    assert_eq!(all.len(), N + 2, "{all:?}");
+    assert_eq!(all.len(), N + M + 2, "{all:?}");
     d.close();
 }
 
