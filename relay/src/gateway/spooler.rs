@@ -247,3 +247,96 @@ impl Spooler {
         self.cmds.send(cmd).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const DEVICE: NodeId = NodeId([1; 16]);
+    const OTHER: NodeId = NodeId([2; 16]);
+    const CLOUD: NodeId = NodeId([9; 16]);
+
+    fn pending(source: NodeId, counter_lo: u32) -> Pending {
+        let packet = Bytes::from(vec![0x10, 0, 0, counter_lo as u8, 0xee, 0xee]);
+        Pending { link: 1, route: 0, generation: 0, counter_lo, source, destination: CLOUD, packet }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Answer>) -> Answer {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_batch_replay_reads_oldest_first_and_emptied_sources_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig::new(dir.path().join("spool.redb")).max_bytes_per_source(3 * 47);
+        let (mut sp, mut rx, sources) = start(config.clone()).await.unwrap();
+        assert!(sources.is_empty());
+        for c in 0..2 {
+            sp.push(pending(DEVICE, c)).unwrap();
+        }
+        sp.maybe_append();
+        assert!(sp.appending && sp.is_outstanding(&DEVICE));
+        // While one append is in flight the next packets wait for the next batch.
+        for c in 2..4 {
+            sp.push(pending(DEVICE, c)).unwrap();
+        }
+        sp.push(pending(OTHER, 0)).unwrap();
+        sp.maybe_append();
+        assert_eq!(sp.pending.len(), 3);
+        let a = next(&mut rx).await;
+        let Done::Appended { batch, outcomes } = a.done else { panic!("not an append") };
+        assert_eq!(batch.len(), 2);
+        assert!(outcomes.unwrap().iter().all(|o| matches!(o, Appended::Stored { .. })));
+        sp.appended(&batch);
+        assert!(!sp.appending && sp.is_outstanding(&DEVICE), "two still wait");
+        sp.maybe_append();
+        let a = next(&mut rx).await;
+        let Done::Appended { batch, outcomes } = a.done else { panic!("not an append") };
+        // The device's share (3 entries of 6 B + 41 B) refuses its fourth packet.
+        let outcomes = outcomes.unwrap();
+        assert!(matches!(outcomes[0], Appended::Stored { .. }));
+        assert_eq!(outcomes[1], Appended::Full(crate::spool::FullReason::Source));
+        assert!(matches!(outcomes[2], Appended::Stored { .. }));
+        sp.appended(&batch);
+        assert!(!sp.is_outstanding(&DEVICE) && sp.outstanding.is_empty());
+        assert_eq!(a.stats.entries, 4);
+
+        sp.peek(CLOUD);
+        let Done::Peeked(entries) = next(&mut rx).await.done else { panic!("not a peek") };
+        let entries = entries.unwrap();
+        let order: Vec<(NodeId, u8)> = entries.iter().map(|e| (e.source, e.packet[3])).collect();
+        assert_eq!(order, [(DEVICE, 0), (DEVICE, 1), (DEVICE, 2), (OTHER, 0)]);
+        // Removing the device's entries names it as emptied; the other source is untouched.
+        let seqs = entries.iter().filter(|e| e.source == DEVICE).map(|e| e.seq).collect();
+        sp.remove(seqs, vec![DEVICE]);
+        let a = next(&mut rx).await;
+        assert!(matches!(a.done, Done::Removed(Ok(()))));
+        assert_eq!((a.emptied, a.stats.entries), (vec![DEVICE], 1));
+
+        // A revoked source: its packets waiting for an append go, and so do its entries.
+        sp.push(pending(OTHER, 1)).unwrap();
+        assert_eq!(sp.drop_source(OTHER), 1);
+        assert!(sp.pending.is_empty() && !sp.is_outstanding(&OTHER));
+        let a = next(&mut rx).await;
+        assert!(matches!(a.done, Done::Dropped(Ok(1))));
+        assert_eq!((a.emptied, a.stats.entries), (vec![OTHER], 0));
+        drop(sp);
+        // The thread ends with the handle; a reopened spool is empty.
+        assert!(tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().is_none());
+        let (_sp, _rx, sources) = start(config).await.unwrap();
+        assert!(sources.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pending_packets_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, _rx, _) = start(SpoolConfig::new(dir.path().join("spool.redb"))).await.unwrap();
+        for c in 0..MAX_PENDING {
+            sp.push(pending(DEVICE, c as u32)).unwrap();
+        }
+        assert!(sp.push(pending(DEVICE, 0)).is_err());
+        assert_eq!(sp.outstanding[&DEVICE], MAX_PENDING);
+    }
+}
