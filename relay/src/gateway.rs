@@ -690,14 +690,17 @@ impl Forwarder {
             Done::Peeked(Ok(entries)) => self.replay(now, entries),
             Done::Peeked(Err(e)) => {
                 tracing::warn!(error = %e, "spool read failed");
-                self.stop_replay(true);
+                self.stop_replay(false);
+                self.replay_at = Some(tokio::time::Instant::now() + REPLAY_IDLE);
             }
             Done::Removed(r) => {
-                if let Err(e) = r {
-                    // The entries stay and go out again: the cloud drops the repeats (spec §6.3).
-                    tracing::warn!(error = %e, "spool remove failed");
-                }
                 self.stop_replay(false);
+                if let Err(e) = r {
+                    // The entries stay and go out again, not before a while: the cloud drops
+                    // the repeats (spec §6.3).
+                    tracing::warn!(error = %e, "spool remove failed");
+                    self.replay_at = Some(tokio::time::Instant::now() + REPLAY_IDLE);
+                }
             }
             Done::Expired(r) => {
                 if let Some(sp) = &mut self.spooler {

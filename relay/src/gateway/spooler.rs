@@ -32,7 +32,7 @@ pub(super) const REPLAY_BATCH: usize = 256;
 /// Retry delay when the uplink's queue is full or its table has no room.
 pub(super) const REPLAY_RETRY: Duration = Duration::from_millis(50);
 /// Delay before looking again when the spool holds nothing for the cloud (only packets for
-/// another cloud, waiting for their ttl).
+/// another cloud, waiting for their ttl), or after a read or remove failed.
 pub(super) const REPLAY_IDLE: Duration = Duration::from_secs(1);
 
 /// A packet of a `Verdict::Spool`, with what its `Stored` (or refusal) needs.
