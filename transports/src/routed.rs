@@ -125,7 +125,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use veil_protocol::delivery::{DataOutcome, DeliveryConfig, DeliveryMessage, DeliveryOutput, Inbox, Outbox};
+use veil_protocol::delivery::{
+    DataOutcome, DeliveryConfig, DeliveryMessage, DeliveryOutput, Inbox, InboxState, Outbox, StreamId,
+};
 use veil_protocol::routing::{
     DemuxError, DemuxLimits, E2eDemux, PeerRoutes, RouteReason, RoutedEvent, RoutingMessage, Slot,
     MAX_ENVELOPE_OVERHEAD, MAX_ROUTES,
@@ -254,6 +256,9 @@ pub enum NodeEvent {
         payload: Bytes,
         /// How it came.
         via: Via,
+        /// With delivery (spec §17.2): the sender's stream, which `id` belongs to; `None` for
+        /// a message taken best effort (delivery off, or a sender without it).
+        stream: Option<StreamId>,
     },
     /// The session with `node` is over.
     Closed {
@@ -469,6 +474,8 @@ pub struct RoutedBuilder {
     /// The local chain, or why it cannot be used (reported by `build`).
     chain: Option<Result<Vec<u8>, TrustError>>,
     delivery: Option<DeliveryOptions>,
+    /// Saved inboxes to start from (spec §17.7).
+    restored: Vec<(NodeId, InboxState)>,
 }
 
 impl RoutedBuilder {
@@ -571,6 +578,15 @@ impl RoutedBuilder {
         self
     }
 
+    /// With delivery: starts the inbox of `node` from saved state (spec §17.7, §17.8), e.g.
+    /// what a restarted receiver rebuilt from its sink, so that nothing it committed before
+    /// is delivered again. Invalid states are reported by [`RoutedBuilder::build`].
+    #[must_use]
+    pub fn restore_inbox(mut self, node: NodeId, state: InboxState) -> Self {
+        self.restored.push((node, state));
+        self
+    }
+
     /// Starts the endpoint's actor task on the current tokio runtime.
     ///
     /// # Errors
@@ -579,8 +595,16 @@ impl RoutedBuilder {
     /// [`Error::Delivery`] for a delivery configuration out of its bounds.
     pub fn build(mut self) -> Result<RoutedEndpoint, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        let mut deliveries = HashMap::new();
         if let Some(d) = &self.delivery {
             d.config.validate().map_err(Error::Delivery)?;
+            for (node, state) in std::mem::take(&mut self.restored) {
+                let inbox = Inbox::from_state(d.config, &state).map_err(Error::Delivery)?;
+                let mut stream = [0u8; veil_protocol::delivery::STREAM_ID_LEN];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut stream);
+                let outbox = Outbox::new(d.config, stream).map_err(Error::Delivery)?;
+                deliveries.insert(node, NodeDelivery::new(outbox, inbox));
+            }
         }
         if let Some(chain) = self.chain.take() {
             self.config.certificate_chain = Some(chain?);
@@ -603,7 +627,7 @@ impl RoutedBuilder {
         let commit_wake = Arc::new(Notify::new());
         let actor = Actor {
             delivery: self.delivery,
-            deliveries: HashMap::new(),
+            deliveries,
             direct_tx: HashMap::new(),
             commits: Arc::clone(&commits),
             commit_wake: Arc::clone(&commit_wake),
@@ -706,6 +730,7 @@ impl RoutedEndpoint {
             limits: RoutedLimits::default(),
             chain: None,
             delivery: None,
+            restored: Vec::new(),
         }
     }
 
@@ -1055,6 +1080,19 @@ struct NodeDelivery {
 }
 
 impl NodeDelivery {
+    fn new(outbox: Outbox, inbox: Inbox) -> Self {
+        Self {
+            outbox,
+            inbox,
+            waiting: VecDeque::new(),
+            session: None,
+            mode: Mode::Routed,
+            queued: VecDeque::new(),
+            carried: VecDeque::new(),
+            unreachable: false,
+        }
+    }
+
     fn is_idle(&self) -> bool {
         self.session.is_none()
             && self.waiting.is_empty()
@@ -1427,6 +1465,7 @@ impl Actor {
                     id: m.id,
                     payload: m.payload,
                     via: Via::Direct,
+                    stream: None,
                 });
             }
             Received::Delivery(m) => {
@@ -1803,7 +1842,14 @@ impl Actor {
                     Some(relay) if self.delivery.is_some() => {
                         self.on_delivery_data(node, channel, id, payload, Via::Relay(relay));
                     }
-                    Some(relay) => self.emit(NodeEvent::Message { node, channel, id, payload, via: Via::Relay(relay) }),
+                    Some(relay) => self.emit(NodeEvent::Message {
+                        node,
+                        channel,
+                        id,
+                        payload,
+                        via: Via::Relay(relay),
+                        stream: None,
+                    }),
                     // Messages come only out of packets from a relay link, so one is known.
                     None => tracing::warn!(%node, "end-to-end message without a known relay dropped"),
                 }
@@ -2103,19 +2149,7 @@ impl Actor {
             let (Ok(outbox), Ok(inbox)) = (Outbox::new(opts.config, stream), Inbox::new(opts.config)) else {
                 return None;
             };
-            self.deliveries.insert(
-                *node,
-                NodeDelivery {
-                    outbox,
-                    inbox,
-                    waiting: VecDeque::new(),
-                    session: None,
-                    mode: Mode::Routed,
-                    queued: VecDeque::new(),
-                    carried: VecDeque::new(),
-                    unreachable: false,
-                },
-            );
+            self.deliveries.insert(*node, NodeDelivery::new(outbox, inbox));
         }
         self.deliveries.get_mut(node)
     }
@@ -2293,7 +2327,7 @@ impl Actor {
         match d.inbox.on_data(channel, id, payload.clone(), d.mode, now) {
             Ok(DataOutcome::Dropped(DeliveryError::NoStream)) => {
                 // spec §17: a sender without delivery; best effort, as without it.
-                self.out.push_back(NodeEvent::Message { node, channel, id, payload, via });
+                self.out.push_back(NodeEvent::Message { node, channel, id, payload, via, stream: None });
                 return;
             }
             Ok(DataOutcome::Duplicate) => bump(&self.counters.duplicates_dropped),
@@ -2311,8 +2345,9 @@ impl Actor {
     /// Hands what the node's inbox released to the application, in order.
     fn hand_over(&mut self, node: &NodeId, via: Via, auto_commit: bool, now: Timestamp) {
         let Some(d) = self.deliveries.get_mut(node) else { return };
+        let stream = d.inbox.stream();
         while let Some((channel, id, payload)) = d.inbox.poll_deliver() {
-            self.out.push_back(NodeEvent::Message { node: *node, channel, id, payload, via });
+            self.out.push_back(NodeEvent::Message { node: *node, channel, id, payload, via, stream });
             if auto_commit {
                 d.inbox.commit(channel, id, now);
             }

@@ -374,3 +374,42 @@ async fn every_message_once_and_in_order_through_a_relay_over_lossy_udp() {
 async fn every_message_once_and_in_order_over_a_direct_link_cut_several_times() {
     run(Shape::DirectTcpCuts, 13).await;
 }
+
+/// spec §17.6, §17.7: a command for a node that never connects waits in the outbox until
+/// its time to live ends, then is reported as expired (never transmitted), in id order; a
+/// message without a time to live stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_an_absent_node_expires_and_is_reported() {
+    init_tracing();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD)).delivery(options(false)).build().unwrap();
+    let absent = node_of(keypair(DEVICE).public());
+    let start = tokio::time::Instant::now();
+    for i in 0..3u64 {
+        let id =
+            within(cloud.send_with_ttl(&absent, 4, payload(4, i), Some(Duration::from_millis(200)))).await.unwrap();
+        assert_eq!(id, i);
+    }
+    // Another channel, no time to live: it stays in the window.
+    assert_eq!(within(cloud.send_with_ttl(&absent, 5, payload(5, 0), None)).await.unwrap(), 0);
+    for i in 0..3u64 {
+        match within(cloud.next_event()).await.unwrap() {
+            NodeEvent::Expired { node, channel, id, payload: p, unconfirmed } => {
+                assert_eq!((node, channel, id, unconfirmed), (absent, 4, i, false));
+                assert_eq!(p, payload(4, i));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    assert!(tokio::time::timeout(Duration::from_millis(300), cloud.next_event()).await.is_err());
+    let s = cloud.stats();
+    assert_eq!((s.expired, s.window_peak), (3, 4));
+    // Without delivery there is no time to live to give.
+    let plain = RoutedEndpoint::builder(keypair(CLOUD)).build().unwrap();
+    assert!(matches!(
+        plain.send_with_ttl(&absent, 4, payload(4, 0), None).await,
+        Err(veil_transports::Error::Delivery(_))
+    ));
+    cloud.close();
+    plain.close();
+}
