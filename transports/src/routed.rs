@@ -1328,7 +1328,7 @@ impl Actor {
                     self.on_relay(id, m);
                 } else if let Some((node, _)) = self.directs.get(&id) {
                     let node = *node;
-                    self.on_direct(node, m);
+                    self.on_direct(id, node, m);
                 }
             }
             Input::Down(id, error) => {
@@ -1449,7 +1449,15 @@ impl Actor {
         self.emit(NodeEvent::Closed { node, direct: true, outcome });
     }
 
-    fn on_direct(&mut self, node: NodeId, m: Received) {
+    fn on_direct(&mut self, id: LinkId, node: NodeId, m: Received) {
+        // spec §17.2: delivery follows the node's newest connection; what an older direct link
+        // still brings in (its Data came before a Stream on the new one) is dropped: the
+        // sender sends it again on the new connection.
+        let stale = self.deliveries.get(&node).is_some_and(|d| d.session != Some(DeliverySession::Direct(id)));
+        if self.delivery.is_some() && stale && matches!(m, Received::Message(_) | Received::Delivery(_)) {
+            tracing::debug!(%node, link = id, "delivery traffic on an older direct link dropped");
+            return;
+        }
         match m {
             Received::Message(m) => {
                 bump(&self.counters.messages_in);

@@ -66,7 +66,17 @@ struct Peer {
 
 type Peers = Arc<Mutex<HashMap<NodeId, Peer>>>;
 
+/// A stand-in for a gateway's spool (spec §17.9): while it is on for a destination (whose
+/// uplink is "down"), routed TRANSPORT packets for it are kept (source, packet) and their
+/// custody acknowledged with `Stored`.
+type Spool = Arc<Mutex<Option<(NodeId, Vec<(NodeId, Bytes)>)>>>;
+
 async fn relay() -> (Endpoint, Peers) {
+    let (endpoint, peers, _) = spooling_relay().await;
+    (endpoint, peers)
+}
+
+async fn spooling_relay() -> (Endpoint, Peers, Spool) {
     let endpoint = Endpoint::builder(keypair(RELAY))
         .authorizer(Authorizer::allow_all())
         .routing(true)
@@ -77,15 +87,31 @@ async fn relay() -> (Endpoint, Peers) {
         .await
         .unwrap();
     let peers: Peers = Arc::default();
-    let (ep, p) = (endpoint.clone(), Arc::clone(&peers));
+    let spool: Spool = Arc::default();
+    let (ep, p, sp) = (endpoint.clone(), Arc::clone(&peers), Arc::clone(&spool));
     tokio::spawn(async move {
         for id in 0..256 {
             let Ok(link) = ep.accept().await else { return };
             attach(&p, id, link.clone()).await;
-            tokio::spawn(serve(Arc::clone(&p), id, link));
+            tokio::spawn(serve(Arc::clone(&p), Arc::clone(&sp), id, link));
         }
     });
-    (endpoint, peers)
+    (endpoint, peers, spool)
+}
+
+/// Turns the spool off and passes on what it holds, oldest first (spec §17.9 replay).
+async fn replay(peers: &Peers, spool: &Spool) -> usize {
+    let Some((dst, held)) = spool.lock().await.take() else { return 0 };
+    let mut s = peers.lock().await;
+    for (src, packet) in &held {
+        let d = s.get_mut(&dst).unwrap();
+        let a = d.table.announce(*src, T0).unwrap();
+        if a.new {
+            d.link.send_routing(RoutingMessage::Route { route: a.route, node: *src }).await.unwrap();
+        }
+        d.link.send_routing(RoutingMessage::Deliver { route: a.route, packet: packet.clone() }).await.unwrap();
+    }
+    held.len()
 }
 
 async fn attach(peers: &Mutex<HashMap<NodeId, Peer>>, id: u64, link: Connection) {
@@ -105,7 +131,7 @@ async fn attach(peers: &Mutex<HashMap<NodeId, Peer>>, id: u64, link: Connection)
     s.insert(node, Peer { id, link, table });
 }
 
-async fn serve(peers: Peers, id: u64, link: Connection) {
+async fn serve(peers: Peers, spool: Spool, id: u64, link: Connection) {
     let node = node_of(&link.remote_static());
     for _ in 0..10_000_000 {
         match link.recv_any().await {
@@ -117,6 +143,16 @@ async fn serve(peers: Peers, id: u64, link: Connection) {
                     let _ = src.link.try_send_routing(msg);
                     continue;
                 };
+                if let Some((_, held)) = spool.lock().await.as_mut().filter(|(down, _)| *down == dst) {
+                    // spec §17.9: TRANSPORT packets only (0x10/0x11), custody by counter.
+                    if packet.len() > 4 && packet[0] & 0xfe == 0x10 {
+                        let first = u32::from_be_bytes([0, packet[1], packet[2], packet[3]]);
+                        let stored = RoutingMessage::Stored { route, generation: packet[0] & 1, first, count: 1 };
+                        held.push((node, packet));
+                        let _ = src.link.send_routing(stored).await;
+                        continue;
+                    }
+                }
                 let Some(d) = s.get_mut(&dst) else { continue };
                 let a = d.table.announce(node, T0).unwrap();
                 if a.new {
@@ -412,4 +448,73 @@ async fn a_command_for_an_absent_node_expires_and_is_reported() {
     ));
     cloud.close();
     plain.close();
+}
+
+/// Reads the cloud's messages on channel 3 up to id `upto`, each in order, byte for byte.
+async fn expect_on_3(cloud: &RoutedEndpoint, upto: u64, next: &mut u64) {
+    while *next < upto {
+        if let NodeEvent::Message { channel, id, payload: p, .. } = within(cloud.next_event()).await.unwrap() {
+            assert_eq!((channel, id), (3, *next));
+            assert_eq!(p, payload(3, id));
+            *next += 1;
+        }
+    }
+}
+
+/// spec §17.9: Data whose packets a relay holds in custody is not retransmitted while the
+/// relay keeps it (here far longer than the retransmission timeout), and reaches the cloud,
+/// once, in order, when the relay passes the packets on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
+    init_tracing();
+    let (relay_ep, peers, spool) = spooling_relay().await;
+    let relay_key = relay_ep.public_key();
+    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+    let device_key = *keypair(DEVICE).public();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key]))
+        .routing(true)
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([device_key]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
+    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+
+    let mut next = 0u64;
+    for i in 0..5 {
+        within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+    }
+    expect_on_3(&cloud, 5, &mut next).await;
+
+    // The uplink is "down": the relay spools and acknowledges custody.
+    *spool.lock().await = Some((cloud_node, Vec::new()));
+    let before = device.stats();
+    for i in 5..25 {
+        within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+    }
+    // Ten retransmission timeouts (200 ms) go by; nothing is sent again, nothing arrives.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = device.stats();
+    assert!(during.custody >= 20, "{during:?}");
+    assert_eq!(during.retransmissions, before.retransmissions, "{during:?}");
+    assert!(tokio::time::timeout(Duration::from_millis(100), cloud.next_event()).await.is_err());
+
+    // The uplink is back: the relay replays; every message arrives once, in order, and the
+    // acknowledgements free the device's window (a send after it goes straight through).
+    assert!(replay(&peers, &spool).await >= 1);
+    expect_on_3(&cloud, 25, &mut next).await;
+    within(device.send(&cloud_node, 3, payload(3, 25))).await.unwrap();
+    expect_on_3(&cloud, 26, &mut next).await;
+    assert_eq!(device.stats().retransmissions, before.retransmissions);
+    assert_eq!(cloud.stats().duplicates_dropped, 0);
+    device.close();
+    cloud.close();
 }
