@@ -56,6 +56,26 @@
 //! `outbound` for responders it connects to — a cloud typically uses
 //! `PeerRoles::new(RoleSet::DEVICE, RoleSet::CLOUD)` for its end-to-end peers.
 //!
+//! # Delivery
+//!
+//! With [`RoutedBuilder::delivery`] the endpoint runs spec §17 with every peer node: one
+//! [`Outbox`] and one [`Inbox`] per node, owned by the actor, not by a session, so that they
+//! carry over reconnects, new end-to-end sessions, direct links and route changes (§17.1).
+//! On each new session the outbox sends its `Stream`, its `Skip`s and its whole window again
+//! (§17.4 rule 2); its retransmission and expiry timers and the inbox's acknowledgement timer
+//! are filed with the node's session timers. [`RoutedEndpoint::send`] takes an id from the
+//! outbox and waits while the window is full ([`RoutedStats::window_waits`]); messages
+//! come out of the inbox in order per channel, each once ([`RoutedStats::duplicates_dropped`]),
+//! and are acknowledged once committed ([`RoutedEndpoint::commit`] or
+//! [`DeliveryOptions::auto_commit`]). A relay's `Stored` puts the Data of the packets it names
+//! in custody (§17.9; the endpoint remembers which packet carried which Data, bounded by
+//! [`DeliveryOptions::custody_memory`]); a route announced again after an `Unreachable` or a
+//! loss of every route sends what is in flight at once (§17.4 rule 4). Messages sent with
+//! [`RoutedEndpoint::send_with_ttl`] that are not acknowledged in time are dropped and
+//! reported ([`NodeEvent::Expired`]). The delivery state lives as long as the endpoint: a
+//! process that must survive its own restart rebuilds its inboxes
+//! ([`RoutedBuilder::restore_inbox`]; the veil-relay cloud does it from its sink).
+//!
 //! # Limits of v1
 //!
 //! - Responders accept IK, XX and their psk variants; a KK responder needs the initiator's key
@@ -63,7 +83,13 @@
 //!   [`RoutedStats::dropped_refused`]).
 //! - A session's packet limit (spec §16.2) is fixed when it starts, from the link its route
 //!   then uses; if the node later moves to a link that carries less, the relay answers larger
-//!   packets with `Unreachable { TooLarge }`.
+//!   packets with `Unreachable { TooLarge }`. With delivery, a message accepted for a node
+//!   with no session is checked against [`RoutedLimits::max_routed_packet`] only; one larger
+//!   than the session that comes can carry is never sent, and blocks its channel until its
+//!   time to live ends.
+//! - Delivery state is not saved by the endpoint (an outbox dies with the process: spec
+//!   §17.1), and the state of idle peers is dropped only when
+//!   [`DeliveryOptions::max_peers`] is reached.
 //!
 //! # Example
 //!
