@@ -1119,11 +1119,15 @@ impl NodeDelivery {
         }
     }
 
+    /// Nothing would be lost by dropping it: no session, nothing to send, nothing held, and
+    /// everything handed over committed (a new inbox learns where the stream stands from the
+    /// sender's `Skip` on its next session, spec §17.2).
     fn is_idle(&self) -> bool {
         self.session.is_none()
             && self.waiting.is_empty()
             && self.outbox.window_len() == 0
             && self.inbox.held_messages() == 0
+            && self.inbox.export().channels().iter().all(|&(c, committed)| committed == self.inbox.next(c))
     }
 }
 
@@ -2357,7 +2361,12 @@ impl Actor {
     fn on_delivery_data(&mut self, node: NodeId, channel: u16, id: u64, payload: Bytes, via: Via) {
         let Some(opts) = self.delivery else { return };
         let now = self.clock.now();
-        let Some(d) = self.delivery_state(&node) else { return };
+        // The state is made when the session comes up; without one (no room then), the Data
+        // is not taken and its sender keeps it.
+        let Some(d) = self.deliveries.get_mut(&node) else {
+            tracing::debug!(%node, channel, id, "no delivery state for the node, Data dropped");
+            return;
+        };
         match d.inbox.on_data(channel, id, payload.clone(), d.mode, now) {
             Ok(DataOutcome::Dropped(DeliveryError::NoStream)) => {
                 // spec §17: a sender without delivery; best effort, as without it.
@@ -2423,7 +2432,7 @@ impl Actor {
                 None => Via::Direct,
             },
         };
-        let Some(d) = self.delivery_state(&node) else { return };
+        let Some(d) = self.deliveries.get_mut(&node) else { return };
         match m {
             DeliveryMessage::Stream { stream } => {
                 let reset = d.inbox.on_stream(stream, now);

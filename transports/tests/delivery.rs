@@ -355,8 +355,9 @@ async fn run(shape: Shape, base_seed: u64) {
             .await
             .unwrap_or_else(|_| panic!("{shape:?}: stuck at {next:?}, device {:?}", device.stats()))
             .unwrap();
-        if let NodeEvent::Message { node, channel, id, payload: p, .. } = e {
+        if let NodeEvent::Message { node, channel, id, payload: p, stream, .. } = e {
             assert_eq!(node, device_node);
+            assert!(stream.is_some(), "{shape:?}: a message taken best effort");
             let n = next.get_mut(&channel).unwrap_or_else(|| panic!("unknown channel {channel}"));
             assert_eq!(id, *n, "{shape:?}: channel {channel} out of order or duplicated");
             assert_eq!(p, payload(channel, id), "{shape:?}: content");
