@@ -1461,6 +1461,8 @@ impl Actor {
         if let Some(d) = self.deliveries.get_mut(&node) {
             if d.session == Some(DeliverySession::Direct(id)) {
                 d.outbox.on_disconnected();
+                // No acknowledgement is due until a Stream on the next connection.
+                d.inbox.on_connected();
                 d.session = None;
             }
         }
@@ -1906,6 +1908,8 @@ impl Actor {
                         if let Some(d) = self.deliveries.get_mut(&node) {
                             if d.session == Some(DeliverySession::Routed) {
                                 d.outbox.on_disconnected();
+                                // No acknowledgement is due until a Stream on the next session.
+                                d.inbox.on_connected();
                                 d.session = None;
                             }
                         }
@@ -2588,12 +2592,22 @@ impl Actor {
     /// nothing going on. Runs after everything that touches a node's sessions.
     fn gc(&mut self, node: &NodeId) {
         let now = self.clock.now();
+        // A node whose link is full is pumped again when it drains ([`Input::Ready`]): what
+        // is due already waits for that, not for a timer.
+        let stalled = match self.deliveries.get(node).and_then(|d| d.session) {
+            Some(DeliverySession::Routed) => {
+                self.best.get(node).and_then(|(id, _)| self.links.get(id)).is_some_and(|l| l.held.is_some())
+            }
+            Some(DeliverySession::Direct(id)) => self.direct_tx.get(&id).is_some_and(|(tx, _)| tx.capacity() == 0),
+            None => false,
+        };
         let delivery = self.deliveries.get(node).and_then(|d| {
-            // A due time that could not be served (a stalled link) is looked at again a
-            // little later, not in a loop.
+            // A due time that could not be served otherwise is looked at again a little
+            // later, not in a loop.
             [d.outbox.poll_timeout(), d.inbox.poll_timeout()]
                 .into_iter()
                 .flatten()
+                .filter(|t| !stalled || *t > now)
                 .min()
                 .map(|t| t.max(now + proto_duration(DELIVERY_RETRY)))
         });
