@@ -50,7 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while answered < 3 {
         match tokio::time::timeout(Duration::from_secs(10), cloud.next_event()).await?? {
             NodeEvent::Connected { node, direct, .. } => println!("{node} connected (direct: {direct})"),
-            NodeEvent::Message { node, channel, id, payload, via } => {
+            NodeEvent::Message { node, channel, id, payload, via, .. } => {
                 println!("{node} channel {channel} #{id} via {via:?}: {}", String::from_utf8_lossy(&payload));
                 cloud.send(&node, 1, Bytes::from_static(b"ack")).await?;
                 answered += 1;

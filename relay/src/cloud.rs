@@ -44,11 +44,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use veil_protocol::delivery::InboxState;
 use veil_protocol::trust::{Authorized, CertRole, CertificateChain, NodeId, RoleSet};
 use veil_protocol::StaticKeypair;
 use veil_transports::{
-    Authorizer, Connection, Endpoint, EndpointLimits, Error as TransportError, NodeEvent, PeerRoles, RoutedEndpoint,
-    RoutedLimits, TrustState,
+    Authorizer, Connection, DeliveryOptions, Endpoint, EndpointLimits, Error as TransportError, NodeEvent, PeerRoles,
+    RoutedEndpoint, RoutedLimits, TrustState,
 };
 
 use crate::config::{Config, ConfigError};
@@ -97,6 +98,14 @@ pub struct CloudSettings {
     pub protocol_limits: veil_protocol::Limits,
     /// End-to-end limits.
     pub routed_limits: RoutedLimits,
+    /// Acknowledged delivery (spec §17) with devices, on by default with
+    /// [`DeliveryOptions::auto_commit`]: a service that keeps messages durably turns
+    /// `auto_commit` off and calls [`Cloud::commit`] once it holds them (the `veil-relay cloud`
+    /// process does, after its sink). `None`: best effort only.
+    pub delivery: Option<DeliveryOptions>,
+    /// Where each device's stream stood when the service stopped (spec §17.7: e.g. rebuilt
+    /// from its sink), so that nothing committed then is delivered again.
+    pub restore: Vec<(NodeId, InboxState)>,
 }
 
 impl std::fmt::Debug for CloudSettings {
@@ -123,6 +132,8 @@ impl CloudSettings {
             limits: EndpointLimits::default(),
             protocol_limits: veil_protocol::Limits::default(),
             routed_limits: RoutedLimits::default(),
+            delivery: Some(DeliveryOptions { auto_commit: true, ..DeliveryOptions::default() }),
+            restore: Vec::new(),
         }
     }
 
@@ -204,6 +215,12 @@ impl Cloud {
         if let Some(chain) = &settings.certificate_chain {
             rb = rb.certificate_chain(chain);
         }
+        if let Some(d) = settings.delivery {
+            rb = rb.delivery(d);
+            for (node, state) in settings.restore {
+                rb = rb.restore_inbox(node, state);
+            }
+        }
         let routed = rb.build().map_err(CloudError::Routed)?;
         let stop = CancellationToken::new();
         let links = Arc::new(Mutex::new(Vec::new()));
@@ -256,16 +273,42 @@ impl Cloud {
         Ok(ev)
     }
 
-    /// Queues a message for a device (see [`RoutedEndpoint::send`]).
+    /// Queues a message for a device (see [`RoutedEndpoint::send`]). With delivery it goes
+    /// into the device's outbox (spec §17.7): it waits there for the device to connect and
+    /// acknowledge it.
     ///
     /// # Errors
     /// As [`RoutedEndpoint::send`]: no session, no route, too large, closed.
     pub async fn send(&self, node: &NodeId, channel: u16, payload: Bytes) -> Result<(), TransportError> {
         let len = payload.len() as u64;
         self.routed.send(node, channel, payload).await?;
-        metrics::counter!(m::MESSAGES, labels::DIRECTION => labels::OUT, labels::HOP => labels::DEVICE).increment(1);
-        metrics::counter!(m::BYTES, labels::DIRECTION => labels::OUT, labels::HOP => labels::DEVICE).increment(len);
+        count_out(len);
         Ok(())
+    }
+
+    /// With delivery: queues a command for a device that is dropped, and reported as
+    /// [`NodeEvent::Expired`], if the device has not acknowledged it `ttl` from now
+    /// (spec §17.6, §17.7). Returns its id on its channel.
+    ///
+    /// # Errors
+    /// As [`RoutedEndpoint::send_with_ttl`].
+    pub async fn send_with_ttl(
+        &self,
+        node: &NodeId,
+        channel: u16,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<u64, TransportError> {
+        let len = payload.len() as u64;
+        let id = self.routed.send_with_ttl(node, channel, payload, Some(ttl)).await?;
+        count_out(len);
+        Ok(id)
+    }
+
+    /// With delivery and without `auto_commit`: the service holds every message of `channel`
+    /// from `node` up to `through` (spec §17.7); the device is told, and frees them.
+    pub fn commit(&self, node: &NodeId, channel: u16, through: u64) {
+        self.routed.commit(node, channel, through);
     }
 
     /// The end-to-end endpoint (stats, connect).
@@ -311,6 +354,11 @@ impl Cloud {
         let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
     }
+}
+
+fn count_out(len: u64) {
+    metrics::counter!(m::MESSAGES, labels::DIRECTION => labels::OUT, labels::HOP => labels::DEVICE).increment(1);
+    metrics::counter!(m::BYTES, labels::DIRECTION => labels::OUT, labels::HOP => labels::DEVICE).increment(len);
 }
 
 impl Drop for Cloud {

@@ -436,11 +436,17 @@ pub struct SinkConfig {
     /// Created if missing; its directory must exist.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// `sink.fsync`: with `kind = "file"`, sync the file to disk (`fdatasync`) after each
+    /// batch of lines before the cloud commits them (spec §17.7), so that an acknowledged
+    /// message survives a power loss, not only a crash of the process. Default `false`:
+    /// lines are written and flushed to the operating system before they are committed.
+    #[serde(default)]
+    pub fsync: bool,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        Self { kind: SinkKind::Stdout, path: None }
+        Self { kind: SinkKind::Stdout, path: None, fsync: false }
     }
 }
 
@@ -451,6 +457,15 @@ pub struct ControlConfig {
     /// `control.socket` (required in the section): the Unix socket path; its directory must
     /// exist.
     pub socket: PathBuf,
+    /// `control.command_ttl_secs`: how long a command waits in the cloud's outbox for its
+    /// device to connect and acknowledge it (spec §17.6, §17.7); then it is dropped and the
+    /// sink gets a record of it. Default 3 600 (an hour), from 1 to 2 592 000 (30 days).
+    #[serde(default = "default_command_ttl")]
+    pub command_ttl_secs: u64,
+}
+
+const fn default_command_ttl() -> u64 {
+    3_600
 }
 
 /// `[spool]`: the gateway's spool ([`crate::spool`], spec §17.9).
@@ -759,6 +774,11 @@ impl Config {
                     return Err(problem("sink.path", "only used with sink.kind = \"file\""));
                 }
                 _ => {}
+            }
+        }
+        if let Some(c) = &self.control {
+            if !(1..=2_592_000).contains(&c.command_ttl_secs) {
+                return Err(problem("control.command_ttl_secs", "must be from 1 to 2592000 (30 days)"));
             }
         }
         if let Some(sp) = &self.spool {

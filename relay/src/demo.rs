@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use veil_protocol::trust::{CertRole, NodeId, RoleSet};
 use veil_protocol::wire::TYPE_HANDSHAKE_INIT;
 use veil_protocol::{Mode, PublicKey, Role, Timestamp};
-use veil_transports::{Authorizer, Endpoint, NodeEvent, PeerRoles, RoutedEndpoint, Transport};
+use veil_transports::{Authorizer, DeliveryOptions, Endpoint, NodeEvent, PeerRoles, RoutedEndpoint, Transport};
 
 use crate::cloud::{Cloud, CloudSettings};
 use crate::config::Config;
@@ -651,9 +651,12 @@ impl SimDevice {
         }
         let endpoint = b.bind().await?;
         let link = endpoint.connect_expecting(transport, gateway, Some(gateway_key), RoleSet::GATEWAY).await?;
+        // spec §17: readings and commands are delivered once, in order, across losses; the
+        // device keeps nothing durable, so it commits what it is given at once.
         let routed = RoutedEndpoint::builder(files.identity.clone())
             .authorizer(Authorizer::trust(files.trust.clone(), PeerRoles::new(RoleSet::NONE, RoleSet::CLOUD)))
             .certificate_chain(&files.certificate_chain)
+            .delivery(DeliveryOptions { auto_commit: true, ..DeliveryOptions::default() })
             .build()?;
         routed.add_relay_link(link.clone());
         let cloud = routed.connect(cloud_key).await?;

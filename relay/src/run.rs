@@ -5,20 +5,24 @@
 //! - `SIGHUP`: reload the trust files (allowlist, CA, revocation list) without dropping
 //!   healthy sessions; peers that no longer pass are closed (spec §15.8).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use std::sync::Arc;
 
+use veil_protocol::delivery::InboxState;
+use veil_protocol::trust::NodeId;
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use veil_transports::{NodeEvent, TrustState};
+use veil_transports::{DeliveryOptions, NodeEvent, TrustState};
 
 use crate::cloud::{Cloud, CloudSettings};
 use crate::config::{Config, NodeRole};
 use crate::control::{ControlRequest, ControlSocket};
-use crate::sink::{Delivery, Sink, SinkTarget, Via};
+use crate::sink::{Delivery, ExpiredCommand, Sink, SinkTarget, Via};
 use crate::trustload::LoadedNode;
 
 /// How long a drain may take before the process exits anyway.
@@ -190,20 +194,37 @@ pub async fn cloud(path: &Path, opts: RunOptions) -> ExitCode {
         },
         _ => SinkTarget::Stdout,
     };
-    let mut sink = match Sink::open(&target).await {
+    // spec §17.7: where each device's stream stands in the sink, so that a restarted cloud
+    // delivers nothing twice.
+    let restore = match &target {
+        SinkTarget::File(path) => match resume_from(path) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("veil-relay: sink.path: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        SinkTarget::Stdout => Vec::new(),
+    };
+    let fsync = config.sink.as_ref().is_some_and(|s| s.fsync);
+    let mut sink = match Sink::open_synced(&target, fsync).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("veil-relay: sink.path: {e}");
             return ExitCode::from(1);
         }
     };
-    let settings = match CloudSettings::from_node(&node, &config) {
+    let mut settings = match CloudSettings::from_node(&node, &config) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("veil-relay: {e}");
             return ExitCode::from(1);
         }
     };
+    // Messages are committed once the sink holds them (below), not when they arrive.
+    settings.delivery = Some(DeliveryOptions { auto_commit: false, ..DeliveryOptions::default() });
+    settings.restore = restore;
+    let command_ttl = Duration::from_secs(config.control.as_ref().map_or(3_600, |c| c.command_ttl_secs));
     let cloud = match Cloud::start(settings).await {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -232,6 +253,8 @@ pub async fn cloud(path: &Path, opts: RunOptions) -> ExitCode {
     let mut updates = cloud.endpoint().trust_state().map(TrustState::subscribe_changes);
     let mut term = std::pin::pin!(terminated());
     let mut flush_at: Option<tokio::time::Instant> = None;
+    // spec §17.7: what the sink has been given and not yet flushed, by device and channel.
+    let mut uncommitted: HashMap<(NodeId, u16), u64> = HashMap::new();
     loop {
         tokio::select! {
             () = &mut term => break,
@@ -241,6 +264,10 @@ pub async fn cloud(path: &Path, opts: RunOptions) -> ExitCode {
                         tracing::error!(error = %e, "sink write failed; stopping");
                         break;
                     }
+                    if let NodeEvent::Message { node, channel, id, stream: Some(_), .. } = &ev {
+                        let through = uncommitted.entry((*node, *channel)).or_insert(*id);
+                        *through = (*through).max(*id);
+                    }
                     flush_at.get_or_insert_with(|| tokio::time::Instant::now() + SINK_FLUSH);
                 }
                 Err(_) => break,
@@ -249,8 +276,10 @@ pub async fn cloud(path: &Path, opts: RunOptions) -> ExitCode {
                 if let Some(req) = req {
                     let c = Arc::clone(&cloud);
                     tokio::spawn(async move {
-                        let r = c.send(&req.command.device, req.command.channel, req.command.payload).await;
-                        let _ = req.reply.send(r.map_err(|e| e.to_string()));
+                        // spec §17.7: through the device's outbox, for at most `command_ttl`.
+                        let r = c.send_with_ttl(&req.command.device, req.command.channel, req.command.payload, command_ttl)
+                            .await;
+                        let _ = req.reply.send(r.map(|_| ()).map_err(|e| e.to_string()));
                     });
                 }
             }
@@ -259,6 +288,10 @@ pub async fn cloud(path: &Path, opts: RunOptions) -> ExitCode {
                 if let Err(e) = sink.flush().await {
                     tracing::error!(error = %e, "sink flush failed; stopping");
                     break;
+                }
+                // Written and flushed (and synced with sink.fsync): committed.
+                for ((node, channel), through) in uncommitted.drain() {
+                    cloud.commit(&node, channel, through);
                 }
             }
             () = changed(updates.as_mut()) => {
@@ -311,15 +344,42 @@ async fn audit_tap(path: &Path) -> std::io::Result<(mpsc::Sender<bytes::Bytes>, 
 /// How long delivered lines may wait in the sink's buffer.
 const SINK_FLUSH: Duration = Duration::from_millis(50);
 
+/// spec §17.7: each device's stream as the sink file left it.
+fn resume_from(path: &Path) -> std::io::Result<Vec<(NodeId, InboxState)>> {
+    let resume = crate::sink::scan(path)?;
+    let mut out = Vec::with_capacity(resume.devices.len());
+    for (device, (stream, channels)) in resume.devices {
+        match InboxState::new(stream, channels.into_iter().collect()) {
+            Ok(state) => out.push((device, state)),
+            Err(e) => tracing::warn!(%device, error = %e, "sink state of a device not resumed"),
+        }
+    }
+    tracing::info!(devices = out.len(), skipped_lines = resume.skipped, "delivery state rebuilt from the sink");
+    Ok(out)
+}
+
 async fn deliver(sink: &mut Sink, ev: &NodeEvent) -> std::io::Result<()> {
     match ev {
-        NodeEvent::Message { node, channel, id, payload, via } => {
+        NodeEvent::Expired { node, channel, id, payload, unconfirmed } => {
+            tracing::info!(device = %node, channel, id, unconfirmed, "command expired");
+            let c = ExpiredCommand {
+                device: node,
+                channel: *channel,
+                id: *id,
+                unconfirmed: *unconfirmed,
+                at: std::time::SystemTime::now(),
+                payload,
+            };
+            sink.write_command(&c).await
+        }
+        NodeEvent::Message { node, channel, id, payload, via, stream } => {
             let via = match via {
                 veil_transports::Via::Relay(r) => Via::Relay(*r),
                 _ => Via::Direct,
             };
             let d = Delivery {
                 device: node,
+                stream: *stream,
                 channel: *channel,
                 id: *id,
                 via,

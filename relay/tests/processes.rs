@@ -109,10 +109,11 @@ async fn devices_over_tcp_and_udp_exchange_messages_and_the_gateway_sees_no_plai
         let text = format!("{MARKER} command for the {transport} device");
         assert_eq!(command_reaches(&cloud, d, key, 3, &text).await, Via::Relay(node_of(&gw.key)));
     }
-    // A node the cloud has no session with: a typed refusal, not a crash.
+    // A node the cloud has no session with: the command waits in its outbox (spec §17.7)
+    // until its time to live ends; then the sink records it as expired (checked below).
     let answer = cloud.command(&gw.key, 3, "nobody").await;
-    assert_eq!(answer["ok"], json!(false), "{answer}");
-    assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    let nobody = Instant::now();
 
     // SIGTERM drains the gateway: every device is told ShuttingDown, the process exits 0,
     // and the uplink, closed by the drain, is not reconnected.
@@ -160,6 +161,16 @@ async fn devices_over_tcp_and_udp_exchange_messages_and_the_gateway_sees_no_plai
     // The scan would have found it: the sink holds it, as text and as hex.
     let sink = std::fs::read_to_string(&cloud.sink).unwrap();
     assert!(sink.contains(MARKER) && sink.contains(&hex_lower));
+
+    // The command nobody took: recorded once its time to live ended, never sent.
+    let gw_node = hex_id(&gw.key);
+    let expired = eventually("the expired command in the sink", || {
+        util::sink_records(&cloud.sink, "command").into_iter().find(|c| c["device"] == gw_node.as_str())
+    })
+    .await;
+    assert!(nobody.elapsed() >= Duration::from_secs(util::COMMAND_TTL_SECS), "expired early: {expired}");
+    assert_eq!((expired["channel"].as_u64(), expired["outcome"].as_str()), (Some(3), Some("expired")), "{expired}");
+    assert_eq!(expired["payload_text"], "nobody");
 }
 
 /// Case 3: SIGKILL the gateway and start it again on the same ports; then the same for the

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+use veil_protocol::delivery::DeliveryMessage;
 use veil_protocol::handshake::HANDSHAKE_HASH_LEN;
 use veil_protocol::routing::RoutingMessage;
 use veil_protocol::trust::{Authorized, MAX_REVOCATION_LIST_LEN};
@@ -47,6 +48,9 @@ pub enum Received {
     /// A routing message: an envelope, an announcement or a notice. Envelopes share the
     /// decrypted packet's buffer.
     Routing(RoutingMessage),
+    /// A delivery message (spec §17): `Stream`, `Skip` or `Ack`, for the delivery layer of a
+    /// [`RoutedEndpoint`](crate::RoutedEndpoint) that reads this link as a direct link.
+    Delivery(DeliveryMessage),
 }
 
 /// Why [`Connection::try_send_routing`] did not queue a message.
@@ -68,6 +72,14 @@ pub(crate) enum Command {
         channel: u16,
         payload: Bytes,
     },
+    /// spec §17.2: a data message with the id the delivery layer assigned.
+    SendData {
+        channel: u16,
+        id: u64,
+        payload: Bytes,
+    },
+    /// spec §17: a delivery message.
+    Delivery(DeliveryMessage),
     /// spec §15.8: a revocation list for the peer.
     PushRevocationList(Bytes),
     /// spec §16: a routing message.
@@ -407,6 +419,35 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues a data message with the id the caller's delivery layer assigned (spec §17.2:
+    /// ids belong to the sender's stream and repeat on retransmission). Waits like
+    /// [`Connection::send_on`].
+    ///
+    /// # Errors
+    /// As [`Connection::send_on`].
+    pub async fn send_data(&self, channel: u16, id: u64, payload: Bytes) -> Result<(), Error> {
+        let max = self.max_message_len();
+        if payload.len() > max {
+            return Err(Error::MessageTooLarge { len: payload.len(), max });
+        }
+        if self.push_command(Command::SendData { channel, id, payload }).await.is_err() {
+            return Err(self.outcome().await);
+        }
+        Ok(())
+    }
+
+    /// Queues a delivery message (spec §17: `Stream`, `Skip`, `Ack`) for the peer. Waits
+    /// while the connection's queue is full.
+    ///
+    /// # Errors
+    /// The connection's outcome if it has ended.
+    pub async fn send_delivery(&self, msg: DeliveryMessage) -> Result<(), Error> {
+        if self.push_command(Command::Delivery(msg)).await.is_err() {
+            return Err(self.outcome().await);
+        }
+        Ok(())
+    }
+
     /// Pushes a revocation list to the peer (`RevocationPush`, spec §15.8), ahead of queued
     /// data: the cloud to its gateways, a gateway on to its devices. The peer verifies it
     /// itself; a list it cannot verify changes nothing there.
@@ -440,6 +481,7 @@ impl Connection {
                 Received::Routing(m) => {
                     tracing::debug!(route = m.route(), "routing message skipped by recv");
                 }
+                Received::Delivery(m) => tracing::debug!(?m, "delivery message skipped by recv"),
             }
         }
     }

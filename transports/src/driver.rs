@@ -295,6 +295,7 @@ impl Carrier {
 #[derive(Debug)]
 enum Held {
     Data(u16, Bytes),
+    DataId(u16, u64, Bytes),
     Routing(RoutingMessage),
 }
 
@@ -810,6 +811,12 @@ impl Driver {
     fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Send { channel, payload } => self.send(channel, payload),
+            Command::SendData { channel, id, payload } => self.send_data(channel, id, payload),
+            Command::Delivery(msg) => {
+                if let Err(e) = self.core.send_delivery(msg) {
+                    tracing::debug!(error = %e, "delivery message not sent");
+                }
+            }
             Command::Routing(msg) => self.send_routing(msg),
             Command::PushRevocationList(list) => {
                 if let Err(e) = self.core.push_revocation_list(list) {
@@ -872,6 +879,15 @@ impl Driver {
         }
     }
 
+    /// spec §17.2: a data message with the delivery layer's id. Waits like data.
+    fn send_data(&mut self, channel: u16, id: u64, payload: Bytes) {
+        match self.core.send_data(channel, id, payload.clone()) {
+            Ok(()) => {}
+            Err(ConnectionError::QueueFull) => self.held = Some(Box::new(Held::DataId(channel, id, payload))),
+            Err(e) => tracing::debug!(error = %e, "message not sent"),
+        }
+    }
+
     /// spec §16: a routing message from the application (a relay or an endpoint that
     /// routes). Waits like data when the core's queue is full.
     fn send_routing(&mut self, msg: RoutingMessage) {
@@ -912,6 +928,7 @@ impl Driver {
             let now = self.ep.clock.now();
             match self.held.take().map(|h| *h) {
                 Some(Held::Data(channel, payload)) => self.send(channel, payload),
+                Some(Held::DataId(channel, id, payload)) => self.send_data(channel, id, payload),
                 Some(Held::Routing(msg)) => self.send_routing(msg),
                 None => {}
             }
@@ -1020,6 +1037,7 @@ impl Driver {
             Event::Message { channel, id, payload } => {
                 self.pending.push_back(Received::Message(Message { channel, id, payload }));
             }
+            Event::Delivery(msg) => self.pending.push_back(Received::Delivery(msg)),
             Event::Routing(msg) => {
                 if self.ep.routing {
                     self.pending.push_back(Received::Routing(msg));

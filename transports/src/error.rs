@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use veil_protocol::trust::TrustError;
 use veil_protocol::wire::RejectReason;
-use veil_protocol::{CloseReason, ConnectionError, DenyReason, HandshakeError};
+use veil_protocol::{CloseReason, ConnectionError, DeliveryError, DenyReason, HandshakeError};
 
 use crate::config::Transport;
 
@@ -98,6 +98,11 @@ pub enum Error {
     /// closed) ([`RoutedEndpoint`](crate::RoutedEndpoint)).
     #[error("no end-to-end session with the node")]
     NoSession,
+    /// The delivery layer refused a message (spec §17.10): e.g.
+    /// [`DeliveryError::IdsExhausted`], or a send with a time to live on an endpoint without
+    /// delivery ([`DeliveryError::NoStream`]).
+    #[error("delivery: {0}")]
+    Delivery(DeliveryError),
 }
 
 impl Error {

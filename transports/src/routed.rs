@@ -56,6 +56,26 @@
 //! `outbound` for responders it connects to — a cloud typically uses
 //! `PeerRoles::new(RoleSet::DEVICE, RoleSet::CLOUD)` for its end-to-end peers.
 //!
+//! # Delivery
+//!
+//! With [`RoutedBuilder::delivery`] the endpoint runs spec §17 with every peer node: one
+//! [`Outbox`] and one [`Inbox`] per node, owned by the actor, not by a session, so that they
+//! carry over reconnects, new end-to-end sessions, direct links and route changes (§17.1).
+//! On each new session the outbox sends its `Stream`, its `Skip`s and its whole window again
+//! (§17.4 rule 2); its retransmission and expiry timers and the inbox's acknowledgement timer
+//! are filed with the node's session timers. [`RoutedEndpoint::send`] takes an id from the
+//! outbox and waits while the window is full ([`RoutedStats::window_waits`]); messages
+//! come out of the inbox in order per channel, each once ([`RoutedStats::duplicates_dropped`]),
+//! and are acknowledged once committed ([`RoutedEndpoint::commit`] or
+//! [`DeliveryOptions::auto_commit`]). A relay's `Stored` puts the Data of the packets it names
+//! in custody (§17.9; the endpoint remembers which packet carried which Data, bounded by
+//! [`DeliveryOptions::custody_memory`]); a route announced again after an `Unreachable` or a
+//! loss of every route sends what is in flight at once (§17.4 rule 4). Messages sent with
+//! [`RoutedEndpoint::send_with_ttl`] that are not acknowledged in time are dropped and
+//! reported ([`NodeEvent::Expired`]). The delivery state lives as long as the endpoint: a
+//! process that must survive its own restart rebuilds its inboxes
+//! ([`RoutedBuilder::restore_inbox`]; the veil-relay cloud does it from its sink).
+//!
 //! # Limits of v1
 //!
 //! - Responders accept IK, XX and their psk variants; a KK responder needs the initiator's key
@@ -63,7 +83,13 @@
 //!   [`RoutedStats::dropped_refused`]).
 //! - A session's packet limit (spec §16.2) is fixed when it starts, from the link its route
 //!   then uses; if the node later moves to a link that carries less, the relay answers larger
-//!   packets with `Unreachable { TooLarge }`.
+//!   packets with `Unreachable { TooLarge }`. With delivery, a message accepted for a node
+//!   with no session is checked against [`RoutedLimits::max_routed_packet`] only; one larger
+//!   than the session that comes can carry is never sent, and blocks its channel until its
+//!   time to live ends.
+//! - Delivery state is not saved by the endpoint (an outbox dies with the process: spec
+//!   §17.1), and the state of idle peers is dropped only when
+//!   [`DeliveryOptions::max_peers`] is reached.
 //!
 //! # Example
 //!
@@ -122,9 +148,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use veil_protocol::delivery::{
+    DataOutcome, DeliveryConfig, DeliveryMessage, DeliveryOutput, Inbox, InboxState, Outbox, StreamId,
+};
 use veil_protocol::routing::{
     DemuxError, DemuxLimits, E2eDemux, PeerRoutes, RouteReason, RoutedEvent, RoutingMessage, Slot,
     MAX_ENVELOPE_OVERHEAD, MAX_ROUTES,
@@ -132,8 +161,8 @@ use veil_protocol::routing::{
 use veil_protocol::trust::{Authorized, CertificateChain, NodeId, RoleSet, TrustError};
 use veil_protocol::wire::{self, MAX_PACKET_LEN};
 use veil_protocol::{
-    CloseReason, Config, ConnectionError, Decision, Event, Mode, Pattern, Psk, PublicKey, Role, StaticKeypair, Suite,
-    Timestamp,
+    CloseReason, Config, ConnectionError, Decision, DeliveryError, Event, Mode, Pattern, Psk, PublicKey, Role,
+    StaticKeypair, Suite, Timestamp,
 };
 
 use crate::clock::Clock;
@@ -188,6 +217,32 @@ impl Default for RoutedLimits {
     }
 }
 
+/// Acknowledged delivery (spec §17) on a [`RoutedEndpoint`]: see
+/// [`RoutedBuilder::delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryOptions {
+    /// Window, receive bounds and timers (spec §17.4, §17.5, §17.10).
+    pub config: DeliveryConfig,
+    /// Commit every message as soon as it is handed to the application (queued for
+    /// [`RoutedEndpoint::next_event`]), for applications that keep nothing durable. Without
+    /// it the application calls [`RoutedEndpoint::commit`] (spec §17.7).
+    pub auto_commit: bool,
+    /// Peers with delivery state (outbox and inbox) held at once. Beyond it, the state of a
+    /// peer with no session, an empty window and nothing held is dropped to make room; if
+    /// there is none, sends to a new peer fail with [`Error::TooManyConnections`] and its
+    /// Data is not taken (its sender retransmits it later).
+    pub max_peers: usize,
+    /// Data messages remembered per peer with the packet that carried them, so that a
+    /// relay's `Stored` (spec §17.9) can be mapped to the messages in its custody.
+    pub custody_memory: usize,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        Self { config: DeliveryConfig::default(), auto_commit: false, max_peers: 65_536, custody_memory: 2_048 }
+    }
+}
+
 /// How a message reached this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Via {
@@ -227,6 +282,9 @@ pub enum NodeEvent {
         payload: Bytes,
         /// How it came.
         via: Via,
+        /// With delivery (spec §17.2): the sender's stream, which `id` belongs to; `None` for
+        /// a message taken best effort (delivery off, or a sender without it).
+        stream: Option<StreamId>,
     },
     /// The session with `node` is over.
     Closed {
@@ -246,6 +304,22 @@ pub enum NodeEvent {
         relay: NodeId,
         /// Why.
         reason: RouteReason,
+    },
+    /// With delivery (spec §17.6): a message sent with a time to live
+    /// ([`RoutedEndpoint::send_with_ttl`]) was dropped from the window unacknowledged when
+    /// its time ran out. The peer learns by a `Skip` that it will never come.
+    Expired {
+        /// The destination.
+        node: NodeId,
+        /// Application channel.
+        channel: u16,
+        /// The message's id.
+        id: u64,
+        /// The payload.
+        payload: Bytes,
+        /// The message was transmitted at least once: the peer may have received it (and
+        /// the acknowledgement been lost). `false`: it never left this node.
+        unconfirmed: bool,
     },
     /// The route to a node with an end-to-end session changed (spec §16.6, "routes change,
     /// sessions stay"): it now goes through `relay`, or no link announces the node any more
@@ -318,6 +392,18 @@ pub struct RoutedStats {
     pub link_stalls: u64,
     /// Sends that waited for room in their session.
     pub sends_waited: u64,
+    /// Delivery (spec §17.4): Data retransmitted (timeouts, new sessions, route back).
+    pub retransmissions: u64,
+    /// Delivery (spec §17.5): Data received again and dropped.
+    pub duplicates_dropped: u64,
+    /// Delivery (spec §17.4): sends that waited for room in their peer's window.
+    pub window_waits: u64,
+    /// Delivery (spec §17.6): messages dropped by their time to live.
+    pub expired: u64,
+    /// Delivery (spec §17.9): messages put in a relay's custody by a `Stored`.
+    pub custody: u64,
+    /// Delivery: the largest window (messages) any peer's outbox held.
+    pub window_peak: usize,
 }
 
 #[derive(Debug, Default)]
@@ -348,6 +434,12 @@ struct Counters {
     dropped_too_large: AtomicU64,
     link_stalls: AtomicU64,
     sends_waited: AtomicU64,
+    retransmissions: AtomicU64,
+    duplicates_dropped: AtomicU64,
+    window_waits: AtomicU64,
+    expired: AtomicU64,
+    custody: AtomicU64,
+    window_peak: AtomicUsize,
 }
 
 fn bump(c: &AtomicU64) {
@@ -384,6 +476,12 @@ impl Counters {
             dropped_too_large: g(&self.dropped_too_large),
             link_stalls: g(&self.link_stalls),
             sends_waited: g(&self.sends_waited),
+            retransmissions: g(&self.retransmissions),
+            duplicates_dropped: g(&self.duplicates_dropped),
+            window_waits: g(&self.window_waits),
+            expired: g(&self.expired),
+            custody: g(&self.custody),
+            window_peak: self.window_peak.load(Ordering::Relaxed),
         }
     }
 
@@ -401,6 +499,9 @@ pub struct RoutedBuilder {
     limits: RoutedLimits,
     /// The local chain, or why it cannot be used (reported by `build`).
     chain: Option<Result<Vec<u8>, TrustError>>,
+    delivery: Option<DeliveryOptions>,
+    /// Saved inboxes to start from (spec §17.7).
+    restored: Vec<(NodeId, InboxState)>,
 }
 
 impl RoutedBuilder {
@@ -488,13 +589,49 @@ impl RoutedBuilder {
         self
     }
 
+    /// Turns on acknowledged delivery (spec §17): every message [`RoutedEndpoint::send`]
+    /// accepts reaches the peer's application exactly once, in order per channel, across
+    /// lost packets, reconnects, new end-to-end sessions and route changes, as long as this
+    /// endpoint lives. Per peer node the endpoint holds an outbox and an inbox that outlive
+    /// sessions (spec §17.1); `send` waits while the peer's window is full (backpressure) and
+    /// queues for a peer with no session until one comes; received messages are reported in
+    /// order, once, and acknowledged once committed ([`RoutedEndpoint::commit`], or
+    /// [`DeliveryOptions::auto_commit`]). The peer must use delivery too for its acks (a
+    /// peer without it sends none: the window fills and `send` waits).
+    #[must_use]
+    pub fn delivery(mut self, options: DeliveryOptions) -> Self {
+        self.delivery = Some(options);
+        self
+    }
+
+    /// With delivery: starts the inbox of `node` from saved state (spec §17.7, §17.8), e.g.
+    /// what a restarted receiver rebuilt from its sink, so that nothing it committed before
+    /// is delivered again. Invalid states are reported by [`RoutedBuilder::build`].
+    #[must_use]
+    pub fn restore_inbox(mut self, node: NodeId, state: InboxState) -> Self {
+        self.restored.push((node, state));
+        self
+    }
+
     /// Starts the endpoint's actor task on the current tokio runtime.
     ///
     /// # Errors
     /// [`Error::Trust`] if the certificate chain does not certify this node's key
-    /// (`KeyMismatch`) or is too long; [`Error::Io`] outside a tokio runtime.
+    /// (`KeyMismatch`) or is too long; [`Error::Io`] outside a tokio runtime;
+    /// [`Error::Delivery`] for a delivery configuration out of its bounds.
     pub fn build(mut self) -> Result<RoutedEndpoint, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        let mut deliveries = HashMap::new();
+        if let Some(d) = &self.delivery {
+            d.config.validate().map_err(Error::Delivery)?;
+            for (node, state) in std::mem::take(&mut self.restored) {
+                let inbox = Inbox::from_state(d.config, &state).map_err(Error::Delivery)?;
+                let mut stream = [0u8; veil_protocol::delivery::STREAM_ID_LEN];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut stream);
+                let outbox = Outbox::new(d.config, stream).map_err(Error::Delivery)?;
+                deliveries.insert(node, NodeDelivery::new(outbox, inbox));
+            }
+        }
         if let Some(chain) = self.chain.take() {
             self.config.certificate_chain = Some(chain?);
         }
@@ -512,7 +649,14 @@ impl RoutedBuilder {
         let direct = Arc::new(Mutex::new(HashMap::new()));
         let stop = CancellationToken::new();
         let trust_changes = self.authorizer.trust_state().map(crate::trust::TrustState::subscribe);
+        let commits = Arc::new(Mutex::new(HashMap::new()));
+        let commit_wake = Arc::new(Notify::new());
         let actor = Actor {
+            delivery: self.delivery,
+            deliveries,
+            direct_tx: HashMap::new(),
+            commits: Arc::clone(&commits),
+            commit_wake: Arc::clone(&commit_wake),
             clock: Clock::new(),
             config: self.config,
             configs: HashMap::new(),
@@ -554,6 +698,9 @@ impl RoutedBuilder {
                 runtime,
                 next_link: AtomicU64::new(1),
                 public_key,
+                delivery: self.delivery.is_some(),
+                commits,
+                commit_wake,
             }),
         })
     }
@@ -574,6 +721,11 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     next_link: AtomicU64,
     public_key: PublicKey,
+    /// Delivery is on: every send goes through the actor's outboxes.
+    delivery: bool,
+    /// Commits the actor has not taken yet, by node and channel (the highest id wins).
+    commits: Arc<Mutex<HashMap<(NodeId, u16), u64>>>,
+    commit_wake: Arc<Notify>,
 }
 
 impl Drop for Shared {
@@ -603,6 +755,8 @@ impl RoutedEndpoint {
             authorizer: Authorizer::default(),
             limits: RoutedLimits::default(),
             chain: None,
+            delivery: None,
+            restored: Vec::new(),
         }
     }
 
@@ -683,17 +837,72 @@ impl RoutedEndpoint {
     /// [`Error::MessageTooLarge`] when the payload does not fit one packet to the node over
     /// its current route; the direct link's outcome if it has ended;
     /// [`Error::EndpointClosed`].
+    ///
+    /// With delivery ([`RoutedBuilder::delivery`]) the message goes into the node's outbox
+    /// instead (spec §17): `send` waits while the node's window is full and returns once the
+    /// message has its id; it is sent on the node's session, now or once one comes up, and
+    /// kept until the peer acknowledges it. [`Error::NoSession`] and [`Error::NoRoute`] do not
+    /// occur then.
     pub async fn send(&self, node: &NodeId, channel: u16, payload: Bytes) -> Result<(), Error> {
-        let direct = lock(&self.inner.direct).get(node).map(|(_, c)| c.clone());
-        if let Some(link) = direct {
-            let len = payload.len();
-            link.send_on(channel, payload).await?;
-            self.inner.counters.message_out(len);
-            return Ok(());
+        if !self.inner.delivery {
+            let direct = lock(&self.inner.direct).get(node).map(|(_, c)| c.clone());
+            if let Some(link) = direct {
+                let len = payload.len();
+                link.send_on(channel, payload).await?;
+                self.inner.counters.message_out(len);
+                return Ok(());
+            }
         }
+        self.send_command(node, channel, payload, None).await.map(|_| ())
+    }
+
+    /// With delivery (spec §17.6, §17.7): as [`RoutedEndpoint::send`], and the message is
+    /// dropped from the window if the peer has not acknowledged it `ttl` after this call (a
+    /// command for a device that stays offline); it is then reported as
+    /// [`NodeEvent::Expired`]. Returns the message's id in its channel.
+    ///
+    /// # Errors
+    /// As [`RoutedEndpoint::send`]; [`Error::Delivery`] (`NoStream`) without delivery.
+    pub async fn send_with_ttl(
+        &self,
+        node: &NodeId,
+        channel: u16,
+        payload: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<u64, Error> {
+        if !self.inner.delivery {
+            return Err(Error::Delivery(DeliveryError::NoStream));
+        }
+        self.send_command(node, channel, payload, ttl).await?.ok_or(Error::Delivery(DeliveryError::NoStream))
+    }
+
+    async fn send_command(
+        &self,
+        node: &NodeId,
+        channel: u16,
+        payload: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<Option<u64>, Error> {
         let (reply, rx) = oneshot::channel();
-        self.command(Command::Send { node: *node, channel, payload, reply }).await?;
+        self.command(Command::Send { node: *node, channel, payload, ttl, reply }).await?;
         rx.await.unwrap_or(Err(Error::EndpointClosed))
+    }
+
+    /// With delivery (spec §17.7): the application holds every message of `channel` from
+    /// `node` it was given up to `through` inclusive (durably, if it needs to): the endpoint
+    /// acknowledges them, and the sender frees them. Messages not committed are not
+    /// acknowledged, so the sender keeps them. Does not wait; without delivery, or with
+    /// [`DeliveryOptions::auto_commit`], it changes nothing.
+    pub fn commit(&self, node: &NodeId, channel: u16, through: u64) {
+        if !self.inner.delivery {
+            return;
+        }
+        {
+            let mut commits = lock(&self.inner.commits);
+            let e = commits.entry((*node, channel)).or_insert(through);
+            *e = (*e).max(through);
+        }
+        self.inner.commit_wake.notify_one();
     }
 
     async fn command(&self, cmd: Command) -> Result<(), Error> {
@@ -764,8 +973,17 @@ enum Input {
 /// What the handles ask of the actor.
 #[derive(Debug)]
 enum Command {
-    Connect { remote: PublicKey, reply: oneshot::Sender<Result<NodeId, Error>> },
-    Send { node: NodeId, channel: u16, payload: Bytes, reply: oneshot::Sender<Result<(), Error>> },
+    Connect {
+        remote: PublicKey,
+        reply: oneshot::Sender<Result<NodeId, Error>>,
+    },
+    Send {
+        node: NodeId,
+        channel: u16,
+        payload: Bytes,
+        ttl: Option<Duration>,
+        reply: oneshot::Sender<Result<Option<u64>, Error>>,
+    },
 }
 
 /// Sends `input` to the actor unless the endpoint stops first.
@@ -845,11 +1063,106 @@ struct RelayLink {
     max_routed: usize,
 }
 
-/// A `send` waiting for room in its session.
+/// A `send` waiting for room in its session (or, with delivery, in its window).
 struct Parked {
     channel: u16,
     payload: Bytes,
-    reply: oneshot::Sender<Result<(), Error>>,
+    /// With delivery: when its time to live ends (spec §17.6), counted from the `send`.
+    deadline: Option<Timestamp>,
+    reply: oneshot::Sender<Result<Option<u64>, Error>>,
+}
+
+/// What a direct link's delivery writer hands to the link.
+#[derive(Debug)]
+enum DirectOut {
+    Data(u16, u64, Bytes),
+    Delivery(DeliveryMessage),
+}
+
+/// The session a node's outbox sends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeliverySession {
+    Routed,
+    Direct(LinkId),
+}
+
+/// spec §17.1: a peer's delivery state, which outlives its sessions.
+struct NodeDelivery {
+    outbox: Outbox,
+    inbox: Inbox,
+    /// Sends waiting for room in the window (spec §17.4: backpressure).
+    waiting: VecDeque<Parked>,
+    /// The session the outbox sends on, if one is up.
+    session: Option<DeliverySession>,
+    /// That session's mode.
+    mode: Mode,
+    /// Data queued in the current end-to-end session and not yet in a packet, in order.
+    queued: VecDeque<(u16, u64)>,
+    /// spec §17.9: the packet (generation, low 24 bits of the counter) that last carried each
+    /// Data, oldest first, bounded by [`DeliveryOptions::custody_memory`].
+    carried: VecDeque<(bool, u32, u16, u64)>,
+    /// An `Unreachable` was read for the node since its route was last announced.
+    unreachable: bool,
+}
+
+impl NodeDelivery {
+    fn new(outbox: Outbox, inbox: Inbox) -> Self {
+        Self {
+            outbox,
+            inbox,
+            waiting: VecDeque::new(),
+            session: None,
+            mode: Mode::Routed,
+            queued: VecDeque::new(),
+            carried: VecDeque::new(),
+            unreachable: false,
+        }
+    }
+
+    /// Nothing would be lost by dropping it: no session, nothing to send, nothing held, and
+    /// everything handed over committed (a new inbox learns where the stream stands from the
+    /// sender's `Skip` on its next session, spec §17.2).
+    fn is_idle(&self) -> bool {
+        self.session.is_none()
+            && self.waiting.is_empty()
+            && self.outbox.window_len() == 0
+            && self.inbox.held_messages() == 0
+            && self.inbox.export().channels().iter().all(|&(c, committed)| committed == self.inbox.next(c))
+    }
+}
+
+/// One direct link's delivery writer: hands the actor's outputs to the link in order.
+async fn write_direct(
+    id: LinkId,
+    link: Connection,
+    mut rx: mpsc::Receiver<DirectOut>,
+    blocked: Arc<AtomicBool>,
+    tx: mpsc::Sender<Input>,
+) {
+    while let Some(out) = rx.recv().await {
+        let r = match out {
+            DirectOut::Data(channel, id, payload) => link.send_data(channel, id, payload).await,
+            DirectOut::Delivery(m) => link.send_delivery(m).await,
+        };
+        match r {
+            Ok(()) | Err(Error::MessageTooLarge { .. }) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "direct link gone, delivery writer stops");
+                return;
+            }
+        }
+        if blocked.swap(false, Ordering::AcqRel) && tx.send(Input::Ready(id)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A retransmission that cannot go out yet (its link is stalled) is looked at again this
+/// much later at the earliest, rather than in a loop.
+const DELIVERY_RETRY: Duration = Duration::from_millis(5);
+
+fn proto_duration(d: Duration) -> veil_protocol::Duration {
+    veil_protocol::Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// What a trust check needs to run again (spec §15.8).
@@ -912,6 +1225,7 @@ enum Wake {
     Command(Option<Command>),
     Timer,
     TrustChanged,
+    Commits,
 }
 
 struct Actor {
@@ -950,6 +1264,13 @@ struct Actor {
     trust_changes: Option<watch::Receiver<u64>>,
     /// The earliest certificate expiry among the sessions' peers.
     trust_deadline: Option<Instant>,
+    /// spec §17: delivery, if on, and each peer's state.
+    delivery: Option<DeliveryOptions>,
+    deliveries: HashMap<NodeId, NodeDelivery>,
+    /// Direct links' delivery writers (with delivery only).
+    direct_tx: HashMap<LinkId, (mpsc::Sender<DirectOut>, Arc<AtomicBool>)>,
+    commits: Arc<Mutex<HashMap<(NodeId, u16), u64>>>,
+    commit_wake: Arc<Notify>,
 }
 
 impl Actor {
@@ -963,13 +1284,14 @@ impl Actor {
             let take_commands = self.parked_total < self.limits.command_queue.max(1);
             let watch_trust = self.trust_changes.is_some();
             let wake = {
-                let Self { stop, input_rx, cmd_rx, trust_changes, .. } = &mut self;
+                let Self { stop, input_rx, cmd_rx, trust_changes, commit_wake, .. } = &mut self;
                 tokio::select! {
                     () = stop.cancelled() => Wake::Stop,
                     i = input_rx.recv() => Wake::Input(i),
                     c = cmd_rx.recv(), if take_commands => Wake::Command(c),
                     () = sleep_until(timer), if timer.is_some() => Wake::Timer,
                     () = changed(trust_changes.as_mut()), if watch_trust => Wake::TrustChanged,
+                    () = commit_wake.notified() => Wake::Commits,
                 }
             };
             match wake {
@@ -978,6 +1300,7 @@ impl Actor {
                 Wake::Command(Some(c)) => self.on_command(c),
                 Wake::Timer => self.on_timer(),
                 Wake::TrustChanged => self.recheck_all(),
+                Wake::Commits => self.on_commits(),
             }
         }
         self.shutdown();
@@ -1035,7 +1358,7 @@ impl Actor {
                     self.on_relay(id, m);
                 } else if let Some((node, _)) = self.directs.get(&id) {
                     let node = *node;
-                    self.on_direct(node, m);
+                    self.on_direct(id, node, m);
                 }
             }
             Input::Down(id, error) => {
@@ -1097,6 +1420,29 @@ impl Actor {
         let node = NodeId::from_public_key(&remote_static);
         tracing::info!(%node, transport = %conn.transport(), "direct link added");
         let peer = conn.peer().cloned();
+        if self.delivery.is_some() {
+            let (tx, rx) = mpsc::channel(self.limits.link_queue.max(1));
+            let blocked = Arc::new(AtomicBool::new(false));
+            let span = tracing::debug_span!("veil_routed_direct_writer", id, link = conn.id());
+            self.runtime.spawn(tracing::Instrument::instrument(
+                write_direct(id, conn.clone(), rx, Arc::clone(&blocked), self.input_tx.clone()),
+                span,
+            ));
+            self.direct_tx.insert(id, (tx, blocked));
+            let mode = match conn.transport() {
+                Transport::Tcp => Mode::Stream,
+                Transport::Udp => Mode::Datagram,
+            };
+            let now = self.clock.now();
+            if let Some(d) = self.delivery_state(&node) {
+                // spec §17.1, §17.4 rule 2: a new connection to the peer.
+                d.outbox.on_connected(mode, now);
+                d.inbox.on_connected();
+                d.session = Some(DeliverySession::Direct(id));
+                d.mode = mode;
+                d.queued.clear();
+            }
+        }
         self.directs.insert(id, (node, conn));
         self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
         let st = self.nodes.entry(node).or_default();
@@ -1105,11 +1451,21 @@ impl Actor {
         self.release_waiters(waiters, &Ok(node));
         self.connecting.remove(&node);
         self.emit(NodeEvent::Connected { node, remote_static, direct: true, peer });
+        self.pump(&node);
     }
 
     fn direct_down(&mut self, id: LinkId, outcome: Error) {
         let Some((node, _)) = self.directs.remove(&id) else { return };
         self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
+        self.direct_tx.remove(&id);
+        if let Some(d) = self.deliveries.get_mut(&node) {
+            if d.session == Some(DeliverySession::Direct(id)) {
+                d.outbox.on_disconnected();
+                // No acknowledgement is due until a Stream on the next connection.
+                d.inbox.on_connected();
+                d.session = None;
+            }
+        }
         {
             let mut direct = lock(&self.direct);
             if direct.get(&node).is_some_and(|(l, _)| *l == id) {
@@ -1125,18 +1481,36 @@ impl Actor {
         self.emit(NodeEvent::Closed { node, direct: true, outcome });
     }
 
-    fn on_direct(&mut self, node: NodeId, m: Received) {
+    fn on_direct(&mut self, id: LinkId, node: NodeId, m: Received) {
+        // spec §17.2: delivery follows the node's newest connection; what an older direct link
+        // still brings in (its Data came before a Stream on the new one) is dropped: the
+        // sender sends it again on the new connection.
+        let stale = self.deliveries.get(&node).is_some_and(|d| d.session != Some(DeliverySession::Direct(id)));
+        if self.delivery.is_some() && stale && matches!(m, Received::Message(_) | Received::Delivery(_)) {
+            tracing::debug!(%node, link = id, "delivery traffic on an older direct link dropped");
+            return;
+        }
         match m {
             Received::Message(m) => {
                 bump(&self.counters.messages_in);
                 self.counters.bytes_in.fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+                if self.delivery.is_some() {
+                    self.on_delivery_data(node, m.channel, m.id, m.payload, Via::Direct);
+                    self.pump(&node);
+                    return;
+                }
                 self.emit(NodeEvent::Message {
                     node,
                     channel: m.channel,
                     id: m.id,
                     payload: m.payload,
                     via: Via::Direct,
+                    stream: None,
                 });
+            }
+            Received::Delivery(m) => {
+                self.on_delivery_message(node, m);
+                self.pump(&node);
             }
             Received::Routing(r) => {
                 // spec §16.7: the peer of a direct link is not accepted as a relay.
@@ -1149,7 +1523,7 @@ impl Actor {
     fn on_relay(&mut self, id: LinkId, m: Received) {
         let r = match m {
             Received::Routing(r) => r,
-            Received::Message(_) => {
+            Received::Message(_) | Received::Delivery(_) => {
                 bump(&self.counters.dropped_link_messages);
                 return;
             }
@@ -1159,9 +1533,10 @@ impl Actor {
             RoutingMessage::Withdraw { route, reason } => self.forget(id, route, reason),
             RoutingMessage::Deliver { route, packet } => self.deliver(id, route, &packet),
             RoutingMessage::Unreachable { route, reason } => self.unreachable(id, route, reason),
-            RoutingMessage::Stored { route, count, .. } => {
+            RoutingMessage::Stored { route, generation, first, count } => {
                 // spec §17.9: custody only spares retransmissions; delivery does not rely on it.
                 tracing::trace!(route, count, "custody notice");
+                self.on_stored(id, route, generation, first, count);
             }
             other => {
                 // spec §16.7: `Forward` goes to relays; this node is none.
@@ -1188,7 +1563,9 @@ impl Actor {
             }
         }
         let previous = self.best.insert(node, (id, route));
+        self.route_back(&node);
         if previous.is_some_and(|(l, _)| l == id) {
+            self.pump(&node);
             return;
         }
         if self.nodes.get(&node).is_some_and(|s| s.up) {
@@ -1222,6 +1599,7 @@ impl Actor {
         match alternative {
             Some((id, route, relay)) => {
                 self.best.insert(node, (id, route));
+                self.route_back(&node);
                 if up {
                     self.emit(NodeEvent::RouteChanged { node, relay: Some(relay) });
                 }
@@ -1229,6 +1607,11 @@ impl Actor {
             }
             None => {
                 self.best.remove(&node);
+                // spec §17.4 rule 4: what goes out now is lost; when a route comes back, what
+                // is in flight goes again at once.
+                if let Some(d) = self.deliveries.get_mut(&node) {
+                    d.unreachable = true;
+                }
                 if up {
                     self.emit(NodeEvent::RouteChanged { node, relay: None });
                 }
@@ -1242,6 +1625,9 @@ impl Actor {
             Ok(node) => {
                 bump(&self.counters.unreachable);
                 let relay = link.relay;
+                if let Some(d) = self.deliveries.get_mut(&node) {
+                    d.unreachable = true;
+                }
                 self.emit(NodeEvent::Unreachable { node, relay, reason });
             }
             Err(_) => bump(&self.counters.dropped_unknown_route),
@@ -1283,6 +1669,13 @@ impl Actor {
     }
 
     fn link_ready(&mut self, id: LinkId) {
+        if self.direct_tx.contains_key(&id) {
+            if let Some((node, _)) = self.directs.get(&id) {
+                let node = *node;
+                self.pump(&node);
+            }
+            return;
+        }
         let Some(link) = self.links.get_mut(&id) else { return };
         if let Some(msg) = link.held.take() {
             if !self.forward(id, msg) {
@@ -1332,6 +1725,7 @@ impl Actor {
 
     /// Sends what `node`'s sessions have to send on its route, then lets waiting sends in.
     fn pump(&mut self, node: &NodeId) {
+        self.delivery_pump(node);
         // Each round either sends, or lets a waiting send in: bounded by the parked sends.
         for _ in 0..=self.parked_total + 1 {
             self.transmit(node);
@@ -1349,6 +1743,9 @@ impl Actor {
             while let Ok(Some(_)) = self.demux.poll_transmit(now, node, &mut self.buf) {
                 bump(&self.counters.dropped_no_route);
             }
+            if let Some(d) = self.deliveries.get_mut(node) {
+                d.queued.clear();
+            }
             return;
         };
         let Some(link) = self.links.get_mut(&id) else { return };
@@ -1358,6 +1755,7 @@ impl Actor {
         }
         let cap = link.max_routed.min(self.buf.len());
         loop {
+            let before = self.data_sent(node);
             let n = match self.demux.poll_transmit(now, node, &mut self.buf[..cap]) {
                 Ok(Some(n)) => n,
                 Ok(None) => return,
@@ -1374,6 +1772,7 @@ impl Actor {
                     return;
                 }
             };
+            self.record_carried(node, before, n);
             let packet = Bytes::copy_from_slice(&self.buf[..n]);
             if !self.forward(id, RoutingMessage::Forward { route, packet }) {
                 if let Some(link) = self.links.get_mut(&id) {
@@ -1402,7 +1801,7 @@ impl Actor {
             match conn.send(p.channel, p.payload.clone()) {
                 Ok(_) => {
                     self.counters.message_out(len);
-                    let _ = p.reply.send(Ok(()));
+                    let _ = p.reply.send(Ok(None));
                     any = true;
                 }
                 Err(ConnectionError::QueueFull) => {
@@ -1462,6 +1861,17 @@ impl Actor {
                 self.release_waiters(waiters, &Ok(node));
                 tracing::info!(%node, "end-to-end session established");
                 self.emit(NodeEvent::Connected { node, remote_static, direct: false, peer });
+                let now = self.clock.now();
+                let direct = self.nodes.get(&node).is_some_and(|s| s.direct.is_some());
+                if let Some(d) = self.delivery_state(&node).filter(|_| !direct) {
+                    // spec §17.1, §17.4 rule 2: a new connection to the peer; the Stream and
+                    // the window go on it.
+                    d.outbox.on_connected(Mode::Routed, now);
+                    d.inbox.on_connected();
+                    d.session = Some(DeliverySession::Routed);
+                    d.mode = Mode::Routed;
+                    d.queued.clear();
+                }
             }
             Event::Message { channel, id, payload } => {
                 bump(&self.counters.messages_in);
@@ -1469,11 +1879,22 @@ impl Actor {
                 let relay = via.and_then(|l| self.links.get(&l)).map(|l| l.relay);
                 let relay = relay.or_else(|| self.nodes.get(&node).and_then(|s| s.last_relay));
                 match relay {
-                    Some(relay) => self.emit(NodeEvent::Message { node, channel, id, payload, via: Via::Relay(relay) }),
+                    Some(relay) if self.delivery.is_some() => {
+                        self.on_delivery_data(node, channel, id, payload, Via::Relay(relay));
+                    }
+                    Some(relay) => self.emit(NodeEvent::Message {
+                        node,
+                        channel,
+                        id,
+                        payload,
+                        via: Via::Relay(relay),
+                        stream: None,
+                    }),
                     // Messages come only out of packets from a relay link, so one is known.
                     None => tracing::warn!(%node, "end-to-end message without a known relay dropped"),
                 }
             }
+            Event::Delivery(m) => self.on_delivery_message(node, m),
             Event::Closed(c) => {
                 let outcome = match c.error {
                     Some(e) => Error::Protocol(e),
@@ -1484,6 +1905,14 @@ impl Actor {
                 match slot {
                     Slot::Current if st.up => {
                         st.up = false;
+                        if let Some(d) = self.deliveries.get_mut(&node) {
+                            if d.session == Some(DeliverySession::Routed) {
+                                d.outbox.on_disconnected();
+                                // No acknowledgement is due until a Stream on the next session.
+                                d.inbox.on_connected();
+                                d.session = None;
+                            }
+                        }
                         self.counters.sessions.fetch_sub(1, Ordering::Relaxed);
                         let parked = std::mem::take(&mut st.parked);
                         self.parked_total -= parked.len();
@@ -1526,6 +1955,9 @@ impl Actor {
             }
             Event::Unsent { channel, id, len } => {
                 tracing::warn!(%node, channel, id, len, "message larger than the peer's packet limit dropped unsent");
+                if let Some(d) = self.deliveries.get_mut(&node) {
+                    d.queued.retain(|&(c, i)| (c, i) != (channel, id));
+                }
             }
             _ => {}
         }
@@ -1630,7 +2062,13 @@ impl Actor {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Connect { remote, reply } => self.on_connect(remote, reply),
-            Command::Send { node, channel, payload, reply } => self.on_send(node, channel, payload, reply),
+            Command::Send { node, channel, payload, ttl, reply } => {
+                if self.delivery.is_some() {
+                    self.on_send_delivery(node, channel, payload, ttl, reply);
+                } else {
+                    self.on_send(node, channel, payload, reply);
+                }
+            }
         }
     }
 
@@ -1667,7 +2105,13 @@ impl Actor {
         }
     }
 
-    fn on_send(&mut self, node: NodeId, channel: u16, payload: Bytes, reply: oneshot::Sender<Result<(), Error>>) {
+    fn on_send(
+        &mut self,
+        node: NodeId,
+        channel: u16,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Option<u64>, Error>>,
+    ) {
         let direct = self.nodes.get(&node).and_then(|s| s.direct).and_then(|id| self.directs.get(&id));
         if let Some((_, link)) = direct {
             // The handle found no direct link a moment ago; one came since.
@@ -1678,7 +2122,7 @@ impl Actor {
                 if r.is_ok() {
                     counters.message_out(len);
                 }
-                let _ = reply.send(r);
+                let _ = reply.send(r.map(|()| None));
             });
             return;
         }
@@ -1703,7 +2147,7 @@ impl Actor {
             match conn.send(channel, payload.clone()) {
                 Ok(_) => {
                     self.counters.message_out(len);
-                    let _ = reply.send(Ok(()));
+                    let _ = reply.send(Ok(None));
                     self.pump(&node);
                     return;
                 }
@@ -1719,9 +2163,372 @@ impl Actor {
             }
         }
         // The session's queue is full (its link is slow): the send waits its turn.
-        st.parked.push_back(Parked { channel, payload, reply });
+        st.parked.push_back(Parked { channel, payload, deadline: None, reply });
         self.parked_total += 1;
         bump(&self.counters.sends_waited);
+    }
+
+    // -------------------------------------------------------------------------------
+    // Delivery (spec §17)
+
+    /// The node's delivery state, created if there is room (spec §17.1: a new stream id from
+    /// the OS's CSPRNG). `None` without delivery, or at [`DeliveryOptions::max_peers`] with no
+    /// idle state to drop.
+    fn delivery_state(&mut self, node: &NodeId) -> Option<&mut NodeDelivery> {
+        let opts = self.delivery?;
+        if !self.deliveries.contains_key(node) {
+            if self.deliveries.len() >= opts.max_peers.max(1) {
+                let idle = self.deliveries.iter().find(|(_, d)| d.is_idle()).map(|(n, _)| *n);
+                let Some(idle) = idle else {
+                    tracing::debug!(%node, "no room for the delivery state of another peer");
+                    return None;
+                };
+                self.deliveries.remove(&idle);
+            }
+            let mut stream = [0u8; veil_protocol::delivery::STREAM_ID_LEN];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut stream);
+            // Invariant: the configuration was validated by `build`.
+            let (Ok(outbox), Ok(inbox)) = (Outbox::new(opts.config, stream), Inbox::new(opts.config)) else {
+                return None;
+            };
+            self.deliveries.insert(*node, NodeDelivery::new(outbox, inbox));
+        }
+        self.deliveries.get_mut(node)
+    }
+
+    /// The largest payload one message to `node` can carry now.
+    fn delivery_max_payload(&self, node: &NodeId) -> usize {
+        let direct = self.nodes.get(node).and_then(|s| s.direct).and_then(|id| self.directs.get(&id));
+        if let Some((_, link)) = direct {
+            return link.max_message_len();
+        }
+        let cap = self.best.get(node).and_then(|(id, _)| self.links.get(id)).map(|l| l.max_routed);
+        let cap = cap.unwrap_or(self.limits.max_routed_packet).saturating_sub(ROUTED_DATA_OVERHEAD);
+        let session = self
+            .demux
+            .connection(node, Slot::Current)
+            .filter(|c| c.is_connected())
+            .map_or(usize::MAX, veil_protocol::Connection::max_message_payload);
+        cap.min(session)
+    }
+
+    /// spec §17.4: a send goes into the node's outbox, or waits for room in its window.
+    fn on_send_delivery(
+        &mut self,
+        node: NodeId,
+        channel: u16,
+        payload: Bytes,
+        ttl: Option<Duration>,
+        reply: oneshot::Sender<Result<Option<u64>, Error>>,
+    ) {
+        let max = self.delivery_max_payload(&node);
+        if payload.len() > max {
+            let _ = reply.send(Err(Error::MessageTooLarge { len: payload.len(), max }));
+            return;
+        }
+        let now = self.clock.now();
+        let deadline = ttl.map(|t| now + proto_duration(t));
+        let counters = Arc::clone(&self.counters);
+        let Some(d) = self.delivery_state(&node) else {
+            let _ = reply.send(Err(Error::TooManyConnections));
+            return;
+        };
+        if d.waiting.is_empty() {
+            let len = payload.len();
+            match d.outbox.push(channel, payload.clone(), now, ttl.map(proto_duration)) {
+                Ok(id) => {
+                    counters.message_out(len);
+                    let _ = reply.send(Ok(Some(id)));
+                    self.pump(&node);
+                    return;
+                }
+                Err(DeliveryError::WindowFull) => {}
+                Err(e) => {
+                    let _ = reply.send(Err(Error::Delivery(e)));
+                    return;
+                }
+            }
+        }
+        // spec §17.4: the window is full; the send waits for acknowledgements.
+        d.waiting.push_back(Parked { channel, payload, deadline, reply });
+        self.parked_total += 1;
+        bump(&counters.window_waits);
+    }
+
+    /// Everything the node's delivery state has to do now: expiry, waiting sends, acks and
+    /// transmissions on its session. Runs at the start of every `pump`.
+    fn delivery_pump(&mut self, node: &NodeId) {
+        if self.delivery.is_none() {
+            return;
+        }
+        let now = self.clock.now();
+        let Some(d) = self.deliveries.get_mut(node) else { return };
+        let retransmitted = d.outbox.stats().retransmitted;
+        // spec §17.6: what ran out of time is dropped and reported; a Skip tells the peer.
+        for e in d.outbox.expire(now) {
+            bump(&self.counters.expired);
+            self.out.push_back(NodeEvent::Expired {
+                node: *node,
+                channel: e.channel,
+                id: e.id,
+                payload: e.payload,
+                unconfirmed: e.unconfirmed,
+            });
+        }
+        // spec §17.4: waiting sends take the room acknowledgements made.
+        while let Some(p) = d.waiting.front() {
+            if p.reply.is_closed() {
+                d.waiting.pop_front();
+                self.parked_total -= 1;
+                continue;
+            }
+            let ttl = p.deadline.map(|t| t.saturating_since(now));
+            match d.outbox.push(p.channel, p.payload.clone(), now, ttl) {
+                Err(DeliveryError::WindowFull) => break,
+                r => {
+                    let len = p.payload.len();
+                    if let Some(p) = d.waiting.pop_front() {
+                        self.parked_total -= 1;
+                        if r.is_ok() {
+                            self.counters.message_out(len);
+                        }
+                        let _ = p.reply.send(r.map(Some).map_err(Error::Delivery));
+                    }
+                }
+            }
+        }
+        match d.session {
+            Some(DeliverySession::Routed) => {
+                let conn = self.demux.connection_mut(node, Slot::Current).filter(|c| c.is_connected());
+                if let Some(conn) = conn {
+                    while let Some(ack) = d.inbox.poll_ack(now) {
+                        let _ = conn.send_delivery(DeliveryMessage::Ack(ack));
+                    }
+                    let limit = self.config.limits.send_queue_bytes;
+                    loop {
+                        let queued = conn.queued_bytes();
+                        let budget = if queued == 0 { usize::MAX } else { limit.saturating_sub(queued) };
+                        let Some(out) = d.outbox.poll_transmit(now, budget) else { break };
+                        match out {
+                            DeliveryOutput::Data { channel, id, payload } => {
+                                match conn.send_data(channel, id, payload) {
+                                    Ok(()) => d.queued.push_back((channel, id)),
+                                    // Lost like a packet; retransmitted at its timeout.
+                                    Err(e) => {
+                                        tracing::debug!(%node, channel, id, error = %e, "delivery data not queued")
+                                    }
+                                }
+                            }
+                            DeliveryOutput::Message(m) => {
+                                let _ = conn.send_delivery(m);
+                            }
+                        }
+                    }
+                }
+            }
+            Some(DeliverySession::Direct(link)) => {
+                if let Some((tx, blocked)) = self.direct_tx.get(&link) {
+                    loop {
+                        if tx.capacity() == 0 {
+                            // The writer reports `Ready` once it has room; look again in
+                            // case it drained meanwhile.
+                            blocked.store(true, Ordering::Release);
+                            if tx.capacity() == 0 {
+                                break;
+                            }
+                        }
+                        let out = match d.inbox.poll_ack(now) {
+                            Some(ack) => DirectOut::Delivery(DeliveryMessage::Ack(ack)),
+                            None => match d.outbox.poll_transmit(now, usize::MAX) {
+                                Some(DeliveryOutput::Data { channel, id, payload }) => {
+                                    DirectOut::Data(channel, id, payload)
+                                }
+                                Some(DeliveryOutput::Message(m)) => DirectOut::Delivery(m),
+                                None => break,
+                            },
+                        };
+                        if tx.try_send(out).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        let again = d.outbox.stats().retransmitted - retransmitted;
+        self.counters.retransmissions.fetch_add(again, Ordering::Relaxed);
+        self.counters.window_peak.fetch_max(d.outbox.window_len(), Ordering::Relaxed);
+    }
+
+    /// spec §17.5: a Data message from `node`, through its inbox. Messages come out in
+    /// order, each once.
+    fn on_delivery_data(&mut self, node: NodeId, channel: u16, id: u64, payload: Bytes, via: Via) {
+        let Some(opts) = self.delivery else { return };
+        let now = self.clock.now();
+        // The state is made when the session comes up; without one (no room then), the Data
+        // is not taken and its sender keeps it.
+        let Some(d) = self.deliveries.get_mut(&node) else {
+            tracing::debug!(%node, channel, id, "no delivery state for the node, Data dropped");
+            return;
+        };
+        match d.inbox.on_data(channel, id, payload.clone(), d.mode, now) {
+            Ok(DataOutcome::Dropped(DeliveryError::NoStream)) => {
+                // spec §17: a sender without delivery; best effort, as without it.
+                self.out.push_back(NodeEvent::Message { node, channel, id, payload, via, stream: None });
+                return;
+            }
+            Ok(DataOutcome::Duplicate) => bump(&self.counters.duplicates_dropped),
+            Ok(_) => {}
+            Err(e) => {
+                // spec §17.5: in stream mode the sender broke §17.4.
+                tracing::info!(%node, channel, id, error = %e, "delivery violation, closing");
+                self.close_delivery_session(&node, CloseReason::ProtocolViolation);
+                return;
+            }
+        }
+        self.hand_over(&node, via, opts.auto_commit, now);
+    }
+
+    /// Hands what the node's inbox released to the application, in order.
+    fn hand_over(&mut self, node: &NodeId, via: Via, auto_commit: bool, now: Timestamp) {
+        let Some(d) = self.deliveries.get_mut(node) else { return };
+        let stream = d.inbox.stream();
+        while let Some((channel, id, payload)) = d.inbox.poll_deliver() {
+            self.out.push_back(NodeEvent::Message { node: *node, channel, id, payload, via, stream });
+            if auto_commit {
+                d.inbox.commit(channel, id, now);
+            }
+        }
+    }
+
+    /// Closes the session the node's delivery state uses (a broken peer, spec §9.3).
+    fn close_delivery_session(&mut self, node: &NodeId, reason: CloseReason) {
+        let now = self.clock.now();
+        match self.deliveries.get(node).and_then(|d| d.session) {
+            Some(DeliverySession::Routed) => {
+                if let Some(c) = self.demux.connection_mut(node, Slot::Current) {
+                    c.close(now, reason);
+                }
+            }
+            Some(DeliverySession::Direct(id)) => {
+                if let Some((_, link)) = self.directs.get(&id) {
+                    let link = link.clone();
+                    self.runtime.spawn(async move {
+                        let _ = link.close(reason).await;
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// spec §17.2, §17.3, §17.6: a `Stream`, `Skip` or `Ack` from `node`.
+    fn on_delivery_message(&mut self, node: NodeId, m: DeliveryMessage) {
+        let Some(opts) = self.delivery else {
+            tracing::trace!(%node, "delivery message ignored: delivery is off");
+            return;
+        };
+        let now = self.clock.now();
+        let via = match self.deliveries.get(&node).and_then(|d| d.session) {
+            Some(DeliverySession::Direct(_)) => Via::Direct,
+            _ => match self.nodes.get(&node).and_then(|s| s.last_relay) {
+                Some(r) => Via::Relay(r),
+                None => Via::Direct,
+            },
+        };
+        let Some(d) = self.deliveries.get_mut(&node) else { return };
+        match m {
+            DeliveryMessage::Stream { stream } => {
+                let reset = d.inbox.on_stream(stream, now);
+                tracing::debug!(%node, reset, "delivery stream read");
+            }
+            DeliveryMessage::Skip { channel, next } => {
+                d.inbox.on_skip(channel, next, now);
+                self.hand_over(&node, via, opts.auto_commit, now);
+            }
+            DeliveryMessage::Ack(ack) => {
+                if let Err(e) = d.outbox.on_ack(&ack, now) {
+                    tracing::info!(%node, error = %e, "delivery violation, closing");
+                    self.close_delivery_session(&node, CloseReason::ProtocolViolation);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Data messages sealed so far by the node's current session.
+    fn data_sent(&self, node: &NodeId) -> u64 {
+        if !self.deliveries.contains_key(node) {
+            return 0;
+        }
+        self.demux.connection(node, Slot::Current).map_or(0, |c| c.stats().messages_sent)
+    }
+
+    /// spec §17.9: remembers which packet carried the Data the session just sealed (they
+    /// leave in the order they were queued).
+    fn record_carried(&mut self, node: &NodeId, before: u64, len: usize) {
+        let after = self.data_sent(node);
+        let Some(opts) = self.delivery else { return };
+        let Some(d) = self.deliveries.get_mut(node) else { return };
+        let packet = &self.buf[..len];
+        let header = match packet {
+            [t, a, b, c, ..] if t & !wire::FLAG_GENERATION == wire::TYPE_TRANSPORT => {
+                Some((t & wire::FLAG_GENERATION != 0, u32::from_be_bytes([0, *a, *b, *c])))
+            }
+            _ => None,
+        };
+        for _ in before..after {
+            let Some((channel, id)) = d.queued.pop_front() else { break };
+            if let Some((generation, counter)) = header {
+                if d.carried.len() >= opts.custody_memory {
+                    d.carried.pop_front();
+                }
+                d.carried.push_back((generation, counter, channel, id));
+            }
+        }
+    }
+
+    /// spec §17.9: a relay holds some of our packets in its spool: the Data they carried is
+    /// in custody (not retransmitted for a while; never freed by it).
+    fn on_stored(&mut self, link: LinkId, route: u32, generation: u8, first: u32, count: u32) {
+        let Some(node) = self.links.get(&link).and_then(|l| l.routes.resolve(route).ok()) else {
+            bump(&self.counters.dropped_unknown_route);
+            return;
+        };
+        let now = self.clock.now();
+        let Some(d) = self.deliveries.get_mut(&node) else { return };
+        let mut n = 0;
+        for &(g, counter, channel, id) in &d.carried {
+            let offset = counter.wrapping_sub(first) & 0x00ff_ffff;
+            if g == (generation == 1) && offset < count {
+                n += d.outbox.on_custody(channel, id..id + 1, now);
+            }
+        }
+        self.counters.custody.fetch_add(n as u64, Ordering::Relaxed);
+        self.pump(&node);
+    }
+
+    /// spec §17.4 rule 4: the route to a node came back after an `Unreachable`: what is in
+    /// flight goes again at once.
+    fn route_back(&mut self, node: &NodeId) {
+        let now = self.clock.now();
+        if let Some(d) = self.deliveries.get_mut(node) {
+            if std::mem::take(&mut d.unreachable) {
+                d.outbox.on_route_back(now);
+            }
+        }
+    }
+
+    /// spec §17.7: the application's commits; acknowledgements follow.
+    fn on_commits(&mut self) {
+        let commits = std::mem::take(&mut *lock(&self.commits));
+        let now = self.clock.now();
+        for ((node, channel), through) in commits {
+            if let Some(d) = self.deliveries.get_mut(&node) {
+                d.inbox.commit(channel, through, now);
+                self.pump(&node);
+            }
+        }
     }
 
     fn on_timer(&mut self) {
@@ -1784,9 +2591,30 @@ impl Actor {
     /// Files the node's next session timer, and forgets what is kept for a node that has
     /// nothing going on. Runs after everything that touches a node's sessions.
     fn gc(&mut self, node: &NodeId) {
+        let now = self.clock.now();
+        // A node whose link is full is pumped again when it drains ([`Input::Ready`]): what
+        // is due already waits for that, not for a timer.
+        let stalled = match self.deliveries.get(node).and_then(|d| d.session) {
+            Some(DeliverySession::Routed) => {
+                self.best.get(node).and_then(|(id, _)| self.links.get(id)).is_some_and(|l| l.held.is_some())
+            }
+            Some(DeliverySession::Direct(id)) => self.direct_tx.get(&id).is_some_and(|(tx, _)| tx.capacity() == 0),
+            None => false,
+        };
+        let delivery = self.deliveries.get(node).and_then(|d| {
+            // A due time that could not be served otherwise is looked at again a little
+            // later, not in a loop.
+            [d.outbox.poll_timeout(), d.inbox.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .filter(|t| !stalled || *t > now)
+                .min()
+                .map(|t| t.max(now + proto_duration(DELIVERY_RETRY)))
+        });
         let next = [Slot::Current, Slot::Candidate]
             .into_iter()
             .filter_map(|s| self.demux.connection(node, s).and_then(veil_protocol::Connection::poll_timeout))
+            .chain(delivery)
             .min();
         let armed = self.armed.get(node).copied();
         if armed != next {
@@ -1828,6 +2656,12 @@ impl Actor {
                 let _ = p.reply.send(Err(Error::EndpointClosed));
             }
         }
+        for d in self.deliveries.values_mut() {
+            for p in d.waiting.drain(..) {
+                let _ = p.reply.send(Err(Error::EndpointClosed));
+            }
+        }
+        self.direct_tx.clear();
         for (_, (_, link)) in self.directs.drain() {
             self.runtime.spawn(async move {
                 let _ = link.close(CloseReason::ShuttingDown).await;

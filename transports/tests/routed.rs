@@ -209,7 +209,7 @@ impl Node {
     /// The next data message, its channel, id, payload and path.
     async fn message(&mut self) -> (NodeId, u16, u64, Bytes, Via) {
         match self.until("message", |e| matches!(e, NodeEvent::Message { .. })).await {
-            NodeEvent::Message { node, channel, id, payload, via } => (node, channel, id, payload, via),
+            NodeEvent::Message { node, channel, id, payload, via, .. } => (node, channel, id, payload, via),
             _ => unreachable!("matched above"),
         }
     }

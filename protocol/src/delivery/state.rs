@@ -247,6 +247,19 @@ impl OutboxState {
 }
 
 impl InboxState {
+    /// A saved inbox built by the application (spec §17.7): an application that rebuilds
+    /// from its own sink what it committed, rather than saving [`Inbox::export`], names the
+    /// stream it followed and the committed next id of each channel.
+    ///
+    /// # Errors
+    /// [`DeliveryError::State`]: a channel named twice.
+    pub fn new(stream: StreamId, mut channels: Vec<(u16, u64)>) -> Result<Self, DeliveryError> {
+        channels.sort_unstable_by_key(|c| c.0);
+        let state = Self { stream: Some(stream), channels };
+        state.check()?;
+        Ok(state)
+    }
+
     /// The stream followed.
     #[must_use]
     pub const fn stream(&self) -> Option<StreamId> {
@@ -483,5 +496,19 @@ mod tests {
         let bad = InboxState { stream: Some([0; 8]), channels: alloc::vec![(1, 0), (1, 5)] };
         assert!(InboxState::from_bytes(&bad.to_bytes()).is_err());
         assert!(InboxState::from_bytes(&[]).is_err());
+    }
+
+    #[test]
+    fn an_inbox_state_rebuilt_by_the_application_resumes_where_it_says() {
+        let state = InboxState::new([4; 8], alloc::vec![(9, 3), (2, 7)]).unwrap();
+        assert_eq!(state.channels(), [(2, 7), (9, 3)], "sorted by channel");
+        assert_eq!(state.stream(), Some([4; 8]));
+        assert!(InboxState::new([4; 8], alloc::vec![(1, 0), (1, 5)]).is_err(), "a channel twice");
+        let mut i = Inbox::from_state(DeliveryConfig::default(), &state).unwrap();
+        i.on_connected();
+        assert!(!i.on_stream([4; 8], T0), "the same stream goes on");
+        assert_eq!(i.on_data(2, 6, Bytes::from_static(b"old"), Mode::Routed, T0), Ok(DataOutcome::Duplicate));
+        assert_eq!(i.on_data(2, 7, Bytes::from_static(b"new"), Mode::Routed, T0), Ok(DataOutcome::Delivered));
+        assert_eq!(i.poll_deliver(), Some((2, 7, Bytes::from_static(b"new"))));
     }
 }

@@ -339,7 +339,7 @@ fn write_cloud_config(net: &Net, tcp: SocketAddr, udp: SocketAddr, metrics: Sock
         "role = \"cloud\"\n\n[node]\nkey = {key}\ncertificate = {cert}\n\n\
          [trust]\nmode = \"ca\"\nca = {ca}\ncrl = {crl}\n\n\
          [listen]\ntcp = \"{tcp}\"\nudp = \"{udp}\"\n\n\
-         [sink]\nkind = \"file\"\npath = {sink}\n\n[control]\nsocket = {control}\n\n\
+         [sink]\nkind = \"file\"\npath = {sink}\n\n[control]\nsocket = {control}\ncommand_ttl_secs = {COMMAND_TTL_SECS}\n\n\
          [metrics]\nlisten = \"{metrics}\"\n",
         key = toml_path(&d.join("cloud.key")),
         cert = toml_path(&d.join("cloud.cert")),
@@ -651,6 +651,8 @@ pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 pub struct SinkLine {
     /// The sender's node id (hex).
     pub device: String,
+    /// The sender's delivery stream (hex), if it used delivery (spec §17.2).
+    pub stream: Option<String>,
     /// Channel.
     pub channel: u16,
     /// The sender's id for the message.
@@ -663,17 +665,17 @@ pub struct SinkLine {
     pub payload: Vec<u8>,
 }
 
-/// The complete lines of a sink file (a line still being written is skipped).
+/// The complete message lines of a sink file (a line still being written is skipped, and
+/// so is a line a SIGKILL cut short, which the restarted cloud ended with a newline).
 #[must_use]
 pub fn read_sink(path: &Path) -> Vec<SinkLine> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l.trim_end()).unwrap();
+    sink_records(path, "message")
+        .into_iter()
+        .map(|v| {
             let s = |k: &str| v[k].as_str().map(str::to_owned);
             SinkLine {
                 device: s("device").unwrap(),
+                stream: s("stream"),
                 channel: u16::try_from(v["channel"].as_u64().unwrap()).unwrap(),
                 id: v["id"].as_u64().unwrap(),
                 via: s("via").unwrap(),
@@ -683,6 +685,20 @@ pub fn read_sink(path: &Path) -> Vec<SinkLine> {
         })
         .collect()
 }
+
+/// The complete records of kind `record` (`"message"`, `"command"`) of a sink file.
+#[must_use]
+pub fn sink_records(path: &Path, record: &str) -> Vec<serde_json::Value> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim_end()).ok())
+        .filter(|v| v["record"] == record)
+        .collect()
+}
+
+/// `control.command_ttl_secs` of the test clouds.
+pub const COMMAND_TTL_SECS: u64 = 5;
 
 // ---------------------------------------------------------------------------------------
 // Devices
