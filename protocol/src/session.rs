@@ -90,7 +90,7 @@ struct RecvHalf {
     previous: Option<Box<PreviousEpoch>>,
     /// Stream mode: the next expected counter.
     expected: u64,
-    /// Datagram mode: the replay window (spec §8). Boxed: 1 KiB, absent in stream mode.
+    /// Datagram mode: the replay window (spec §8). Boxed: absent in stream mode.
     window: Option<Box<ReplayWindow>>,
 }
 
@@ -257,13 +257,19 @@ impl Session {
         self.recv.previous.as_ref().map(|p| p.until)
     }
 
-    /// Drops cipher state expanded from the keys (AES-GCM key schedules), for a connection
-    /// that has gone idle; the next packet expands it again. Changes nothing but memory.
+    /// Drops cipher state expanded from the keys (AES-GCM key schedules) and replay bitmaps
+    /// that a run of counters describes as well ([`ReplayWindow::compact`]), for a connection
+    /// that has gone idle; the next packet expands what it needs again. Changes nothing but
+    /// memory.
     pub fn release_idle_memory(&mut self) {
         self.send.key.key.release();
         self.recv.key.key.release();
+        if let Some(w) = self.recv.window.as_deref_mut() {
+            w.compact();
+        }
         if let Some(p) = &mut self.recv.previous {
             p.key.key.release();
+            p.window.compact();
         }
     }
 
