@@ -608,8 +608,9 @@ impl Connection {
     }
 
     /// Releases the storage of internal queues that are empty (events, packets and messages
-    /// waiting to be sent) and the sessions' expanded cipher state (AES-GCM key schedules;
-    /// the raw keys stay), for a connection that has gone idle: a driver holding many idle
+    /// waiting to be sent), the sessions' expanded cipher state (AES-GCM key schedules; the raw
+    /// keys stay) and replay bitmaps a run of counters describes as well (datagram mode; see
+    /// [`Session::release_idle_memory`]), for a connection that has gone idle: a driver holding many idle
     /// connections calls it after the handshake and from time to time. Changes nothing but
     /// memory; the queues grow again when used.
     pub fn release_idle_memory(&mut self) {
