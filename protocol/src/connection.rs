@@ -608,7 +608,9 @@ impl Connection {
     }
 
     /// Releases the storage of internal queues that are empty (events, packets and messages
-    /// waiting to be sent), for a connection that has gone idle: a driver holding many idle
+    /// waiting to be sent), the sessions' expanded cipher state (AES-GCM key schedules; the raw
+    /// keys stay) and replay bitmaps a run of counters describes as well (datagram mode; see
+    /// [`Session::release_idle_memory`]), for a connection that has gone idle: a driver holding many idle
     /// connections calls it after the handshake and from time to time. Changes nothing but
     /// memory; the queues grow again when used.
     pub fn release_idle_memory(&mut self) {
@@ -621,6 +623,15 @@ impl Connection {
         release(&mut self.control);
         release(&mut self.priority);
         release(&mut self.queue);
+        if let Phase::Established(est) = &mut self.phase {
+            est.current.release_idle_memory();
+            if let Some((s, _)) = &mut est.previous {
+                s.release_idle_memory();
+            }
+            if let Some(p) = &mut est.pending {
+                p.0.release_idle_memory();
+            }
+        }
     }
 
     /// When [`Connection::handle_timeout`] must be called next, if ever.

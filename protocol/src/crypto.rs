@@ -145,12 +145,22 @@ fn nonce_bytes(suite: Suite, n: u64) -> [u8; 12] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OpenError;
 
-/// An AEAD keyed for one direction and epoch, sealing and opening in place.
+/// An AEAD keyed for one direction and epoch, sealing and opening in place: the expanded
+/// cipher state, built from a [`CipherKey`] when it is about to be used.
+///
+/// One backend per build: ring (feature `ring`) or RustCrypto, whose cipher objects zeroize
+/// their key material on drop (the `zeroize` features enabled in `Cargo.toml`); ring's keys
+/// offer no zeroization.
+// Never stored inline: built on the stack for one operation, or boxed whole while in use
+// (`TransportKey`); boxing the AES variant as well would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Aead {
     #[cfg(feature = "ring")]
-    Ring(Box<ring::aead::LessSafeKey>),
-    ChaCha(Box<chacha20poly1305::ChaCha20Poly1305>),
-    AesGcm(Box<aes_gcm::Aes256Gcm>),
+    Ring(ring::aead::LessSafeKey),
+    #[cfg(not(feature = "ring"))]
+    ChaCha(chacha20poly1305::ChaCha20Poly1305),
+    #[cfg(not(feature = "ring"))]
+    AesGcm(aes_gcm::Aes256Gcm),
 }
 
 impl fmt::Debug for Aead {
@@ -160,24 +170,24 @@ impl fmt::Debug for Aead {
 }
 
 impl Aead {
-    pub(crate) fn new(suite: Suite, key: &CipherKey) -> Self {
+    /// The cipher for `suite` keyed with `key`. `None` only if ring refused the key, which it
+    /// does not for 32-byte keys: callers treat it as a failed operation.
+    pub(crate) fn new(suite: Suite, key: &CipherKey) -> Option<Self> {
         #[cfg(feature = "ring")]
         {
             let alg = match suite {
                 Suite::ChaChaPolyBlake2s => &ring::aead::CHACHA20_POLY1305,
                 Suite::AesGcmSha256 => &ring::aead::AES_256_GCM,
             };
-            // Invariant: both algorithms take 32-byte keys, so construction cannot fail.
-            if let Ok(k) = ring::aead::UnboundKey::new(alg, &key.0) {
-                return Self::Ring(Box::new(ring::aead::LessSafeKey::new(k)));
-            }
+            ring::aead::UnboundKey::new(alg, &key.0).ok().map(|k| Self::Ring(ring::aead::LessSafeKey::new(k)))
         }
-        use aes_gcm::KeyInit;
-        match suite {
-            Suite::ChaChaPolyBlake2s => {
-                Self::ChaCha(Box::new(chacha20poly1305::ChaCha20Poly1305::new((&key.0).into())))
-            }
-            Suite::AesGcmSha256 => Self::AesGcm(Box::new(aes_gcm::Aes256Gcm::new((&key.0).into()))),
+        #[cfg(not(feature = "ring"))]
+        {
+            use aes_gcm::KeyInit;
+            Some(match suite {
+                Suite::ChaChaPolyBlake2s => Self::ChaCha(chacha20poly1305::ChaCha20Poly1305::new((&key.0).into())),
+                Suite::AesGcmSha256 => Self::AesGcm(aes_gcm::Aes256Gcm::new((&key.0).into())),
+            })
         }
     }
 
@@ -194,12 +204,14 @@ impl Aead {
                     tag.copy_from_slice(t.as_ref());
                 }
             }
+            #[cfg(not(feature = "ring"))]
             Self::ChaCha(c) => {
                 use chacha20poly1305::AeadInPlace;
                 if let Ok(t) = c.encrypt_in_place_detached((&nonce).into(), ad, buf) {
                     tag.copy_from_slice(&t);
                 }
             }
+            #[cfg(not(feature = "ring"))]
             Self::AesGcm(c) => {
                 use aes_gcm::AeadInPlace;
                 if let Ok(t) = c.encrypt_in_place_detached((&nonce).into(), ad, buf) {
@@ -214,7 +226,9 @@ impl Aead {
     /// `buf.len() - TAG_LEN` bytes hold the plaintext. On failure the contents of `buf`
     /// are unspecified; the caller must discard them.
     pub(crate) fn open(&self, suite: Suite, counter: u64, ad: &[u8], buf: &mut [u8]) -> Result<(), OpenError> {
-        let ct_len = buf.len().checked_sub(TAG_LEN).ok_or(OpenError)?;
+        if buf.len() < TAG_LEN {
+            return Err(OpenError);
+        }
         let nonce = nonce_bytes(suite, counter);
         match self {
             #[cfg(feature = "ring")]
@@ -222,14 +236,16 @@ impl Aead {
                 let n = ring::aead::Nonce::assume_unique_for_key(nonce);
                 k.open_in_place(n, ring::aead::Aad::from(ad), buf).map(|_| ()).map_err(|_| OpenError)
             }
+            #[cfg(not(feature = "ring"))]
             Self::ChaCha(c) => {
                 use chacha20poly1305::AeadInPlace;
-                let (ct, tag) = buf.split_at_mut(ct_len);
+                let (ct, tag) = buf.split_at_mut(buf.len() - TAG_LEN);
                 c.decrypt_in_place_detached((&nonce).into(), ad, ct, (&*tag).into()).map_err(|_| OpenError)
             }
+            #[cfg(not(feature = "ring"))]
             Self::AesGcm(c) => {
                 use aes_gcm::AeadInPlace;
-                let (ct, tag) = buf.split_at_mut(ct_len);
+                let (ct, tag) = buf.split_at_mut(buf.len() - TAG_LEN);
                 c.decrypt_in_place_detached((&nonce).into(), ad, ct, (&*tag).into()).map_err(|_| OpenError)
             }
         }
@@ -237,18 +253,79 @@ impl Aead {
 }
 
 /// Noise `REKEY(k)` (Noise §4.2): the first 32 bytes of `ENCRYPT(k, 2^64-1, "", zeros)`.
-#[cfg(test)]
 pub(crate) fn rekey(suite: Suite, key: &CipherKey) -> CipherKey {
     let mut next = CipherKey([0u8; KEY_LEN]);
-    let _tag = Aead::new(suite, key).seal(suite, u64::MAX, &[], &mut next.0);
+    if let Some(aead) = Aead::new(suite, key) {
+        let _tag = aead.seal(suite, u64::MAX, &[], &mut next.0);
+    }
     next
 }
 
-/// Noise `REKEY` applied to a keyed AEAD, giving the next epoch's AEAD (spec §6.1).
-pub(crate) fn rekey_aead(suite: Suite, aead: &Aead) -> Aead {
-    let mut next = CipherKey([0u8; KEY_LEN]);
-    let _tag = aead.seal(suite, u64::MAX, &[], &mut next.0);
-    Aead::new(suite, &next)
+/// A transport key for one direction and epoch (spec §6.1), held as its raw 32 bytes
+/// (zeroized on drop) rather than as an expanded cipher object: an idle connection holds
+/// two of these, not two expanded AEADs of ≈ 0.5–1 KiB each (spec §13).
+///
+/// ChaCha20-Poly1305 has no key schedule: its cipher object is built on the stack for each
+/// operation and dropped right after it. AES-256-GCM's key schedule and GHASH key cost more
+/// than sealing a small packet, so its expanded state is built on first use and kept while
+/// the connection is busy; [`TransportKey::release`] drops it once the connection goes idle.
+pub(crate) struct TransportKey {
+    key: CipherKey,
+    /// AES-GCM only: the expanded cipher, while in use. Boxed: absent when idle.
+    expanded: Option<Box<Aead>>,
+}
+
+impl fmt::Debug for TransportKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportKey").field("expanded", &self.expanded.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl TransportKey {
+    pub(crate) fn new(key: CipherKey) -> Self {
+        Self { key, expanded: None }
+    }
+
+    /// Runs `f` with the cipher for `suite`: ChaCha20-Poly1305 built for this call only and
+    /// dropped after it, AES-GCM expanded once and kept until [`TransportKey::release`].
+    fn with_aead<R>(&mut self, suite: Suite, f: impl FnOnce(&Aead) -> R) -> Option<R> {
+        match suite {
+            Suite::ChaChaPolyBlake2s => Aead::new(suite, &self.key).map(|a| f(&a)),
+            Suite::AesGcmSha256 => {
+                if self.expanded.is_none() {
+                    self.expanded = Aead::new(suite, &self.key).map(Box::new);
+                }
+                self.expanded.as_deref().map(f)
+            }
+        }
+    }
+
+    /// Encrypts `buf` in place and returns the tag (see [`Aead::seal`]).
+    pub(crate) fn seal(&mut self, suite: Suite, counter: u64, ad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        // Invariant: `Aead::new` accepts every 32-byte key (see there).
+        self.with_aead(suite, |a| a.seal(suite, counter, ad, buf)).unwrap_or([0u8; TAG_LEN])
+    }
+
+    /// Decrypts `buf` in place (see [`Aead::open`]).
+    pub(crate) fn open(&mut self, suite: Suite, counter: u64, ad: &[u8], buf: &mut [u8]) -> Result<(), OpenError> {
+        self.with_aead(suite, |a| a.open(suite, counter, ad, buf)).unwrap_or(Err(OpenError))
+    }
+
+    /// Noise `REKEY` (spec §6.1): the next epoch's key.
+    pub(crate) fn rekey(&self, suite: Suite) -> Self {
+        Self::new(rekey(suite, &self.key))
+    }
+
+    /// Drops the expanded cipher state, if any; the next operation builds it again.
+    pub(crate) fn release(&mut self) {
+        self.expanded = None;
+    }
+
+    /// Whether expanded cipher state is held (for tests).
+    #[cfg(test)]
+    pub(crate) const fn is_expanded(&self) -> bool {
+        self.expanded.is_some()
+    }
 }
 
 /// snow's source of randomness: ChaCha20 seeded from the caller's RNG.
@@ -429,7 +506,8 @@ impl snow::types::Cipher for HandshakeCipher {
         // snow sizes `out` for plaintext plus tag; a shorter one is a snow bug, not input.
         let Some(dst) = out.get_mut(..n + TAG_LEN) else { return 0 };
         dst[..n].copy_from_slice(plaintext);
-        let tag = Aead::new(self.suite, &self.key).seal(self.suite, nonce, authtext, &mut dst[..n]);
+        let Some(aead) = Aead::new(self.suite, &self.key) else { return 0 };
+        let tag = aead.seal(self.suite, nonce, authtext, &mut dst[..n]);
         dst[n..].copy_from_slice(&tag);
         n + TAG_LEN
     }
@@ -438,6 +516,7 @@ impl snow::types::Cipher for HandshakeCipher {
         let n = ciphertext.len().checked_sub(TAG_LEN).ok_or(snow::Error::Decrypt)?;
         let mut buf = Zeroizing::new(ciphertext.to_vec());
         Aead::new(self.suite, &self.key)
+            .ok_or(snow::Error::Decrypt)?
             .open(self.suite, nonce, authtext, &mut buf)
             .map_err(|_| snow::Error::Decrypt)?;
         out.get_mut(..n).ok_or(snow::Error::Decrypt)?.copy_from_slice(&buf[..n]);
@@ -466,7 +545,7 @@ mod tests {
             let n = c.encrypt(5, b"ad", b"0123456789abcdef0123456789abcdef", &mut a);
             assert_eq!(n, 48);
             let mut b = *b"0123456789abcdef0123456789abcdef";
-            let tag = Aead::new(suite, &ours).seal(suite, 5, b"ad", &mut b);
+            let tag = Aead::new(suite, &ours).unwrap().seal(suite, 5, b"ad", &mut b);
             assert_eq!(&a[..32], &b);
             assert_eq!(&a[32..], &tag);
         }
@@ -476,7 +555,7 @@ mod tests {
     fn open_rejects_any_tampering_and_short_input() {
         for suite in Suite::ALL {
             let key = CipherKey([1u8; 32]);
-            let aead = Aead::new(suite, &key);
+            let aead = Aead::new(suite, &key).unwrap();
             let mut buf = [0u8; 20 + TAG_LEN];
             buf[..20].copy_from_slice(b"twenty bytes of text");
             let tag = aead.seal(suite, 9, b"hdr", &mut buf[..20]);
@@ -490,6 +569,37 @@ mod tests {
             let mut wrong_ad = sealed;
             assert!(aead.open(suite, 9, b"hdR", &mut wrong_ad).is_err());
             assert!(aead.open(suite, 9, b"hdr", &mut [0u8; 5]).is_err());
+        }
+    }
+
+    #[test]
+    fn transport_keys_seal_as_the_aead_and_hold_no_expanded_state_once_released() {
+        for suite in Suite::ALL {
+            let raw = CipherKey([4u8; 32]);
+            let aead = Aead::new(suite, &raw).unwrap();
+            let mut key = TransportKey::new(raw.clone());
+            assert!(!key.is_expanded());
+            let mut a = *b"sixteen byte msg";
+            let mut b = a;
+            let tag_a = key.seal(suite, 3, b"ad", &mut a);
+            let tag_b = aead.seal(suite, 3, b"ad", &mut b);
+            assert_eq!((a, tag_a), (b, tag_b));
+            // Only AES-GCM keeps its key schedule between operations.
+            assert_eq!(key.is_expanded(), suite == Suite::AesGcmSha256);
+            key.release();
+            assert!(!key.is_expanded());
+            let mut sealed = [0u8; 16 + TAG_LEN];
+            sealed[..16].copy_from_slice(&a);
+            sealed[16..].copy_from_slice(&tag_a);
+            assert!(key.open(suite, 3, b"ad", &mut sealed).is_ok());
+            assert_eq!(&sealed[..16], b"sixteen byte msg");
+            // The next epoch's key is REKEY of this one, expanded or not.
+            let mut next = key.rekey(suite);
+            let mut c = [0u8; 16];
+            let mut d = [0u8; 16];
+            let tag_c = next.seal(suite, 0, &[], &mut c);
+            let tag_d = Aead::new(suite, &rekey(suite, &raw)).unwrap().seal(suite, 0, &[], &mut d);
+            assert_eq!((c, tag_c), (d, tag_d));
         }
     }
 

@@ -1310,7 +1310,8 @@ fn expected_events(plaintext: &[u8]) -> Option<Vec<Event>> {
 /// three bits of `op` pick the counter relative to the highest committed one `h` (0 before
 /// any): `h + delta`, `h − delta`, `h + (delta << 8)`, `u64::MAX − delta`,
 /// `h − REPLAY_WINDOW + delta`, `delta << 40`, `h + 2^23 − delta`, `h − 2^23 + delta`
-/// (saturating). Bit 7 set: only `check`; clear: `check` then `commit`.
+/// (saturating). Bit 7 set: only `check`; clear: `check` then `commit`. Bit 6 set: then
+/// `compact`, which must change no answer.
 pub fn replay_window(data: &[u8]) {
     let mut w = ReplayWindow::new();
     let mut seen = BTreeSet::new();
@@ -1342,6 +1343,9 @@ pub fn replay_window(data: &[u8]) {
                 seen.insert(c);
                 highest = highest.max(Some(c));
             }
+        }
+        if op & 0x40 != 0 {
+            w.compact();
         }
         assert_eq!(w.highest(), highest);
         assert_eq!(w.expected(), highest.map_or(0, |h| h.saturating_add(1)));

@@ -379,8 +379,8 @@ impl Handshake {
                 peer_max_packet_len: peer_max,
                 local_max_packet_len: limits.packet_len(),
             },
-            &k1,
-            &k2,
+            k1,
+            k2,
             now,
             limits,
         );

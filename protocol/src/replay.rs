@@ -11,8 +11,16 @@
 //! (with word masks) rather than whole words, which would forget counters still inside the
 //! window. A slide costs one masked word write per 64 counters skipped, capped at one pass over
 //! the bitmap (a jump of a whole window or more just zeroes it), so every operation is O(1) and
-//! bounded by 129 word writes. The window lives inline (1 KiB), never on the heap.
+//! bounded by 129 word writes.
+//!
+//! The bitmap (1 KiB) exists only while it is needed: as long as the committed counters inside
+//! the window form one run ending at the highest (packets arriving in order, the common case,
+//! and always on a quiet connection) the window is that run's two ends. The first commit that
+//! leaves a gap or fills one out of order allocates the bitmap (one pass, ≤ 129 word writes);
+//! [`ReplayWindow::compact`] frees it again once the committed counters form a run. Either
+//! form accepts and refuses exactly the same counters (spec §8).
 
+use alloc::boxed::Box;
 use core::fmt;
 
 /// spec §8: size of the window in counters.
@@ -68,8 +76,12 @@ impl core::error::Error for ReplayError {}
 pub struct ReplayWindow {
     /// Ring bitmap: bit `c % REPLAY_WINDOW` is set iff counter `c` in
     /// `(highest − REPLAY_WINDOW, highest]` was committed. Bits of counters outside that range
-    /// are always clear.
-    bitmap: [u64; WORDS],
+    /// are always clear. `None` while the committed counters in the window are the run
+    /// `low..=highest`.
+    bitmap: Option<Box<[u64; WORDS]>>,
+    /// Without a bitmap: the committed counters inside the window are exactly those of
+    /// `low..=highest` (the run may reach below the window). Unused with a bitmap.
+    low: u64,
     /// Highest committed counter; `None` until the first commit.
     highest: Option<u64>,
 }
@@ -91,7 +103,7 @@ impl ReplayWindow {
     /// An empty window: nothing committed, every counter acceptable.
     #[must_use]
     pub const fn new() -> Self {
-        Self { bitmap: [0; WORDS], highest: None }
+        Self { bitmap: None, low: 0, highest: None }
     }
 
     /// Would `counter` be accepted? Never modifies the window.
@@ -117,8 +129,14 @@ impl ReplayWindow {
         if highest - counter >= REPLAY_WINDOW {
             return Err(ReplayError::TooOld);
         }
-        let (word, mask) = Self::position(counter);
-        if self.bitmap[word] & mask != 0 {
+        let seen = match self.bitmap.as_deref() {
+            Some(bitmap) => {
+                let (word, mask) = Self::position(counter);
+                bitmap[word] & mask != 0
+            }
+            None => counter >= self.low,
+        };
+        if seen {
             // spec §8: already seen.
             return Err(ReplayError::Duplicate);
         }
@@ -136,20 +154,73 @@ impl ReplayWindow {
     /// The same as [`check`](Self::check).
     pub fn commit(&mut self, counter: u64) -> Result<(), ReplayError> {
         self.check(counter)?;
-        match self.highest {
-            Some(highest) if counter <= highest => {}
-            Some(highest) => {
+        let Some(highest) = self.highest else {
+            self.highest = Some(counter);
+            self.low = counter;
+            return Ok(());
+        };
+        if self.bitmap.is_none() {
+            // The run `low..=highest` grows at either end, or moves out of the window whole;
+            // anything else leaves a gap and needs the bitmap. No overflow: check() passed, so
+            // counter > highest or counter < low <= highest.
+            if counter > highest && (counter == highest + 1 || counter - highest >= REPLAY_WINDOW) {
+                if counter != highest + 1 {
+                    self.low = counter;
+                }
+                self.highest = Some(counter);
+                return Ok(());
+            }
+            if counter < highest && counter + 1 == self.low {
+                self.low = counter;
+                return Ok(());
+            }
+            self.materialize(highest);
+        }
+        // Invariant: present, allocated just above if it was not.
+        if let Some(bitmap) = self.bitmap.as_deref_mut() {
+            if counter > highest {
                 // spec §8: an accepted counter above highest slides the window. The ring slots
                 // of the skipped counters (highest, counter] still hold bits of counters that
                 // just left the window; clear them. No underflow: counter > highest.
-                self.clear_after(highest, counter - highest);
-                self.highest = Some(counter);
+                mark(bitmap, highest.wrapping_add(1), counter - highest, false);
             }
-            None => self.highest = Some(counter),
+            let (word, mask) = Self::position(counter);
+            bitmap[word] |= mask;
         }
-        let (word, mask) = Self::position(counter);
-        self.bitmap[word] |= mask;
+        self.highest = Some(highest.max(counter));
         Ok(())
+    }
+
+    /// Frees the bitmap if the committed counters inside the window form one run ending at
+    /// the highest; the window then holds no heap memory. Changes nothing else: the same
+    /// counters are accepted and refused afterwards. Costs one pass over the bitmap (a
+    /// connection calls it when it goes idle).
+    pub fn compact(&mut self) {
+        let (Some(highest), Some(bitmap)) = (self.highest, self.bitmap.as_deref()) else { return };
+        let n: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+        // The highest counter's bit is always set, so n >= 1; bits are set only for counters
+        // <= highest, so n - 1 <= highest.
+        let Some(low) = n.checked_sub(1).and_then(|k| highest.checked_sub(k)) else { return };
+        // n bits are set; if the n of low..=highest all are, no other one is.
+        if segments(low, n).all(|(word, mask)| bitmap[word] & mask == mask) {
+            self.low = low;
+            self.bitmap = None;
+        }
+    }
+
+    /// Whether the window holds its bitmap (on the heap).
+    #[must_use]
+    pub fn has_bitmap(&self) -> bool {
+        self.bitmap.is_some()
+    }
+
+    /// Allocates the bitmap, holding the part of the run `low..=highest` inside the window.
+    fn materialize(&mut self, highest: u64) {
+        let from = self.low.max(highest.saturating_sub(REPLAY_WINDOW - 1));
+        let mut bitmap = Box::new([0u64; WORDS]);
+        // No underflow: from <= highest. At most REPLAY_WINDOW counters.
+        mark(&mut bitmap, from, highest - from + 1, true);
+        self.bitmap = Some(bitmap);
     }
 
     /// Highest committed counter, if any.
@@ -181,27 +252,38 @@ impl ReplayWindow {
         let slot = Self::slot(counter);
         (slot / WORD_BITS, 1 << (slot % WORD_BITS))
     }
+}
 
-    /// Clears the ring slots of the `gap` counters `highest + 1 ..= highest + gap`.
-    fn clear_after(&mut self, highest: u64, gap: u64) {
-        if gap >= REPLAY_WINDOW {
-            // Every slot is skipped: the whole window is new.
-            self.bitmap = [0; WORDS];
-            return;
+/// The ring slots of the `n` counters `first ..` as (word, mask) pairs, one per word touched:
+/// all of them once if `n >= REPLAY_WINDOW`. Wrapping past `u64::MAX` is harmless: only the
+/// slot of `first` matters.
+fn segments(first: u64, n: u64) -> impl Iterator<Item = (usize, u64)> {
+    // At most REPLAY_WINDOW after the min, so it fits usize.
+    #[allow(clippy::cast_possible_truncation)]
+    let mut left = n.min(REPLAY_WINDOW) as usize;
+    let slot = ReplayWindow::slot(first);
+    let (mut word, mut bit) = (slot / WORD_BITS, slot % WORD_BITS);
+    core::iter::from_fn(move || {
+        if left == 0 {
+            return None;
         }
-        // Wrapping is harmless: only the slot of highest + 1 matters, and the caller guarantees
-        // highest < u64::MAX. gap < REPLAY_WINDOW, so it fits usize.
-        let first = Self::slot(highest.wrapping_add(1));
-        let (mut word, mut bit) = (first / WORD_BITS, first % WORD_BITS);
-        #[allow(clippy::cast_possible_truncation)]
-        let mut left = gap as usize;
-        while left > 0 {
-            let n = left.min(WORD_BITS - bit);
-            let mask = if n == WORD_BITS { u64::MAX } else { ((1u64 << n) - 1) << bit };
-            self.bitmap[word] &= !mask;
-            left -= n;
-            bit = 0;
-            word = (word + 1) % WORDS;
+        let k = left.min(WORD_BITS - bit);
+        let mask = if k == WORD_BITS { u64::MAX } else { ((1u64 << k) - 1) << bit };
+        let item = (word, mask);
+        left -= k;
+        bit = 0;
+        word = (word + 1) % WORDS;
+        Some(item)
+    })
+}
+
+/// Sets or clears the ring slots of the `n` counters `first ..` (see [`segments`]).
+fn mark(bitmap: &mut [u64; WORDS], first: u64, n: u64, set: bool) {
+    for (word, mask) in segments(first, n) {
+        if set {
+            bitmap[word] |= mask;
+        } else {
+            bitmap[word] &= !mask;
         }
     }
 }
@@ -244,8 +326,8 @@ mod tests {
     }
 
     /// Snapshot of the full state, to prove that `check` and failed commits change nothing.
-    fn state(w: &ReplayWindow) -> ([u64; WORDS], Option<u64>) {
-        (w.bitmap, w.highest)
+    fn state(w: &ReplayWindow) -> (Option<Box<[u64; WORDS]>>, u64, Option<u64>) {
+        (w.bitmap.clone(), w.low, w.highest)
     }
 
     /// A window whose only committed counter is `c`.
@@ -427,6 +509,53 @@ mod tests {
     }
 
     #[test]
+    fn in_order_counters_need_no_bitmap_and_compact_frees_it_once_gaps_are_filled() {
+        let mut w = ReplayWindow::new();
+        for c in 0..100 {
+            w.commit(c).unwrap();
+        }
+        assert!(!w.has_bitmap());
+        // A gap needs the bitmap, and compacting keeps it while the gap is open.
+        w.commit(101).unwrap();
+        assert!(w.has_bitmap());
+        w.compact();
+        assert!(w.has_bitmap());
+        assert_eq!(w.check(100), Ok(()));
+        assert_eq!(w.check(99), Err(ReplayError::Duplicate));
+        w.commit(100).unwrap();
+        w.compact();
+        assert!(!w.has_bitmap());
+        for c in 0..=101 {
+            assert_eq!(w.check(c), Err(ReplayError::Duplicate), "{c}");
+        }
+        assert_eq!(w.check(102), Ok(()));
+        // A run grows downwards too, and a jump of a whole window starts a new run.
+        let mut w = window_at(50);
+        w.commit(49).unwrap();
+        w.commit(51).unwrap();
+        assert!(!w.has_bitmap());
+        assert_eq!(w.check(48), Ok(()));
+        w.commit(51 + REPLAY_WINDOW).unwrap();
+        assert!(!w.has_bitmap());
+        assert_eq!(w.check(52), Ok(()));
+        assert_eq!(w.check(51), Err(ReplayError::TooOld));
+        // A full window compacts to a run reaching below it.
+        let mut w = ReplayWindow::new();
+        w.commit(1).unwrap();
+        w.commit(0).unwrap();
+        w.commit(3).unwrap();
+        for c in 4..3 * REPLAY_WINDOW {
+            w.commit(c).unwrap();
+        }
+        w.commit(2).unwrap_err();
+        w.compact();
+        assert!(!w.has_bitmap());
+        // The window is now 2 × REPLAY_WINDOW ..= 3 × REPLAY_WINDOW − 1.
+        assert_eq!(w.check(2 * REPLAY_WINDOW - 1), Err(ReplayError::TooOld));
+        assert_eq!(w.check(2 * REPLAY_WINDOW), Err(ReplayError::Duplicate));
+    }
+
+    #[test]
     fn debug_shows_only_highest_and_errors_display() {
         let w = window_at(42);
         let s = alloc::format!("{w:?}");
@@ -524,6 +653,10 @@ mod tests {
                 }
                 prop_assert_eq!(w.highest(), m.highest);
                 prop_assert_eq!(w.expected(), m.highest.map_or(0, |h| h.saturating_add(1)));
+                // Now and then, as a connection going idle does: the same answers after it.
+                if x % 16 == 0 {
+                    w.compact();
+                }
             }
         }
     }

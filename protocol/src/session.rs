@@ -9,7 +9,7 @@
 use alloc::boxed::Box;
 
 use crate::config::Limits;
-use crate::crypto::{rekey_aead, Aead, CipherKey};
+use crate::crypto::{CipherKey, TransportKey};
 use crate::error::{DecodeError, SessionError};
 use crate::params::{Mode, Suite};
 use crate::replay::ReplayWindow;
@@ -52,16 +52,16 @@ const fn epoch_of(counter: u64) -> u64 {
     counter >> EPOCH_BITS
 }
 
-/// An epoch's key, ready to use.
+/// An epoch's key: raw, expanded only while in use (see [`TransportKey`]).
 #[derive(Debug)]
 struct EpochKey {
     epoch: u64,
-    aead: Aead,
+    key: TransportKey,
 }
 
 impl EpochKey {
     fn ratchet(&self, suite: Suite) -> Self {
-        Self { epoch: self.epoch + 1, aead: rekey_aead(suite, &self.aead) }
+        Self { epoch: self.epoch + 1, key: self.key.rekey(suite) }
     }
 }
 
@@ -86,11 +86,11 @@ struct SendHalf {
 struct RecvHalf {
     key: EpochKey,
     /// spec §7.2: the previous epoch's key, its replay window and when it stops being
-    /// accepted (datagram only).
-    previous: Option<PreviousEpoch>,
+    /// accepted (datagram only). Boxed: it exists only for a short overlap after a rekey.
+    previous: Option<Box<PreviousEpoch>>,
     /// Stream mode: the next expected counter.
     expected: u64,
-    /// Datagram mode: the replay window (spec §8). Boxed: 1 KiB, absent in stream mode.
+    /// Datagram mode: the replay window (spec §8). Boxed: absent in stream mode.
     window: Option<Box<ReplayWindow>>,
 }
 
@@ -144,13 +144,23 @@ pub struct Session {
     send: SendHalf,
     recv: RecvHalf,
     stats: SessionStats,
-    limits: Limits,
+    /// The three [`Limits`] a session uses, not all of them: the struct is part of every
+    /// idle connection (spec §13).
+    limits: SessionLimits,
+}
+
+/// The parts of [`Limits`] a session reads.
+#[derive(Debug, Clone, Copy)]
+struct SessionLimits {
+    rekey_after_time: crate::time::Duration,
+    reject_after_time: crate::time::Duration,
+    key_overlap: crate::time::Duration,
 }
 
 impl Session {
     /// Builds a session from the raw Noise split keys (spec §6.1). `k1` encrypts
     /// initiator→responder, `k2` responder→initiator.
-    pub(crate) fn new(p: SessionParams, k1: &CipherKey, k2: &CipherKey, now: Timestamp, limits: Limits) -> Self {
+    pub(crate) fn new(p: SessionParams, k1: CipherKey, k2: CipherKey, now: Timestamp, limits: Limits) -> Self {
         let (send_key, recv_key) = match p.role {
             Role::Initiator => (k1, k2),
             Role::Responder => (k2, k1),
@@ -165,19 +175,19 @@ impl Session {
             peer_max_packet_len: p.peer_max_packet_len,
             local_max_packet_len: p.local_max_packet_len,
             established: now,
-            send: SendHalf {
-                counter: 0,
-                key: EpochKey { epoch: 0, aead: Aead::new(p.suite, send_key) },
-                key_since: now,
-            },
+            send: SendHalf { counter: 0, key: EpochKey { epoch: 0, key: TransportKey::new(send_key) }, key_since: now },
             recv: RecvHalf {
-                key: EpochKey { epoch: 0, aead: Aead::new(p.suite, recv_key) },
+                key: EpochKey { epoch: 0, key: TransportKey::new(recv_key) },
                 previous: None,
                 expected: 0,
                 window: p.mode.is_lossy().then(|| Box::new(ReplayWindow::new())),
             },
             stats: SessionStats::default(),
-            limits,
+            limits: SessionLimits {
+                rekey_after_time: limits.rekey_after_time,
+                reject_after_time: limits.reject_after_time,
+                key_overlap: limits.key_overlap,
+            },
         }
     }
 
@@ -247,6 +257,22 @@ impl Session {
         self.recv.previous.as_ref().map(|p| p.until)
     }
 
+    /// Drops cipher state expanded from the keys (AES-GCM key schedules) and replay bitmaps
+    /// that a run of counters describes as well ([`ReplayWindow::compact`]), for a connection
+    /// that has gone idle; the next packet expands what it needs again. Changes nothing but
+    /// memory.
+    pub fn release_idle_memory(&mut self) {
+        self.send.key.key.release();
+        self.recv.key.key.release();
+        if let Some(w) = self.recv.window.as_deref_mut() {
+            w.compact();
+        }
+        if let Some(p) = &mut self.recv.previous {
+            p.key.key.release();
+            p.window.compact();
+        }
+    }
+
     /// Drops the previous epoch key once its overlap has passed (spec §7.2).
     pub fn handle_timeout(&mut self, now: Timestamp) {
         if matches!(&self.recv.previous, Some(p) if now >= p.until) {
@@ -299,7 +325,7 @@ impl Session {
         header.encode(self.mode, buf)?;
         let (head, rest) = buf.split_at_mut(hlen);
         let (body, tail) = rest.split_at_mut(plaintext_len);
-        let tag = self.send.key.aead.seal(self.suite, counter, head, body);
+        let tag = self.send.key.key.seal(self.suite, counter, head, body);
         tail[..TAG_LEN].copy_from_slice(&tag);
         self.send.counter = counter + 1;
         self.stats.packets_sent += 1;
@@ -364,11 +390,11 @@ impl Session {
         let (head, body) = packet.split_at_mut(hlen);
         let plain = 0..body.len() - TAG_LEN;
         if epoch == current {
-            self.recv.key.aead.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
+            self.recv.key.key.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
         } else if epoch < current {
             match &mut self.recv.previous {
                 Some(prev) if prev.key.epoch == epoch && now < prev.until => {
-                    prev.key.aead.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
+                    prev.key.key.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
                     // Invariant: checked against this window before decrypting.
                     let _ = prev.window.commit(counter);
                     self.stats.packets_received += 1;
@@ -388,7 +414,7 @@ impl Session {
                 let next = key.ratchet(self.suite);
                 before = Some(core::mem::replace(&mut key, next));
             }
-            key.aead.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
+            key.key.open(self.suite, counter, head, body).map_err(|_| SessionError::Authentication)?;
             let old = core::mem::replace(&mut self.recv.key, key);
             let prev = before.unwrap_or(old);
             self.recv.previous = match self.mode {
@@ -398,7 +424,7 @@ impl Session {
                     let fresh = Box::new(ReplayWindow::new());
                     let old_window = self.recv.window.replace(fresh).unwrap_or_default();
                     let window = if jump == 1 { old_window } else { Box::new(ReplayWindow::new()) };
-                    Some(PreviousEpoch { key: prev, until: now + self.limits.key_overlap, window })
+                    Some(Box::new(PreviousEpoch { key: prev, until: now + self.limits.key_overlap, window }))
                 }
                 Mode::Stream => None,
             };

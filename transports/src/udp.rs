@@ -41,7 +41,7 @@ const ANSWER_BUFFER: usize = 64;
 
 /// One connection's datagrams from the socket task, with their source addresses: a queue
 /// bounded by `datagram_queue`, whose storage is allocated when datagrams arrive and released
-/// by the driver's timer once empty ([`Datagrams::trim`]), so that an idle connection holds
+/// once the driver has drained it (and by the driver's timer, [`Datagrams::trim`]), so that an idle connection holds
 /// none (a tokio `mpsc` channel would hold ≈ 2.5 KiB; benches/RESULTS.md, idle connections).
 #[derive(Debug)]
 pub(crate) struct Datagrams {
@@ -82,6 +82,11 @@ impl Datagrams {
         match inner.queue.pop_front() {
             Some(d) => Poll::Ready(d),
             None => {
+                // Drained: the storage goes now, not at the driver's next timer, so that a
+                // connection that goes quiet after a few datagrams holds none.
+                if inner.queue.capacity() > 0 {
+                    inner.queue = VecDeque::new();
+                }
                 if !inner.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     inner.waker = Some(cx.waker().clone());
                 }
