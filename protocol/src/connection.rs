@@ -655,20 +655,10 @@ impl Connection {
     /// after draining `poll_transmit`), [`ConnectionError::MessageTooLarge`],
     /// [`ConnectionError::Closed`].
     pub fn send(&mut self, channel: u16, payload: Bytes) -> Result<u64, ConnectionError> {
-        if self.is_closed() || self.close_pending.is_some() {
-            return Err(ConnectionError::Closed);
-        }
-        if payload.len() > self.max_message_payload() {
-            return Err(ConnectionError::MessageTooLarge);
-        }
-        if self.queued_bytes + payload.len() > self.config.limits.send_queue_bytes && !self.queue.is_empty() {
-            return Err(ConnectionError::QueueFull);
-        }
-        let next = self.next_id.entry(channel).or_insert(0);
-        let id = *next;
-        *next = next.wrapping_add(1);
-        self.queued_bytes += payload.len();
-        self.queue.push_back(Outgoing::Data { channel, id, payload });
+        let id = self.next_id.get(&channel).copied().unwrap_or(0);
+        // The id is taken only once the message is queued.
+        self.send_data(channel, id, payload)?;
+        self.next_id.insert(channel, id.wrapping_add(1));
         Ok(id)
     }
 
