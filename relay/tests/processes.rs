@@ -132,10 +132,11 @@ async fn devices_over_tcp_and_udp_exchange_messages_and_the_gateway_sees_no_plai
 
     // The scan: the gateway's tap and logs are complete now.
     let tapped = gw.tapped();
-    // Routed-mode packets only (spec §16.2): handshakes and transport packets, at least the
-    // 6 readings and 2 commands, and each device's INIT, which the gateway's key cannot open.
+    // Routed-mode packets only (spec §16.2): handshakes and transport packets, at least one
+    // for each device's 3 readings (sent together, they may share one) and one per command,
+    // and each device's INIT, which the gateway's key cannot open.
     assert!(tapped.iter().all(|p| matches!(p.first(), Some(0x01..=0x03 | 0x10 | 0x11))), "{tapped:?}");
-    assert!(tapped.iter().filter(|p| p[0] & 0xfe == TYPE_TRANSPORT).count() >= 8, "{} packets", tapped.len());
+    assert!(tapped.iter().filter(|p| p[0] & 0xfe == TYPE_TRANSPORT).count() >= 4, "{} packets", tapped.len());
     let inits: Vec<&Vec<u8>> = tapped.iter().filter(|p| p[0] == TYPE_HANDSHAKE_INIT).collect();
     assert!(inits.len() >= 2, "{} INITs", inits.len());
     for init in inits {
