@@ -1025,7 +1025,7 @@ pub(crate) async fn count_handshake_failures(
     }
 }
 
-const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
+pub(crate) const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
     use veil_protocol::DenyReason as R;
     match r {
         R::Revoked => "revoked",
@@ -1035,7 +1035,7 @@ const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
     }
 }
 
-fn failure_label(e: &TransportError) -> &'static str {
+pub(crate) fn failure_label(e: &TransportError) -> &'static str {
     match e {
         TransportError::RateLimited => "rate_limited",
         TransportError::TooManyConnections | TransportError::TooManyHandshakes => "busy",
