@@ -399,7 +399,7 @@ fn cpu_per_message(rig: &mut Rig, size: usize, count: u64, payload: &Bytes, wind
             cpu_ns / wall,
             n / link.max(1) as f64
         );
-        if IS_RELAYED[i] {
+        if IS_RELAYED.get(i).copied().unwrap_or(false) {
             line += &format!(", uplink {:.1}", n / up.max(1) as f64);
         }
         println!("{line}");
