@@ -23,7 +23,9 @@ use veil_relay::demo::{self, Fleet};
 use veil_relay::gateway::GatewaySettings;
 use veil_relay::keyfile::{self, KeyKind};
 use veil_relay::trustload::{DeviceFiles, LoadedNode};
-use veil_transports::{Authorizer, Connection, Endpoint, NodeEvent, PeerRoles, RoutedEndpoint, Transport, Via};
+use veil_transports::{
+    Authorizer, Connection, DeliveryOptions, Endpoint, NodeEvent, PeerRoles, RoutedEndpoint, Transport, Via,
+};
 
 pub use veil_relay::demo::SimDevice;
 
@@ -164,11 +166,17 @@ pub struct DirectDevice {
 }
 
 impl DirectDevice {
-    /// Links to the cloud at `cloud` over TCP, expecting a cloud certificate for `cloud_key`.
+    /// Links to the cloud at `cloud` over TCP, expecting a cloud certificate for `cloud_key`;
+    /// with `delivery`, its messages are acknowledged (spec §17), else best effort.
     ///
     /// # Errors
     /// The link failed.
-    pub async fn connect(files: &DeviceFiles, cloud: SocketAddr, cloud_key: PublicKey) -> Result<Self, NetError> {
+    pub async fn connect(
+        files: &DeviceFiles,
+        cloud: SocketAddr,
+        cloud_key: PublicKey,
+        delivery: Option<DeliveryOptions>,
+    ) -> Result<Self, NetError> {
         let roles = PeerRoles::new(RoleSet::NONE, RoleSet::CLOUD);
         let endpoint = Endpoint::builder(files.identity.clone())
             .authorizer(Authorizer::trust(files.trust.clone(), roles))
@@ -176,10 +184,13 @@ impl DirectDevice {
             .bind()
             .await?;
         let link = endpoint.connect_expecting(Transport::Tcp, cloud, Some(cloud_key), RoleSet::CLOUD).await?;
-        let routed = RoutedEndpoint::builder(files.identity.clone())
+        let mut rb = RoutedEndpoint::builder(files.identity.clone())
             .authorizer(Authorizer::trust(files.trust.clone(), roles))
-            .certificate_chain(&files.certificate_chain)
-            .build()?;
+            .certificate_chain(&files.certificate_chain);
+        if let Some(d) = delivery {
+            rb = rb.delivery(d);
+        }
+        let routed = rb.build()?;
         routed.add_direct(link.clone());
         let cloud = routed.connect(cloud_key).await?;
         Ok(Self { endpoint, routed, link, cloud })

@@ -105,6 +105,11 @@ pub const MAX_ACK_RANGES: usize = 16;
 pub const ACK_DELAY: Duration = Duration::from_millis(25);
 /// spec §17.3: this many committed, unacknowledged messages of a channel are acknowledged at once.
 pub const ACK_EVERY: u64 = 32;
+/// spec §17.3: committed, unacknowledged messages of a channel carrying this many payload
+/// bytes are acknowledged at once (a quarter of the default `window_bytes`, so that a sender of
+/// large messages, whose byte window fills before [`ACK_EVERY`] messages, does not wait for
+/// [`ACK_DELAY`]).
+pub const ACK_EVERY_BYTES: usize = 64 * 1024;
 /// spec §17.4: first retransmission timeout in datagram and routed modes.
 pub const DELIVERY_RTO: Duration = Duration::from_secs(1);
 /// spec §17.4: retransmission timeout cap, and the first one in stream mode.
@@ -151,6 +156,9 @@ pub struct DeliveryConfig {
     pub ack_delay: Duration,
     /// Committed, unacknowledged messages of a channel that are acknowledged at once (at least 1).
     pub ack_every: u64,
+    /// Payload bytes of committed, unacknowledged messages of a channel that are acknowledged
+    /// at once (at least 1).
+    pub ack_every_bytes: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -164,6 +172,7 @@ impl Default for DeliveryConfig {
             rto_max: DELIVERY_RTO_MAX,
             ack_delay: ACK_DELAY,
             ack_every: ACK_EVERY,
+            ack_every_bytes: ACK_EVERY_BYTES,
         }
     }
 }
@@ -191,6 +200,9 @@ impl DeliveryConfig {
         }
         if self.ack_every == 0 {
             return Err(DeliveryError::Config("ack_every must be at least 1"));
+        }
+        if self.ack_every_bytes == 0 {
+            return Err(DeliveryError::Config("ack_every_bytes must be at least 1"));
         }
         Ok(())
     }

@@ -166,6 +166,7 @@ fn the_scripted_exchange_replays_through_the_implementation() {
         rto_max: Duration::from_micros(n(c, "rto_max_us")),
         ack_delay: Duration::from_micros(n(c, "ack_delay_us")),
         ack_every: n(c, "ack_every"),
+        ack_every_bytes: n(c, "ack_every_bytes") as usize,
     };
     assert_eq!(config, DeliveryConfig::default(), "spec §17.11: the default configuration");
     let stream: StreamId = bytes(ex, "stream").try_into().unwrap();

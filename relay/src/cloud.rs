@@ -49,7 +49,7 @@ use veil_protocol::trust::{Authorized, CertRole, CertificateChain, NodeId, RoleS
 use veil_protocol::StaticKeypair;
 use veil_transports::{
     Authorizer, Connection, DeliveryOptions, Endpoint, EndpointLimits, Error as TransportError, NodeEvent, PeerRoles,
-    RoutedEndpoint, RoutedLimits, TrustState,
+    RoutedEndpoint, RoutedHandshakeFailure, RoutedLimits, TrustState,
 };
 
 use crate::config::{Config, ConfigError};
@@ -227,6 +227,7 @@ impl Cloud {
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(endpoint.clone(), routed.clone(), settings.relays, Arc::clone(&links), stop.clone()));
         tasks.spawn(crate::gateway::count_handshake_failures(endpoint.handshake_failures(), stop.clone()));
+        tasks.spawn(count_e2e_handshake_failures(routed.handshake_failures(), stop.clone()));
         tasks.spawn(link_gauges(Arc::clone(&links), stop.clone()));
         Ok(Self { endpoint, routed, links, stop, tasks: Mutex::new(tasks) })
     }
@@ -263,9 +264,12 @@ impl Cloud {
                 metrics::counter!(m::BYTES, labels::DIRECTION => labels::IN, labels::HOP => hop)
                     .increment(payload.len() as u64);
             }
-            NodeEvent::Connected { direct, .. } => {
-                let role = if *direct { labels::DEVICE } else { "device_e2e" };
-                metrics::counter!(m::HANDSHAKES, labels::OUTCOME => labels::ACCEPTED, labels::REASON => role)
+            NodeEvent::Connected { direct: true, .. } => {
+                metrics::counter!(m::HANDSHAKES, labels::OUTCOME => labels::ACCEPTED, labels::REASON => labels::DEVICE)
+                    .increment(1);
+            }
+            NodeEvent::Connected { direct: false, .. } => {
+                metrics::counter!(m::E2E_HANDSHAKES, labels::OUTCOME => labels::ACCEPTED, labels::REASON => labels::RELAYED)
                     .increment(1);
             }
             _ => {}
@@ -415,5 +419,67 @@ async fn link_gauges(links: Links, stop: CancellationToken) {
         }
         metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::GATEWAY).set(f64::from(gateways));
         metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::DEVICE).set(f64::from(devices));
+    }
+}
+
+/// The labels of a failed end-to-end handshake ([`m::E2E_HANDSHAKES`]): `refused` when this
+/// cloud denied the device (its trust check, or the node-id check of spec §16.6), else
+/// `failed` (the device refused the cloud, a timeout, a broken handshake).
+fn e2e_failure_labels(node_mismatch: bool, error: &TransportError) -> (&'static str, &'static str) {
+    if node_mismatch {
+        return (labels::REFUSED, labels::NODE_MISMATCH);
+    }
+    if let Some(r) = error.deny_reason() {
+        return (labels::REFUSED, crate::gateway::deny_label(r));
+    }
+    if error.reject_reason().is_some() {
+        return (labels::FAILED, "rejected");
+    }
+    (labels::FAILED, crate::gateway::failure_label(error))
+}
+
+/// Counts failed end-to-end handshakes by outcome and reason ([`m::E2E_HANDSHAKES`]).
+async fn count_e2e_handshake_failures(
+    mut rx: tokio::sync::broadcast::Receiver<RoutedHandshakeFailure>,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let r = tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.recv() => r,
+        };
+        match r {
+            Ok(f) => {
+                let (outcome, reason) = e2e_failure_labels(f.node_mismatch, &f.error);
+                tracing::debug!(node = %f.node, outcome, reason, "end-to-end handshake ended");
+                metrics::counter!(m::E2E_HANDSHAKES, labels::OUTCOME => outcome, labels::REASON => reason).increment(1);
+            }
+            Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use veil_protocol::wire::RejectReason;
+    use veil_protocol::{ConnectionError, DenyReason, HandshakeError};
+
+    use super::*;
+
+    #[test]
+    fn e2e_failures_are_labelled_by_who_ended_them_and_why() {
+        let denied = |r| TransportError::Protocol(ConnectionError::Handshake(HandshakeError::Denied(r)));
+        assert_eq!(e2e_failure_labels(false, &denied(DenyReason::Revoked)), ("refused", "revoked"));
+        assert_eq!(e2e_failure_labels(false, &denied(DenyReason::Unauthorized)), ("refused", "unauthorized"));
+        assert_eq!(e2e_failure_labels(false, &denied(DenyReason::BadCertificate)), ("refused", "bad_certificate"));
+        // The node-id check denies with a reason of its own; the mismatch is what counts.
+        assert_eq!(e2e_failure_labels(true, &denied(DenyReason::Unauthorized)), ("refused", "node_mismatch"));
+        let rejected =
+            TransportError::Protocol(ConnectionError::Handshake(HandshakeError::Rejected(RejectReason::Unauthorized)));
+        assert_eq!(e2e_failure_labels(false, &rejected), ("failed", "rejected"));
+        let timeout = TransportError::Protocol(ConnectionError::Handshake(HandshakeError::Timeout));
+        assert_eq!(e2e_failure_labels(false, &timeout), ("failed", "timeout"));
     }
 }

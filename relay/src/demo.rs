@@ -641,6 +641,26 @@ impl SimDevice {
         gateway_key: PublicKey,
         cloud_key: PublicKey,
     ) -> Result<Self, veil_transports::Error> {
+        // spec §17: readings and commands are delivered once, in order, across losses; the
+        // device keeps nothing durable, so it commits what it is given at once.
+        let delivery = DeliveryOptions { auto_commit: true, ..DeliveryOptions::default() };
+        Self::connect_with(files, transport, gateway, gateway_key, cloud_key, Some(delivery)).await
+    }
+
+    /// As [`SimDevice::connect`], with `delivery` for the end-to-end endpoint instead of the
+    /// demo's (acknowledged, auto-commit); `None` sends best effort (spec §16.2), as a device
+    /// without spec §17 does.
+    ///
+    /// # Errors
+    /// The link or the end-to-end handshake failed.
+    pub async fn connect_with(
+        files: &DeviceFiles,
+        transport: Transport,
+        gateway: SocketAddr,
+        gateway_key: PublicKey,
+        cloud_key: PublicKey,
+        delivery: Option<DeliveryOptions>,
+    ) -> Result<Self, veil_transports::Error> {
         let roles = PeerRoles::new(RoleSet::NONE, RoleSet::UPSTREAM);
         let mut b = Endpoint::builder(files.identity.clone())
             .authorizer(Authorizer::trust(files.trust.clone(), roles))
@@ -651,13 +671,13 @@ impl SimDevice {
         }
         let endpoint = b.bind().await?;
         let link = endpoint.connect_expecting(transport, gateway, Some(gateway_key), RoleSet::GATEWAY).await?;
-        // spec §17: readings and commands are delivered once, in order, across losses; the
-        // device keeps nothing durable, so it commits what it is given at once.
-        let routed = RoutedEndpoint::builder(files.identity.clone())
+        let mut rb = RoutedEndpoint::builder(files.identity.clone())
             .authorizer(Authorizer::trust(files.trust.clone(), PeerRoles::new(RoleSet::NONE, RoleSet::CLOUD)))
-            .certificate_chain(&files.certificate_chain)
-            .delivery(DeliveryOptions { auto_commit: true, ..DeliveryOptions::default() })
-            .build()?;
+            .certificate_chain(&files.certificate_chain);
+        if let Some(d) = delivery {
+            rb = rb.delivery(d);
+        }
+        let routed = rb.build()?;
         routed.add_relay_link(link.clone());
         let cloud = routed.connect(cloud_key).await?;
         Ok(Self { endpoint, routed, link, cloud })

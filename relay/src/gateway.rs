@@ -407,6 +407,9 @@ impl Drop for Gateway {
     }
 }
 
+/// Inputs the forwarder takes per wake-up.
+const FORWARD_BATCH: usize = 64;
+
 /// The forwarding task: owns the relay state and the links.
 struct Forwarder {
     relay: Relay,
@@ -442,7 +445,16 @@ impl Forwarder {
             tokio::select! {
                 () = stop.cancelled() => break,
                 input = rx.recv() => match input {
-                    Some(input) => self.on_input(input),
+                    Some(input) => {
+                        self.on_input(input);
+                        // What else is queued goes in the same turn (at most FORWARD_BATCH): the
+                        // envelopes share the uplink's wake-ups and packets, and the bookkeeping
+                        // below runs once per batch.
+                        for _ in 1..FORWARD_BATCH {
+                            let Ok(input) = rx.try_recv() else { break };
+                            self.on_input(input);
+                        }
+                    }
                     None => break,
                 },
                 answer = recv_answer(&mut spool) => match answer {
@@ -1013,7 +1025,7 @@ pub(crate) async fn count_handshake_failures(
     }
 }
 
-const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
+pub(crate) const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
     use veil_protocol::DenyReason as R;
     match r {
         R::Revoked => "revoked",
@@ -1023,7 +1035,7 @@ const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {
     }
 }
 
-fn failure_label(e: &TransportError) -> &'static str {
+pub(crate) fn failure_label(e: &TransportError) -> &'static str {
     match e {
         TransportError::RateLimited => "rate_limited",
         TransportError::TooManyConnections | TransportError::TooManyHandshakes => "busy",

@@ -29,6 +29,11 @@ pub const CONNECTIONS: &str = "veil_relay_connections";
 /// [`labels::REASON`] (`"none"` when accepted; else a short snake_case reason such as
 /// `"revoked"`, `"bad_certificate"`, `"unauthorized"`, `"timeout"`, `"busy"`).
 pub const HANDSHAKES: &str = "veil_relay_handshakes_total";
+/// Counter: end-to-end handshakes with devices at the cloud (spec §16.6) that ended, by
+/// `outcome` (`accepted`, `refused`: denied here, `failed`) and `reason` (`relayed` for an
+/// accepted one; `unauthorized`, `revoked`, `bad_certificate`, `node_mismatch`; `timeout`,
+/// `rejected`, `protocol`, `other`).
+pub const E2E_HANDSHAKES: &str = "veil_relay_e2e_handshakes_total";
 /// Counter: application messages, by [`labels::DIRECTION`] and [`labels::HOP`].
 pub const MESSAGES: &str = "veil_relay_messages_total";
 /// Counter: application payload bytes, by [`labels::DIRECTION`] and [`labels::HOP`].
@@ -111,6 +116,10 @@ pub mod labels {
     pub const REFUSED: &str = "refused";
     /// Failed otherwise (I/O, timeout, bad file).
     pub const FAILED: &str = "failed";
+    /// An end-to-end session through a gateway (the reason of an accepted one).
+    pub const RELAYED: &str = "relayed";
+    /// The peer's key does not hash to its route's node id (spec §16.6).
+    pub const NODE_MISMATCH: &str = "node_mismatch";
     /// `Route` (spec §16.3).
     pub const ROUTE: &str = "route";
     /// `Withdraw` (spec §16.3).
@@ -124,6 +133,11 @@ pub mod labels {
 pub fn register() {
     describe_gauge!(CONNECTIONS, Unit::Count, "Live connections, by peer role and transport.");
     describe_counter!(HANDSHAKES, Unit::Count, "Handshakes that ended, by outcome and reason.");
+    describe_counter!(
+        E2E_HANDSHAKES,
+        Unit::Count,
+        "End-to-end handshakes with devices that ended, by outcome and reason."
+    );
     describe_counter!(MESSAGES, Unit::Count, "Application messages, by direction and hop.");
     describe_counter!(BYTES, Unit::Bytes, "Application payload bytes, by direction and hop.");
     describe_counter!(ROUTING_DROPS, Unit::Count, "Routing messages dropped, by reason.");

@@ -166,5 +166,7 @@ pub use config::{AuthRequest, Authorizer, EndpointLimits, Transport, DEFAULT_DAT
 pub use connection::{Connection, Message, Received, TrySendError};
 pub use endpoint::{Endpoint, EndpointBuilder, EndpointStats, HandshakeFailure, ReceivedRevocationList};
 pub use error::Error;
-pub use routed::{DeliveryOptions, NodeEvent, RoutedBuilder, RoutedEndpoint, RoutedLimits, RoutedStats, Via};
+pub use routed::{
+    DeliveryOptions, NodeEvent, RoutedBuilder, RoutedEndpoint, RoutedHandshakeFailure, RoutedLimits, RoutedStats, Via,
+};
 pub use trust::{PeerRoles, TimeSource, TrustState};

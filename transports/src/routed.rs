@@ -27,11 +27,15 @@
 //! - one reader task per link pushes what the link receives into the actor's input queue
 //!   ([`RoutedLimits::input_queue`]); while it is full the reader stops reading, so that
 //!   backpressure reaches the link and, over TCP, the sender;
-//! - one writer task per relay link takes `Forward` envelopes from a queue of
-//!   [`RoutedLimits::link_queue`] and hands them to the link. When that queue is full (a slow or
-//!   stalled relay link), the actor holds the node's packets in its end-to-end connection
+//! - the actor puts `Forward` envelopes straight into the relay link's own send queue (the
+//!   link's [`EndpointLimits::send_queue`](crate::EndpointLimits::send_queue)). When that queue
+//!   is full (a slow or stalled relay link), a short-lived task waits for room for the envelope
+//!   that did not fit, and the actor holds the node's packets in its end-to-end connection
 //!   instead of producing them, and takes them up again once the link drains: **a stalled relay
 //!   link stalls only the nodes routed over it**, never the actor;
+//! - the actor takes up to 64 queued inputs and commands per wake-up, and sends what they
+//!   queued for a node once, at the end: messages sent together share end-to-end packets, and
+//!   a peer's acknowledgements go once per batch;
 //! - [`RoutedEndpoint::send`] waits while the node's end-to-end queue is full (its link is
 //!   stalled); at most [`RoutedLimits::command_queue`] sends wait at once, beyond that every
 //!   handle call waits;
@@ -148,7 +152,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use veil_protocol::delivery::{
@@ -167,7 +171,7 @@ use veil_protocol::{
 
 use crate::clock::Clock;
 use crate::config::{AuthRequest, Authorizer, Transport};
-use crate::connection::{lock, Connection, Received};
+use crate::connection::{lock, Connection, Received, TrySendError};
 use crate::driver::{expiry_of, DATA_FRAMING_MAX};
 use crate::error::Error;
 
@@ -191,7 +195,9 @@ pub struct RoutedLimits {
     pub command_queue: usize,
     /// What the link readers hold for the actor before they stop reading.
     pub input_queue: usize,
-    /// `Forward` envelopes queued towards one relay link's connection.
+    /// Delivery messages queued towards one direct link's connection (with
+    /// [`RoutedBuilder::delivery`]). Relay links take `Forward` envelopes into their own send
+    /// queue ([`EndpointLimits::send_queue`](crate::EndpointLimits::send_queue)).
     pub link_queue: usize,
     /// `connect` calls waiting at once (for a route or a handshake).
     pub max_pending_connects: usize,
@@ -332,6 +338,27 @@ pub enum NodeEvent {
         relay: Option<NodeId>,
     },
 }
+
+/// An end-to-end handshake that did not complete ([`RoutedEndpoint::handshake_failures`]),
+/// whichever side started it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RoutedHandshakeFailure {
+    /// The peer's node id (as its route names it).
+    pub node: NodeId,
+    /// The relay its last packet came through, if any did.
+    pub relay: Option<NodeId>,
+    /// The peer's key does not hash to its route's node id (spec §16.6): denied.
+    pub node_mismatch: bool,
+    /// How it ended: [`Error::deny_reason`] names a denial (this node's authorizer, or the
+    /// node-id check), [`Error::reject_reason`] a refusal by the peer, else a timeout or
+    /// another protocol failure.
+    pub error: Error,
+}
+
+/// Failures kept for slow subscribers of [`RoutedEndpoint::handshake_failures`]; older ones
+/// are skipped (`Lagged`).
+const FAILURE_BACKLOG: usize = 256;
 
 /// Counters of a [`RoutedEndpoint`] (a snapshot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -651,7 +678,10 @@ impl RoutedBuilder {
         let trust_changes = self.authorizer.trust_state().map(crate::trust::TrustState::subscribe);
         let commits = Arc::new(Mutex::new(HashMap::new()));
         let commit_wake = Arc::new(Notify::new());
+        let failures = broadcast::channel(FAILURE_BACKLOG).0;
         let actor = Actor {
+            failures: failures.clone(),
+            mismatched: HashSet::new(),
             delivery: self.delivery,
             deliveries,
             direct_tx: HashMap::new(),
@@ -684,6 +714,8 @@ impl RoutedBuilder {
             runtime: runtime.clone(),
             trust_changes,
             trust_deadline: None,
+            batching: false,
+            deferred: HashSet::new(),
         };
         let span = tracing::info_span!("veil_routed", node = %NodeId::from_public_key(&public_key));
         runtime.spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -701,6 +733,7 @@ impl RoutedBuilder {
                 delivery: self.delivery.is_some(),
                 commits,
                 commit_wake,
+                failures,
             }),
         })
     }
@@ -726,6 +759,7 @@ struct Shared {
     /// Commits the actor has not taken yet, by node and channel (the highest id wins).
     commits: Arc<Mutex<HashMap<(NodeId, u16), u64>>>,
     commit_wake: Arc<Notify>,
+    failures: broadcast::Sender<RoutedHandshakeFailure>,
 }
 
 impl Drop for Shared {
@@ -921,6 +955,14 @@ impl RoutedEndpoint {
         self.inner.events.lock().await.recv().await.ok_or(Error::EndpointClosed)
     }
 
+    /// Subscribes to end-to-end handshakes that fail (denied here, refused by the peer, timed
+    /// out, broken), with a typed error each; a cloud counts them by reason. Only failures
+    /// after the call are seen; a subscriber that falls behind skips the oldest.
+    #[must_use]
+    pub fn handshake_failures(&self) -> broadcast::Receiver<RoutedHandshakeFailure> {
+        self.inner.failures.subscribe()
+    }
+
     /// Counters.
     #[must_use]
     pub fn stats(&self) -> RoutedStats {
@@ -1016,32 +1058,6 @@ async fn read_link(id: LinkId, kind: LinkKind, link: Connection, tx: mpsc::Sende
     }
 }
 
-/// One relay link's writer: hands the actor's envelopes to the link, waiting while the link's
-/// own queue is full, and tells the actor when it has room again if the actor asked
-/// (`blocked`).
-async fn write_link(
-    id: LinkId,
-    link: Connection,
-    mut rx: mpsc::Receiver<RoutingMessage>,
-    blocked: Arc<AtomicBool>,
-    tx: mpsc::Sender<Input>,
-) {
-    while let Some(msg) = rx.recv().await {
-        match link.send_routing(msg).await {
-            Ok(()) => {}
-            // Sized by the actor to fit; a link that shrank drops it like a lost packet.
-            Err(Error::MessageTooLarge { len, max }) => tracing::debug!(len, max, "envelope too large for the link"),
-            Err(e) => {
-                tracing::debug!(error = %e, "relay link gone, writer stops");
-                return;
-            }
-        }
-        if blocked.swap(false, Ordering::AcqRel) && tx.send(Input::Ready(id)).await.is_err() {
-            return;
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The actor
 
@@ -1052,11 +1068,9 @@ struct RelayLink {
     relay: NodeId,
     /// spec §16.3: the handles the relay announced on this link.
     routes: PeerRoutes,
-    tx: mpsc::Sender<RoutingMessage>,
-    /// Set by the actor when `tx` was full; the writer clears it and reports `Ready`.
-    blocked: Arc<AtomicBool>,
-    /// The envelope that found the queue full; while it is held, nothing else is sent here.
-    held: Option<RoutingMessage>,
+    /// An envelope found the link's queue full: a task waits for room to queue it and then
+    /// reports `Ready`; until then nothing else is sent here (the order is kept).
+    stalled: bool,
     /// Nodes whose packets wait for this link to drain.
     waiting: HashSet<NodeId>,
     /// The largest routed packet one envelope on this link carries (spec §16.2).
@@ -1271,7 +1285,18 @@ struct Actor {
     direct_tx: HashMap<LinkId, (mpsc::Sender<DirectOut>, Arc<AtomicBool>)>,
     commits: Arc<Mutex<HashMap<(NodeId, u16), u64>>>,
     commit_wake: Arc<Notify>,
+    failures: broadcast::Sender<RoutedHandshakeFailure>,
+    /// Nodes whose handshake the node-id check denied, until its `Closed` (spec §16.6).
+    mismatched: HashSet<NodeId>,
+    /// Within a wake-up's batch ([`Actor::batch`]): pumps wait for its end.
+    batching: bool,
+    /// The nodes to pump at the end of the batch (at most [`BATCH`] inputs and commands
+    /// touched them).
+    deferred: HashSet<NodeId>,
 }
+
+/// Inputs and commands the actor takes per wake-up before it sends what they queued.
+const BATCH: usize = 64;
 
 impl Actor {
     async fn run(mut self) {
@@ -1294,17 +1319,70 @@ impl Actor {
                     () = commit_wake.notified() => Wake::Commits,
                 }
             };
-            match wake {
-                Wake::Stop | Wake::Command(None) | Wake::Input(None) => break,
-                Wake::Input(Some(i)) => self.on_input(i),
-                Wake::Command(Some(c)) => self.on_command(c),
-                Wake::Timer => self.on_timer(),
-                Wake::TrustChanged => self.recheck_all(),
-                Wake::Commits => self.on_commits(),
+            // What the wake-up and the batch after it do to a node's sessions is sent once, at
+            // the end: queued messages share packets, and acknowledgements come once per batch.
+            self.batching = true;
+            let go_on = match wake {
+                Wake::Stop | Wake::Command(None) | Wake::Input(None) => false,
+                Wake::Input(Some(i)) => {
+                    self.on_input(i);
+                    self.batch().await
+                }
+                Wake::Command(Some(c)) => {
+                    self.on_command(c);
+                    self.batch().await
+                }
+                Wake::Timer => {
+                    self.on_timer();
+                    true
+                }
+                Wake::TrustChanged => {
+                    self.recheck_all();
+                    true
+                }
+                Wake::Commits => {
+                    self.on_commits();
+                    true
+                }
+            };
+            self.batching = false;
+            for node in std::mem::take(&mut self.deferred) {
+                self.pump(&node);
+            }
+            if !go_on {
+                break;
             }
         }
         self.shutdown();
         tracing::debug!("routed endpoint stopped");
+    }
+
+    /// After an input or a command: takes up to [`BATCH`] more that are already queued
+    /// (inputs first), their pumps deferred. When both queues are empty it yields once to
+    /// the runtime (a sender this wake-up answered may queue its next message meanwhile) and
+    /// looks again; it stops when a yield brought nothing. `false` when the endpoint stops.
+    async fn batch(&mut self) -> bool {
+        let mut taken = 1;
+        let mut yielded = false;
+        while taken < BATCH {
+            if let Ok(i) = self.input_rx.try_recv() {
+                self.on_input(i);
+            } else if self.parked_total >= self.limits.command_queue.max(1) {
+                // Waiting sends fill the allowance: no more commands until some go.
+                break;
+            } else if let Ok(c) = self.cmd_rx.try_recv() {
+                self.on_command(c);
+            } else if yielded || self.stop.is_cancelled() {
+                break;
+            } else {
+                yielded = true;
+                tokio::task::yield_now().await;
+                continue;
+            }
+            taken += 1;
+            yielded = false;
+        }
+        !self.stop.is_cancelled()
     }
 
     /// Hands the pending events to the application, waiting while its queue is full.
@@ -1329,7 +1407,7 @@ impl Actor {
     }
 
     fn emit(&mut self, e: NodeEvent) {
-        self.out.push_back(e);
+        emit_to(&mut self.out, &self.events_tx, e);
     }
 
     /// The session configuration for a route whose link carries `cap`-byte routed packets.
@@ -1379,13 +1457,6 @@ impl Actor {
         if max_routed < wire::MIN_PACKET_LEN {
             tracing::warn!(max_routed, "relay link too small for routed packets");
         }
-        let (tx, rx) = mpsc::channel(self.limits.link_queue.max(1));
-        let blocked = Arc::new(AtomicBool::new(false));
-        let span = tracing::debug_span!("veil_routed_writer", id, link = conn.id());
-        self.runtime.spawn(tracing::Instrument::instrument(
-            write_link(id, conn.clone(), rx, Arc::clone(&blocked), self.input_tx.clone()),
-            span,
-        ));
         tracing::info!(%relay, transport = %conn.transport(), "relay link added");
         self.links.insert(
             id,
@@ -1393,9 +1464,7 @@ impl Actor {
                 conn,
                 relay,
                 routes: PeerRoutes::new(self.limits.max_routes_per_link),
-                tx,
-                blocked,
-                held: None,
+                stalled: false,
                 waiting: HashSet::new(),
                 max_routed,
             },
@@ -1677,54 +1746,68 @@ impl Actor {
             return;
         }
         let Some(link) = self.links.get_mut(&id) else { return };
-        if let Some(msg) = link.held.take() {
-            if !self.forward(id, msg) {
-                return;
-            }
-        }
-        let Some(link) = self.links.get_mut(&id) else { return };
+        // The stalled envelope is in the link's queue now.
+        link.stalled = false;
         let waiting: Vec<NodeId> = link.waiting.drain().collect();
         for node in waiting {
             self.pump(&node);
         }
     }
 
-    /// Queues an envelope for the link's writer. `false` when the queue is full: the
-    /// envelope is held and the link reports `Ready` once it drains.
+    /// Queues an envelope in the relay link's own send queue (no task in between). `false`
+    /// when the queue is full: a task waits for room, queues the envelope, and reports
+    /// `Ready`; the link is stalled until then.
     fn forward(&mut self, id: LinkId, msg: RoutingMessage) -> bool {
         let Some(link) = self.links.get_mut(&id) else { return true };
-        let msg = match link.tx.try_send(msg) {
+        let msg = match link.conn.try_send_routing(msg) {
             Ok(()) => {
                 bump(&self.counters.envelopes_out);
                 return true;
             }
-            Err(mpsc::error::TrySendError::Full(m)) => m,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                // The link is gone; its reader reports it. Lost like a packet in flight.
+            Err(TrySendError::Full(m)) => m,
+            // Sized by the actor to fit; a link that shrank drops it like a lost packet.
+            Err(TrySendError::Failed(Error::MessageTooLarge { len, max })) => {
+                tracing::debug!(len, max, "envelope too large for the link");
                 return true;
             }
+            // The link is gone; its reader reports it. Lost like a packet in flight.
+            Err(TrySendError::Failed(_)) => return true,
         };
-        // Ask the writer for `Ready`, then look again: it may have drained meanwhile.
-        link.blocked.store(true, Ordering::Release);
-        match link.tx.try_send(msg) {
-            Ok(()) => {
-                bump(&self.counters.envelopes_out);
-                true
+        bump(&self.counters.link_stalls);
+        link.stalled = true;
+        let (conn, tx, stop, counters) =
+            (link.conn.clone(), self.input_tx.clone(), self.stop.clone(), Arc::clone(&self.counters));
+        self.runtime.spawn(async move {
+            let queued = tokio::select! {
+                r = conn.send_routing(msg) => r,
+                () = stop.cancelled() => return,
+            };
+            match queued {
+                Ok(()) => bump(&counters.envelopes_out),
+                Err(Error::MessageTooLarge { len, max }) => {
+                    tracing::debug!(len, max, "envelope too large for the link")
+                }
+                Err(e) => {
+                    // The reader reports the link's end.
+                    tracing::debug!(error = %e, "relay link gone");
+                    return;
+                }
             }
-            Err(mpsc::error::TrySendError::Full(m)) => {
-                bump(&self.counters.link_stalls);
-                link.held = Some(m);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
-        }
+            tell(&tx, &stop, Input::Ready(id)).await;
+        });
+        false
     }
 
     // -------------------------------------------------------------------------------
     // End-to-end sessions
 
     /// Sends what `node`'s sessions have to send on its route, then lets waiting sends in.
+    /// In a batch, only notes the node: the batch pumps it once at its end.
     fn pump(&mut self, node: &NodeId) {
+        if self.batching {
+            self.deferred.insert(*node);
+            return;
+        }
         self.delivery_pump(node);
         // Each round either sends, or lets a waiting send in: bounded by the parked sends.
         for _ in 0..=self.parked_total + 1 {
@@ -1749,7 +1832,7 @@ impl Actor {
             return;
         };
         let Some(link) = self.links.get_mut(&id) else { return };
-        if link.held.is_some() {
+        if link.stalled {
             link.waiting.insert(*node);
             return;
         }
@@ -1828,6 +1911,7 @@ impl Actor {
                 RoutedEvent::NodeMismatch { slot } => {
                     // spec §16.6: the demultiplexer denied it; the Closed event follows.
                     bump(&self.counters.node_mismatch);
+                    self.mismatched.insert(*node);
                     tracing::warn!(%node, ?slot, "end-to-end peer key does not match its route's node id");
                 }
                 RoutedEvent::Event { slot, event } => self.on_event(node, slot, event, via),
@@ -1926,6 +2010,12 @@ impl Actor {
                     Slot::Candidate => {
                         bump(&self.counters.handshakes_failed);
                         tracing::debug!(%node, %outcome, "end-to-end handshake failed");
+                        let _ = self.failures.send(RoutedHandshakeFailure {
+                            node,
+                            relay: st.last_relay,
+                            node_mismatch: self.mismatched.remove(&node),
+                            error: outcome.clone(),
+                        });
                         let waiters = std::mem::take(&mut st.waiters);
                         self.release_waiters(waiters, &Err(outcome));
                     }
@@ -2267,13 +2357,17 @@ impl Actor {
         // spec §17.6: what ran out of time is dropped and reported; a Skip tells the peer.
         for e in d.outbox.expire(now) {
             bump(&self.counters.expired);
-            self.out.push_back(NodeEvent::Expired {
-                node: *node,
-                channel: e.channel,
-                id: e.id,
-                payload: e.payload,
-                unconfirmed: e.unconfirmed,
-            });
+            emit_to(
+                &mut self.out,
+                &self.events_tx,
+                NodeEvent::Expired {
+                    node: *node,
+                    channel: e.channel,
+                    id: e.id,
+                    payload: e.payload,
+                    unconfirmed: e.unconfirmed,
+                },
+            );
         }
         // spec §17.4: waiting sends take the room acknowledgements made.
         while let Some(p) = d.waiting.front() {
@@ -2374,7 +2468,11 @@ impl Actor {
         match d.inbox.on_data(channel, id, payload.clone(), d.mode, now) {
             Ok(DataOutcome::Dropped(DeliveryError::NoStream)) => {
                 // spec §17: a sender without delivery; best effort, as without it.
-                self.out.push_back(NodeEvent::Message { node, channel, id, payload, via, stream: None });
+                emit_to(
+                    &mut self.out,
+                    &self.events_tx,
+                    NodeEvent::Message { node, channel, id, payload, via, stream: None },
+                );
                 return;
             }
             Ok(DataOutcome::Duplicate) => bump(&self.counters.duplicates_dropped),
@@ -2394,7 +2492,8 @@ impl Actor {
         let Some(d) = self.deliveries.get_mut(node) else { return };
         let stream = d.inbox.stream();
         while let Some((channel, id, payload)) = d.inbox.poll_deliver() {
-            self.out.push_back(NodeEvent::Message { node: *node, channel, id, payload, via, stream });
+            let e = NodeEvent::Message { node: *node, channel, id, payload, via, stream };
+            emit_to(&mut self.out, &self.events_tx, e);
             if auto_commit {
                 d.inbox.commit(channel, id, now);
             }
@@ -2409,6 +2508,8 @@ impl Actor {
                 if let Some(c) = self.demux.connection_mut(node, Slot::Current) {
                     c.close(now, reason);
                 }
+                // The Close goes out before its Closed event is drained (see `recheck_all`).
+                self.transmit(node);
             }
             Some(DeliverySession::Direct(id)) => {
                 if let Some((_, link)) = self.directs.get(&id) {
@@ -2583,6 +2684,9 @@ impl Actor {
             if let Some(c) = self.demux.connection_mut(&node, Slot::Current) {
                 c.close(now, reason);
             }
+            // The Close goes out now, before its Closed event is drained (the demultiplexer
+            // lets the connection go then), whatever a batch defers.
+            self.transmit(&node);
             self.pump(&node);
             self.drain(&node, None);
         }
@@ -2596,7 +2700,7 @@ impl Actor {
         // is due already waits for that, not for a timer.
         let stalled = match self.deliveries.get(node).and_then(|d| d.session) {
             Some(DeliverySession::Routed) => {
-                self.best.get(node).and_then(|(id, _)| self.links.get(id)).is_some_and(|l| l.held.is_some())
+                self.best.get(node).and_then(|(id, _)| self.links.get(id)).is_some_and(|l| l.stalled)
             }
             Some(DeliverySession::Direct(id)) => self.direct_tx.get(&id).is_some_and(|(tx, _)| tx.capacity() == 0),
             None => false,
@@ -2679,6 +2783,20 @@ impl Actor {
         self.counters.relay_links.store(0, Ordering::Relaxed);
         self.counters.direct_links.store(0, Ordering::Relaxed);
         self.counters.sessions.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An event for the application: straight into its queue while that has room and nothing is
+/// pending before it (so that a batch's messages reach the application as they come), else
+/// after the pending ones ([`Actor::flush`] waits for room).
+fn emit_to(out: &mut VecDeque<NodeEvent>, events: &mpsc::Sender<NodeEvent>, e: NodeEvent) {
+    if !out.is_empty() {
+        out.push_back(e);
+        return;
+    }
+    match events.try_send(e) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e)) => out.push_back(e),
     }
 }
 

@@ -322,7 +322,8 @@ async fn device_and_cloud_talk_through_a_relay_that_never_sees_the_plaintext() {
         let (d, c) = (dev.routed.stats(), cloud.routed.stats());
         assert_eq!((d.sessions, c.sessions), (1, 1), "{transport}");
         assert_eq!((d.messages_out, d.messages_in, c.messages_in, c.messages_out), (3, 1, 3, 1), "{transport}");
-        assert!(d.envelopes_out >= 4 && c.envelopes_in >= 4, "{transport}: {d:?} {c:?}");
+        // The INIT, then the three messages (queued together, they may share a packet).
+        assert!(d.envelopes_out >= 2 && c.envelopes_in >= 2, "{transport}: {d:?} {c:?}");
         assert_eq!(d.handshakes_started, 1, "{transport}");
         assert_eq!((c.node_mismatch, c.denied, c.dropped_unknown_route), (0, 0, 0), "{transport}");
 

@@ -58,6 +58,7 @@ struct ConfigJson {
     rto_max_us: u64,
     ack_delay_us: u64,
     ack_every: u64,
+    ack_every_bytes: usize,
 }
 
 #[derive(Serialize)]
@@ -399,6 +400,7 @@ fn exchange() -> Exchange {
             rto_max_us: config.rto_max.as_micros(),
             ack_delay_us: config.ack_delay.as_micros(),
             ack_every: config.ack_every,
+            ack_every_bytes: config.ack_every_bytes,
         },
         stream: hex::encode(STREAM),
         steps: s.steps,

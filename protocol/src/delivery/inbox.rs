@@ -44,6 +44,9 @@ pub(super) struct InChannel {
     all_committed: bool,
     /// `next` of the last `Ack` sent (spec §17.3: `ACK_EVERY`).
     acked: u64,
+    /// Payload bytes handed to the application since the last `Ack` (spec §17.3:
+    /// `ACK_EVERY_BYTES`, counted once some of them are committed).
+    polled_bytes: usize,
     /// When the next `Ack` of the channel is due.
     ack_due: Option<Timestamp>,
     /// When the last `Ack` of the channel left (rate limit of spec §17.3).
@@ -60,6 +63,7 @@ impl InChannel {
             last_polled: None,
             all_committed: true,
             acked: 0,
+            polled_bytes: 0,
             ack_due: None,
             last_ack: None,
         }
@@ -438,6 +442,7 @@ impl Inbox {
         self.held -= payload.len();
         ch.last_polled = Some(id);
         ch.all_committed = false;
+        ch.polled_bytes = ch.polled_bytes.saturating_add(payload.len());
         self.stats.delivered += 1;
         Some((channel, id, payload))
     }
@@ -445,7 +450,7 @@ impl Inbox {
     /// The application committed every message of `channel` it was given up to `through`
     /// inclusive (spec §17.7): it holds them durably, or as it declared sufficient. The
     /// `Ack` that tells the sender follows within `ack_delay`, or at once after `ack_every`
-    /// such messages.
+    /// such messages or `ack_every_bytes` of payload handed over since the last `Ack`.
     pub fn commit(&mut self, channel: u16, through: u64, now: Timestamp) {
         let config = self.config;
         let Some(ch) = self.channels.get_mut(&channel) else { return };
@@ -458,7 +463,11 @@ impl Inbox {
             }
         }
         if ch.committed > before {
-            let at = if ch.committed - ch.acked >= config.ack_every { now } else { now + config.ack_delay };
+            let at = if ch.committed - ch.acked >= config.ack_every || ch.polled_bytes >= config.ack_every_bytes {
+                now
+            } else {
+                now + config.ack_delay
+            };
             ch.due(at);
             self.ack_check = Some(self.ack_check.map_or(at, |t| t.min(at)));
         }
@@ -497,6 +506,7 @@ impl Inbox {
         ch.ack_due = None;
         ch.last_ack = Some(now);
         ch.acked = ack.next();
+        ch.polled_bytes = 0;
         self.stats.acks_sent += 1;
         Some(ack)
     }
@@ -596,6 +606,30 @@ mod tests {
         assert!(acks(&mut i, T0).is_empty(), "31 committed: within ACK_DELAY");
         i.commit(0, 31, T0);
         assert_eq!(acks(&mut i, T0), [Ack::cumulative(0, 32)]);
+    }
+
+    #[test]
+    fn committed_payload_of_ack_every_bytes_goes_at_once() {
+        let config = DeliveryConfig { ack_every_bytes: 40, ..DeliveryConfig::default() };
+        let mut i = inbox(config);
+        for id in 0..4 {
+            data(&mut i, 0, id, &[0xa5; 10]).unwrap();
+        }
+        delivered(&mut i);
+        i.commit(0, 3, T0);
+        assert_eq!(acks(&mut i, T0), [Ack::cumulative(0, 4)], "40 B committed: at once");
+        // The count starts again after the Ack: 30 B wait for ACK_DELAY.
+        for id in 4..7 {
+            data(&mut i, 0, id, &[0xa5; 10]).unwrap();
+        }
+        delivered(&mut i);
+        i.commit(0, 6, T0);
+        assert!(acks(&mut i, T0).is_empty(), "30 B committed: within ACK_DELAY");
+        assert_eq!(acks(&mut i, T0 + ACK_DELAY), [Ack::cumulative(0, 7)]);
+        // Handed over but not committed: no Ack for the bytes alone.
+        data(&mut i, 0, 7, &[0xa5; 50]).unwrap();
+        delivered(&mut i);
+        assert!(acks(&mut i, T0 + ACK_DELAY + ACK_DELAY).is_empty());
     }
 
     #[test]
