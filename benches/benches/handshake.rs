@@ -134,7 +134,10 @@ fn ratios() {
         let (t_dh, t_keygen, t_hs) = (rounds.best_ns(0), rounds.best_ns(1), rounds.best_ns(2));
         let (bound, strict_bound) = (dh * t_dh, dh * t_dh + keygen * t_keygen);
         let ratio = bound / t_hs;
-        worst = worst.min(ratio);
+        if !cached {
+            // The issue's target is about the handshake as specified (every DH computed).
+            worst = worst.min(ratio);
+        }
         println!(
             "{} {suite}: {:.0} handshakes/s ({}), bound {:.0}/s ({} DH × {}), ratio {ratio:.3} (m {:.3}) {}; \
              with {} keygens × {}: bound {:.0}/s, ratio {:.3} (m {:.3})",
@@ -163,7 +166,7 @@ fn ratios() {
         }
     }
     if plan.is_measuring() {
-        println!("lowest ratio to the DH bound: {worst:.3} (target ≥ {TARGET})");
+        println!("lowest ratio to the DH bound, without the ss cache: {worst:.3} (target ≥ {TARGET})");
     }
 }
 
