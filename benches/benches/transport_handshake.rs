@@ -16,7 +16,8 @@
 //!   Veil built with `ring`.
 //!   Veil endpoints keep a static-static DH cache by default (spec §11.11): after the first
 //!   connection, the IK server and client each skip the `ss` X25519. `IK-no-ss-cache` is the
-//!   same IK run with the cache turned off (`EndpointLimits::static_dh_cache = 0`).
+//!   same IK run with the cache turned off (`EndpointLimits::static_dh_cache = 0`), and
+//!   `IK-server-ss-cache` with it on the server only (devices running the `no_std` core have none).
 //! - **rustls**: tokio-rustls with rustls's ring provider, TLS 1.3 only, X25519, the cipher
 //!   suite with the AEAD of the Veil suite it is compared with, a self-signed ECDSA P-256
 //!   certificate (rcgen) verified by the client against it as the trust anchor; server
@@ -62,6 +63,14 @@ fn short(suite: Suite) -> &'static str {
     }
 }
 
+/// Which Veil endpoints keep a static-static DH cache.
+#[derive(Clone, Copy)]
+enum Cache {
+    Both,
+    Server,
+    None,
+}
+
 enum Server {
     Veil(VeilPeers),
     Tls { tls: Tls, listener: Arc<TcpListener>, addr: SocketAddr },
@@ -74,14 +83,17 @@ struct Subject {
 }
 
 impl Subject {
-    async fn veil(pattern: Pattern, suite: Suite, ss_cache: bool) -> Result<Self, NetError> {
+    async fn veil(pattern: Pattern, suite: Suite, cache: Cache) -> Result<Self, NetError> {
         // Room for a batch and the previous one still closing.
-        let mut limits = open_limits(4 * HANDSHAKES);
-        if !ss_cache {
-            limits.static_dh_cache = 0;
-        }
-        let peers = VeilPeers::bind_with_limits(pattern, suite, limits).await?;
-        let variant = if ss_cache { "" } else { "-no-ss-cache" };
+        let limits = open_limits(4 * HANDSHAKES);
+        let mut off = limits.clone();
+        off.static_dh_cache = 0;
+        let (server, client, variant) = match cache {
+            Cache::Both => (limits.clone(), limits, ""),
+            Cache::Server => (limits, off, "-server-ss-cache"),
+            Cache::None => (off.clone(), off, "-no-ss-cache"),
+        };
+        let peers = VeilPeers::bind_each(pattern, suite, server, client).await?;
         Ok(Self {
             name: format!("veil-{VEIL_BUILD}-{pattern}{variant}-{}", short(suite)),
             suite,
@@ -103,9 +115,10 @@ impl Subject {
     async fn all() -> Result<Vec<Self>, NetError> {
         let mut v = Vec::new();
         for suite in Suite::ALL {
-            v.push(Self::veil(Pattern::IK, suite, true).await?);
-            v.push(Self::veil(Pattern::IK, suite, false).await?);
-            v.push(Self::veil(Pattern::XX, suite, true).await?);
+            v.push(Self::veil(Pattern::IK, suite, Cache::Both).await?);
+            v.push(Self::veil(Pattern::IK, suite, Cache::Server).await?);
+            v.push(Self::veil(Pattern::IK, suite, Cache::None).await?);
+            v.push(Self::veil(Pattern::XX, suite, Cache::Both).await?);
             v.push(Self::tls(suite, false).await?);
             v.push(Self::tls(suite, true).await?);
         }
@@ -303,8 +316,8 @@ fn ratios() {
     }
     // The cache's own effect, measured in the same run.
     for (v, s) in subjects.iter().enumerate() {
-        let uncached = s.name.replacen("-IK-", "-IK-no-ss-cache-", 1);
-        if s.name == uncached {
+        let uncached = format!("veil-{VEIL_BUILD}-IK-no-ss-cache-{}", short(s.suite));
+        if s.name == uncached || !s.name.starts_with(&format!("veil-{VEIL_BUILD}-IK-")) {
             continue;
         }
         if let Some(u) = subjects.iter().position(|t| t.name == uncached) {

@@ -118,6 +118,19 @@ impl VeilPeers {
     /// # Errors
     /// If a socket cannot be bound.
     pub async fn bind_with_limits(pattern: Pattern, suite: Suite, limits: EndpointLimits) -> Result<Self, NetError> {
+        Self::bind_each(pattern, suite, limits.clone(), limits).await
+    }
+
+    /// [`VeilPeers::bind`] with the server's and the client's own limits.
+    ///
+    /// # Errors
+    /// If a socket cannot be bound.
+    pub async fn bind_each(
+        pattern: Pattern,
+        suite: Suite,
+        server_limits: EndpointLimits,
+        client_limits: EndpointLimits,
+    ) -> Result<Self, NetError> {
         let server_id = keypair(1);
         let client_id = keypair(2);
         let server_pub = *server_id.public();
@@ -125,7 +138,7 @@ impl VeilPeers {
         let server = Endpoint::builder(server_id)
             .suite(suite)
             .authorizer(Authorizer::allowlist([client_pub]))
-            .limits(limits.clone())
+            .limits(server_limits)
             .listen_tcp(localhost())
             .bind_udp(localhost())
             .bind()
@@ -134,7 +147,7 @@ impl VeilPeers {
             .pattern(pattern)
             .suite(suite)
             .authorizer(Authorizer::allowlist([server_pub]))
-            .limits(limits)
+            .limits(client_limits)
             .bind_udp(localhost())
             .bind()
             .await?;
