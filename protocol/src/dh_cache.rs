@@ -383,6 +383,23 @@ mod tests {
     }
 
     #[test]
+    fn an_evicted_result_leaves_no_copy_in_the_table() {
+        let c = StaticDhCache::new(2);
+        let me = key(1);
+        c.insert(&me, &key(10), &key(110));
+        c.insert(&me, &key(11), &key(111));
+        c.insert(&me, &key(12), &key(112));
+        let t = c.lock();
+        let held: Vec<[u8; 32]> = t.chunks.iter().flat_map(|ch| ch.iter().map(|s| s.shared.0)).collect();
+        // One of the first two went; its slot now holds the newcomer, and nothing else holds it.
+        assert_eq!(held.len(), 2);
+        assert!(held.contains(&key(112)));
+        let gone = if held.contains(&key(110)) { key(111) } else { key(110) };
+        assert!(!held.contains(&gone));
+        assert_eq!(t.index.len(), 2);
+    }
+
+    #[test]
     fn zero_capacity_stores_nothing() {
         let c = StaticDhCache::new(0);
         c.insert(&key(1), &key(2), &key(3));
