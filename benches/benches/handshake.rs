@@ -33,9 +33,31 @@ use x25519_dalek::{PublicKey, StaticSecret};
 /// The issue's target: handshakes reach this fraction of the DH-only bound.
 const TARGET: f64 = 0.85;
 
-/// Every pattern and suite whose X25519 work these benchmarks know how to count.
-fn cases() -> impl Iterator<Item = (Pattern, Suite)> {
-    Pattern::ALL.into_iter().filter(|p| dh_cost(*p).is_some()).flat_map(|p| Suite::ALL.into_iter().map(move |s| (p, s)))
+/// Every pattern and suite whose X25519 work these benchmarks know how to count, without and,
+/// for the patterns with an `ss` token, with a static-static DH cache on both sides.
+fn cases() -> impl Iterator<Item = (Pattern, Suite, bool)> {
+    Pattern::ALL.into_iter().filter(|p| dh_cost(*p).is_some()).flat_map(|p| {
+        let cached = dh_cost(p).is_some_and(|c| c.ss > 0);
+        Suite::ALL
+            .into_iter()
+            .flat_map(move |s| [(p, s, false), (p, s, true)].into_iter().filter(move |c| !c.2 || cached))
+    })
+}
+
+fn endpoints(pattern: Pattern, suite: Suite, cached: bool) -> Endpoints {
+    if cached {
+        Endpoints::with_static_dh_cache(pattern, suite, Mode::Stream)
+    } else {
+        Endpoints::new(pattern, suite, Mode::Stream)
+    }
+}
+
+fn label(pattern: Pattern, cached: bool) -> String {
+    if cached {
+        format!("{pattern}+ss-cache")
+    } else {
+        pattern.to_string()
+    }
 }
 
 /// One full handshake with fresh connections.
@@ -57,9 +79,9 @@ fn handshakes(c: &mut Criterion) {
     group.bench_function("x25519/keygen", |b| b.iter(|| raw::x25519_public(black_box(&secret))));
     let mut rng = StdRng::seed_from_u64(1);
     let mut buf = pair::packet_buffer();
-    for (pattern, suite) in cases() {
-        let endpoints = Endpoints::new(pattern, suite, Mode::Stream);
-        group.bench_function(BenchmarkId::new(pattern.to_string(), suite), |b| {
+    for (pattern, suite, cached) in cases() {
+        let endpoints = endpoints(pattern, suite, cached);
+        group.bench_function(BenchmarkId::new(label(pattern, cached), suite), |b| {
             b.iter(|| handshake(&endpoints, &mut rng, &mut buf))
         });
     }
@@ -80,34 +102,50 @@ fn ratios() {
         );
     }
     let mut worst = f64::INFINITY;
-    for (pattern, suite) in cases() {
+    for (pattern, suite, cached) in cases() {
         let Some(cost) = dh_cost(pattern) else { continue };
-        let endpoints = Endpoints::new(pattern, suite, Mode::Stream);
-        let rounds = timing::interleave(
-            plan,
-            &mut [
-                &mut || drop(black_box(raw::x25519_dh(black_box(&secret), black_box(&public)))),
-                &mut || {
-                    black_box(raw::x25519_public(black_box(&secret)));
-                },
-                &mut || handshake(&endpoints, &mut rng, &mut buf),
-            ],
-        );
+        // With the cache warm, the `ss` DHs are not computed: the bound leaves them out.
+        let dh_count = if cached { cost.dh - cost.ss } else { cost.dh };
+        let endpoints = endpoints(pattern, suite, cached);
+        // Fills the caches (the first handshake computes `ss`).
+        handshake(&endpoints, &mut rng, &mut buf);
+        // The cached handshake is also timed against the uncached one, in the same rounds.
+        let uncached = cached.then(|| self::endpoints(pattern, suite, false));
+        let mut rng2 = StdRng::seed_from_u64(3);
+        let mut buf2 = pair::packet_buffer();
+        let mut ops: Vec<Box<dyn FnMut() + '_>> = vec![
+            Box::new(|| drop(black_box(raw::x25519_dh(black_box(&secret), black_box(&public))))),
+            Box::new(|| {
+                black_box(raw::x25519_public(black_box(&secret)));
+            }),
+            Box::new(|| handshake(&endpoints, &mut rng, &mut buf)),
+        ];
+        if let Some(u) = &uncached {
+            ops.push(Box::new(move || handshake(u, &mut rng2, &mut buf2)));
+        }
+        let mut refs: Vec<&mut dyn FnMut()> = ops.iter_mut().map(|o| &mut **o as &mut dyn FnMut()).collect();
+        let rounds = timing::interleave(plan, &mut refs);
+        drop(refs);
+        drop(ops);
         if !plan.is_measuring() {
             continue;
         }
-        let (dh, keygen) = (f64::from(cost.dh), f64::from(cost.keygen));
+        let (dh, keygen) = (f64::from(dh_count), f64::from(cost.keygen));
         let (t_dh, t_keygen, t_hs) = (rounds.best_ns(0), rounds.best_ns(1), rounds.best_ns(2));
         let (bound, strict_bound) = (dh * t_dh, dh * t_dh + keygen * t_keygen);
         let ratio = bound / t_hs;
-        worst = worst.min(ratio);
+        if !cached {
+            // The issue's target is about the handshake as specified (every DH computed).
+            worst = worst.min(ratio);
+        }
         println!(
-            "{pattern} {suite}: {:.0} handshakes/s ({}), bound {:.0}/s ({} DH × {}), ratio {ratio:.3} (m {:.3}) {}; \
+            "{} {suite}: {:.0} handshakes/s ({}), bound {:.0}/s ({} DH × {}), ratio {ratio:.3} (m {:.3}) {}; \
              with {} keygens × {}: bound {:.0}/s, ratio {:.3} (m {:.3})",
+            label(pattern, cached),
             1e9 / t_hs,
             format_ns(t_hs),
             1e9 / bound,
-            cost.dh,
+            dh_count,
             format_ns(t_dh),
             rounds.median_of(|r| dh * r[0] / r[2]),
             if ratio >= TARGET { "target ≥ 0.85 met" } else { "target ≥ 0.85 MISSED" },
@@ -117,9 +155,18 @@ fn ratios() {
             strict_bound / t_hs,
             rounds.median_of(|r| (dh * r[0] + keygen * r[1]) / r[2]),
         );
+        if uncached.is_some() {
+            println!(
+                "  {} ÷ {pattern} (same rounds): {:.3}× the handshakes/s (m {:.3}); {pattern} {}",
+                label(pattern, cached),
+                rounds.best_ns(3) / t_hs,
+                rounds.median_of(|r| r[3] / r[2]),
+                format_ns(rounds.best_ns(3)),
+            );
+        }
     }
     if plan.is_measuring() {
-        println!("lowest ratio to the DH bound: {worst:.3} (target ≥ {TARGET})");
+        println!("lowest ratio to the DH bound, without the ss cache: {worst:.3} (target ≥ {TARGET})");
     }
 }
 

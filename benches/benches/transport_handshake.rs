@@ -14,13 +14,21 @@
 //!   the server's allowlist decision. IK (Veil's default; the client knows the server's key)
 //!   and XX (neither knows the other's key in advance, as with a TLS certificate), each suite,
 //!   Veil built with `ring`.
+//!   Veil endpoints keep a static-static DH cache by default (spec §11.11): after the first
+//!   connection, the IK server and client each skip the `ss` X25519. `IK-no-ss-cache` is the
+//!   same IK run with the cache turned off (`EndpointLimits::static_dh_cache = 0`), and
+//!   `IK-server-ss-cache` with it on the server only (devices running the `no_std` core have none).
 //! - **rustls**: tokio-rustls with rustls's ring provider, TLS 1.3 only, X25519, the cipher
 //!   suite with the AEAD of the Veil suite it is compared with, a self-signed ECDSA P-256
 //!   certificate (rcgen) verified by the client against it as the trust anchor; server
 //!   authentication only; no resumption (no tickets, no session cache): every handshake is a
 //!   full one, complete once the server's `accept` returns.
+//! - **rustls-mtls**: the same with client certificates, since Veil authenticates both sides:
+//!   the client presents an ECDSA P-256 certificate issued by an rcgen CA and signs the
+//!   handshake; the server verifies it with `WebPkiClientVerifier` against that CA.
 //!
-//! The target: Veil ≥ 1.5× rustls handshakes per second. Run with
+//! The target: Veil ≥ 1.5× rustls handshakes per second; each Veil subject's ratio is
+//! printed against both TLS peers of its suite. Run with
 //! `cargo bench -p veil-benches --bench transport_handshake`; figures go to
 //! `benches/RESULTS.md`.
 
@@ -32,7 +40,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
-use veil_benches::net::{self, NetError, Tls, TlsSuite, VeilPeers};
+use veil_benches::net::{self, open_limits, NetError, Tls, TlsSuite, VeilPeers};
 use veil_benches::timing::{self, Plan};
 use veil_benches::VEIL_BUILD;
 use veil_protocol::{Pattern, Suite};
@@ -55,6 +63,14 @@ fn short(suite: Suite) -> &'static str {
     }
 }
 
+/// Which Veil endpoints keep a static-static DH cache.
+#[derive(Clone, Copy)]
+enum Cache {
+    Both,
+    Server,
+    None,
+}
+
 enum Server {
     Veil(VeilPeers),
     Tls { tls: Tls, listener: Arc<TcpListener>, addr: SocketAddr },
@@ -67,18 +83,30 @@ struct Subject {
 }
 
 impl Subject {
-    async fn veil(pattern: Pattern, suite: Suite) -> Result<Self, NetError> {
+    async fn veil(pattern: Pattern, suite: Suite, cache: Cache) -> Result<Self, NetError> {
         // Room for a batch and the previous one still closing.
-        let peers = VeilPeers::bind(pattern, suite, 4 * HANDSHAKES).await?;
-        Ok(Self { name: format!("veil-{VEIL_BUILD}-{pattern}-{}", short(suite)), suite, server: Server::Veil(peers) })
+        let limits = open_limits(4 * HANDSHAKES);
+        let mut off = limits.clone();
+        off.static_dh_cache = 0;
+        let (server, client, variant) = match cache {
+            Cache::Both => (limits.clone(), limits, ""),
+            Cache::Server => (limits, off, "-server-ss-cache"),
+            Cache::None => (off.clone(), off, "-no-ss-cache"),
+        };
+        let peers = VeilPeers::bind_each(pattern, suite, server, client).await?;
+        Ok(Self {
+            name: format!("veil-{VEIL_BUILD}-{pattern}{variant}-{}", short(suite)),
+            suite,
+            server: Server::Veil(peers),
+        })
     }
 
-    async fn tls(suite: Suite) -> Result<Self, NetError> {
+    async fn tls(suite: Suite, mutual: bool) -> Result<Self, NetError> {
         let listener = TcpListener::bind(net::localhost()).await?;
         let addr = listener.local_addr()?;
-        let tls = Tls::new(TlsSuite::matching(suite))?;
+        let tls = if mutual { Tls::mutual(TlsSuite::matching(suite))? } else { Tls::new(TlsSuite::matching(suite))? };
         Ok(Self {
-            name: format!("rustls-{}", short(suite)),
+            name: format!("{}-{}", if mutual { "rustls-mtls" } else { "rustls" }, short(suite)),
             suite,
             server: Server::Tls { tls, listener: Arc::new(listener), addr },
         })
@@ -87,11 +115,25 @@ impl Subject {
     async fn all() -> Result<Vec<Self>, NetError> {
         let mut v = Vec::new();
         for suite in Suite::ALL {
-            v.push(Self::veil(Pattern::IK, suite).await?);
-            v.push(Self::veil(Pattern::XX, suite).await?);
-            v.push(Self::tls(suite).await?);
+            v.push(Self::veil(Pattern::IK, suite, Cache::Both).await?);
+            v.push(Self::veil(Pattern::IK, suite, Cache::Server).await?);
+            v.push(Self::veil(Pattern::IK, suite, Cache::None).await?);
+            v.push(Self::veil(Pattern::XX, suite, Cache::Both).await?);
+            v.push(Self::tls(suite, false).await?);
+            v.push(Self::tls(suite, true).await?);
         }
         Ok(v)
+    }
+
+    fn is_veil(&self) -> bool {
+        matches!(self.server, Server::Veil(_))
+    }
+
+    /// The TLS peer of `suite`, server-only or mutual.
+    fn is_tls(&self, suite: Suite, mutual: bool) -> bool {
+        self.suite == suite
+            && matches!(self.server, Server::Tls { .. })
+            && self.name.starts_with("rustls-mtls") == mutual
     }
 
     /// Runs `n` handshakes and waits for the server to complete them all.
@@ -248,27 +290,41 @@ fn ratios() {
     let per_s = |ns: f64| n as f64 * 1e9 / ns;
     for (i, s) in subjects.iter().enumerate() {
         println!(
-            "  {:<36} {:>7.0} handshakes/s  (median {:.0})",
+            "  {:<44} {:>7.0} handshakes/s  (median {:.0})",
             s.name,
             per_s(rounds.best_ns(i)),
             per_s(rounds.median_ns(i))
         );
     }
     for (v, s) in subjects.iter().enumerate() {
-        if !s.name.starts_with("veil") {
+        if !s.is_veil() {
             continue;
         }
-        let Some(p) = subjects.iter().position(|t| t.name.starts_with("rustls") && t.suite == s.suite) else {
+        for mutual in [false, true] {
+            let Some(p) = subjects.iter().position(|t| t.is_tls(s.suite, mutual)) else {
+                continue;
+            };
+            let best = rounds.best_ns(p) / rounds.best_ns(v);
+            let median = rounds.median_of(|r| r[p] / r[v]);
+            let verdict = match (VEIL_BUILD, best >= TARGET) {
+                ("ring", true) => format!(", target ≥ {TARGET} met"),
+                ("ring", false) => format!(", target ≥ {TARGET} MISSED"),
+                _ => String::new(),
+            };
+            println!("  {} ÷ {}: {best:.3} (m {median:.3}){verdict}", s.name, subjects[p].name);
+        }
+    }
+    // The cache's own effect, measured in the same run.
+    for (v, s) in subjects.iter().enumerate() {
+        let uncached = format!("veil-{VEIL_BUILD}-IK-no-ss-cache-{}", short(s.suite));
+        if s.name == uncached || !s.name.starts_with(&format!("veil-{VEIL_BUILD}-IK-")) {
             continue;
-        };
-        let best = rounds.best_ns(p) / rounds.best_ns(v);
-        let median = rounds.median_of(|r| r[p] / r[v]);
-        let verdict = match (VEIL_BUILD, best >= TARGET) {
-            ("ring", true) => format!(", target ≥ {TARGET} met"),
-            ("ring", false) => format!(", target ≥ {TARGET} MISSED"),
-            _ => String::new(),
-        };
-        println!("  {} ÷ {}: {best:.3} (m {median:.3}){verdict}", s.name, subjects[p].name);
+        }
+        if let Some(u) = subjects.iter().position(|t| t.name == uncached) {
+            let best = rounds.best_ns(u) / rounds.best_ns(v);
+            let median = rounds.median_of(|r| r[u] / r[v]);
+            println!("  {} ÷ {}: {best:.3} (m {median:.3})", s.name, subjects[u].name);
+        }
     }
 }
 

@@ -320,21 +320,28 @@ pub mod pair {
         pub dh: u32,
         /// Fixed-base multiplications: each `e` token makes its writer generate an ephemeral pair.
         pub keygen: u32,
+        /// Of `dh`, the static-static ones (`ss`, one on each side), which a static-static DH
+        /// cache skips once it holds the peer.
+        pub ss: u32,
     }
 
     /// Counts the X25519 work of `pattern` from its Noise tokens.
     #[must_use]
     pub fn dh_cost(pattern: Pattern) -> Option<DhCost> {
         let tokens = noise_tokens(pattern)?.iter().flat_map(|m| m.split(", "));
-        let (mut dh, mut keygen) = (0, 0);
+        let (mut dh, mut keygen, mut ss) = (0, 0, 0);
         for t in tokens {
             match t {
-                "ee" | "es" | "se" | "ss" => dh += 2,
+                "ee" | "es" | "se" => dh += 2,
+                "ss" => {
+                    dh += 2;
+                    ss += 2;
+                }
                 "e" => keygen += 1,
                 _ => {}
             }
         }
-        Some(DhCost { dh, keygen })
+        Some(DhCost { dh, keygen, ss })
     }
 
     /// The identities and configurations of both ends of a benchmark pair.
@@ -352,6 +359,18 @@ pub mod pair {
         /// pre-shared key for the psk patterns.
         #[must_use]
         pub fn new(pattern: Pattern, suite: Suite, mode: Mode) -> Self {
+            Self::build(pattern, suite, mode, false)
+        }
+
+        /// [`Endpoints::new`], each side with its own static-static DH cache
+        /// ([`veil_protocol::StaticDhCache`], spec §11.11), as `veil-transports` endpoints have:
+        /// from the second handshake on, IK, IKpsk2 and KK skip the `ss` X25519 on both sides.
+        #[must_use]
+        pub fn with_static_dh_cache(pattern: Pattern, suite: Suite, mode: Mode) -> Self {
+            Self::build(pattern, suite, mode, true)
+        }
+
+        fn build(pattern: Pattern, suite: Suite, mode: Mode, ss_cache: bool) -> Self {
             let psk = pattern.psk_position().map(|_| Psk::new([0x42; 32]));
             let initiator_id = StaticKeypair::from_secret_bytes([0x11; 32]);
             let responder_id = StaticKeypair::from_secret_bytes([0x22; 32]);
@@ -363,6 +382,10 @@ pub mod pair {
             initiator.psk.clone_from(&psk);
             let mut responder = Config::new(responder_id, mode);
             responder.psk = psk;
+            if ss_cache {
+                initiator.static_dh_cache = Some(Arc::new(veil_protocol::StaticDhCache::new(16)));
+                responder.static_dh_cache = Some(Arc::new(veil_protocol::StaticDhCache::new(16)));
+            }
             Self {
                 pattern,
                 initiator: Arc::new(initiator),
@@ -446,12 +469,12 @@ pub mod pair {
 
         #[test]
         fn dh_costs_follow_the_noise_tokens() {
-            let cost = |p| dh_cost(p).map(|c| (c.dh, c.keygen));
-            assert_eq!(cost(Pattern::IK), Some((8, 2)));
-            assert_eq!(cost(Pattern::IKpsk2), Some((8, 2)));
-            assert_eq!(cost(Pattern::KK), Some((8, 2)));
-            assert_eq!(cost(Pattern::XX), Some((6, 2)));
-            assert_eq!(cost(Pattern::XXpsk3), Some((6, 2)));
+            let cost = |p| dh_cost(p).map(|c| (c.dh, c.keygen, c.ss));
+            assert_eq!(cost(Pattern::IK), Some((8, 2, 2)));
+            assert_eq!(cost(Pattern::IKpsk2), Some((8, 2, 2)));
+            assert_eq!(cost(Pattern::KK), Some((8, 2, 2)));
+            assert_eq!(cost(Pattern::XX), Some((6, 2, 0)));
+            assert_eq!(cost(Pattern::XXpsk3), Some((6, 2, 0)));
         }
 
         #[test]

@@ -15,7 +15,7 @@ use rustls::client::Resumption;
 use rustls::crypto::ring as ring_provider;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::server::NoServerSessionStorage;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::runtime::Runtime;
@@ -109,6 +109,28 @@ impl VeilPeers {
     /// # Errors
     /// If a socket cannot be bound.
     pub async fn bind(pattern: Pattern, suite: Suite, max_connections: usize) -> Result<Self, NetError> {
+        Self::bind_with_limits(pattern, suite, open_limits(max_connections)).await
+    }
+
+    /// [`VeilPeers::bind`] with other limits on both endpoints (`open_limits` gives the ones
+    /// `bind` uses).
+    ///
+    /// # Errors
+    /// If a socket cannot be bound.
+    pub async fn bind_with_limits(pattern: Pattern, suite: Suite, limits: EndpointLimits) -> Result<Self, NetError> {
+        Self::bind_each(pattern, suite, limits.clone(), limits).await
+    }
+
+    /// [`VeilPeers::bind`] with the server's and the client's own limits.
+    ///
+    /// # Errors
+    /// If a socket cannot be bound.
+    pub async fn bind_each(
+        pattern: Pattern,
+        suite: Suite,
+        server_limits: EndpointLimits,
+        client_limits: EndpointLimits,
+    ) -> Result<Self, NetError> {
         let server_id = keypair(1);
         let client_id = keypair(2);
         let server_pub = *server_id.public();
@@ -116,7 +138,7 @@ impl VeilPeers {
         let server = Endpoint::builder(server_id)
             .suite(suite)
             .authorizer(Authorizer::allowlist([client_pub]))
-            .limits(open_limits(max_connections))
+            .limits(server_limits)
             .listen_tcp(localhost())
             .bind_udp(localhost())
             .bind()
@@ -125,7 +147,7 @@ impl VeilPeers {
             .pattern(pattern)
             .suite(suite)
             .authorizer(Authorizer::allowlist([server_pub]))
-            .limits(open_limits(max_connections))
+            .limits(client_limits)
             .bind_udp(localhost())
             .bind()
             .await?;
@@ -247,6 +269,60 @@ impl Tls {
         server.session_storage = Arc::new(NoServerSessionStorage {});
         let (connector, server_name) = Self::connector_trusting(suite, cert.clone())?;
         Ok(Self { acceptor: TlsAcceptor::from(Arc::new(server)), connector, server_name, certificate: cert })
+    }
+
+    /// Mutual authentication, as Veil always does: the server of [`Tls::new`] (self-signed
+    /// ECDSA P-256 certificate, trusted by the client as its anchor) also demands a client
+    /// certificate and verifies it with rustls's `WebPkiClientVerifier` against a CA (rcgen,
+    /// ECDSA P-256). The client presents its certificate alone (one signature to verify, as a
+    /// one-certificate Veil chain) and signs the handshake with its key.
+    ///
+    /// # Errors
+    /// If rcgen or rustls refuse (a bug in this function).
+    pub fn mutual(suite: TlsSuite) -> Result<Self, NetError> {
+        let provider = provider(suite);
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+        let cert = certified.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "bench client CA");
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+        let mut client_params = rcgen::CertificateParams::new(vec!["client.localhost".to_owned()])?;
+        client_params.distinguished_name.push(rcgen::DnType::CommonName, "bench client");
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_key = rcgen::KeyPair::generate()?;
+        let client_cert = client_params.signed_by(&client_key, &ca)?.der().clone();
+        let client_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key.serialize_der()));
+
+        let mut client_roots = RootCertStore::empty();
+        client_roots.add(ca.der().clone())?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| NetError::Broken(format!("client verifier: {e}")))?;
+        let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![cert.clone()], key)?;
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(NoServerSessionStorage {});
+
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.clone())?;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![client_cert], client_key)?;
+        client.resumption = Resumption::disabled();
+        let server_name = ServerName::try_from("localhost").map_err(|e| NetError::Broken(e.to_string()))?;
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            connector: TlsConnector::from(Arc::new(client)),
+            server_name,
+            certificate: cert,
+        })
     }
 
     /// The client side alone, trusting `certificate` (a [`Tls::certificate`] made elsewhere,

@@ -125,6 +125,13 @@ pub struct Config {
     /// it can check the certificate the responder sent there. XX/XXpsk3 initiators always
     /// decide. Default `false`: the responder's key, known in advance, is the trust.
     pub authorize_responder: bool,
+    /// The endpoint's cache of static-static X25519 results (`ss` of IK, IKpsk2 and KK; see
+    /// [`StaticDhCache`](crate::StaticDhCache)), shared by every connection built with this
+    /// configuration and its clones. `None` (the default): every handshake computes `ss`.
+    /// Saves one X25519 per side and handshake with a peer met before; bounded, ≈ 130 B per
+    /// entry. `std` only.
+    #[cfg(feature = "std")]
+    pub static_dh_cache: Option<alloc::sync::Arc<crate::dh_cache::StaticDhCache>>,
 }
 
 impl Config {
@@ -143,6 +150,8 @@ impl Config {
             limits: Limits::default(),
             certificate_chain: None,
             authorize_responder: false,
+            #[cfg(feature = "std")]
+            static_dh_cache: None,
         }
     }
 

@@ -344,19 +344,35 @@ pub(crate) struct Resolver {
     seed: Zeroizing<[u8; 32]>,
     /// This node's identity, so that snow's X25519 reuses its public key (see [`Dh25519`]).
     identity: Option<KnownStatic>,
+    /// The endpoint's static-static DH cache, for X25519 with the identity (see [`Dh25519`]).
+    #[cfg(feature = "std")]
+    ss: Option<alloc::sync::Arc<crate::dh_cache::SsContext>>,
 }
 
 impl Resolver {
     pub(crate) fn new(rng: &mut dyn CryptoRngCore) -> Self {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
-        Self { seed, identity: None }
+        Self {
+            seed,
+            identity: None,
+            #[cfg(feature = "std")]
+            ss: None,
+        }
     }
 
     /// Lets the X25519 objects handed to snow take `identity`'s public key as it is
     /// instead of recomputing it for every handshake.
     pub(crate) fn with_identity(mut self, identity: &StaticKeypair) -> Self {
         self.identity = Some(KnownStatic { secret: identity.secret.to_bytes(), public: identity.public.0 });
+        self
+    }
+
+    /// Lets X25519 with the identity (see [`Resolver::with_identity`]) use and feed the
+    /// endpoint's static-static DH cache through `ss`.
+    #[cfg(feature = "std")]
+    pub(crate) fn with_static_dh_cache(mut self, ss: alloc::sync::Arc<crate::dh_cache::SsContext>) -> Self {
+        self.ss = Some(ss);
         self
     }
 
@@ -380,7 +396,12 @@ impl snow::resolvers::CryptoResolver for Resolver {
     fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
         match choice {
             snow::params::DHChoice::Curve25519 => {
-                Some(Box::new(Dh25519 { known: self.identity.clone(), ..Dh25519::default() }))
+                let mut dh = Dh25519::with_known(self.identity.clone());
+                #[cfg(feature = "std")]
+                {
+                    dh.ss.clone_from(&self.ss);
+                }
+                Some(Box::new(dh))
             }
             _ => None,
         }
@@ -419,23 +440,54 @@ struct KnownStatic {
 /// key is a fixed-base scalar multiplication; when the key is the node's identity, whose
 /// public key [`StaticKeypair`] already holds, that work is skipped (one multiplication
 /// per side and handshake; see `benches/RESULTS.md`).
-#[derive(Default, Zeroize, ZeroizeOnDrop)]
+///
+/// With the identity's key (`is_identity`) and an endpoint cache (`ss`, `std` only), X25519
+/// first looks the peer's public key up in the cache and records what it computes, so that
+/// the handshake can store `DH(s, rs)` once it has finished ([`crate::dh_cache`]). Whether
+/// the key is the identity is decided by comparing it with the identity's secret, not by how
+/// snow set it (snow also `set`s fixed test ephemerals): the cache only ever holds
+/// `DH(identity secret, P)`, which is what this computes for that key and any `P`.
+#[derive(Zeroize, ZeroizeOnDrop)]
 struct Dh25519 {
     secret: [u8; 32],
     public: [u8; 32],
     known: Option<KnownStatic>,
+    /// The secret is the identity's (`known`'s).
+    is_identity: bool,
+    #[cfg(feature = "std")]
+    #[zeroize(skip)]
+    ss: Option<alloc::sync::Arc<crate::dh_cache::SsContext>>,
 }
 
 impl Dh25519 {
+    fn with_known(known: Option<KnownStatic>) -> Self {
+        Self {
+            secret: [0u8; 32],
+            public: [0u8; 32],
+            known,
+            is_identity: false,
+            #[cfg(feature = "std")]
+            ss: None,
+        }
+    }
+
     fn derive_public(&mut self) {
+        self.is_identity = false;
         if let Some(k) = &self.known {
             if bool::from(k.secret.ct_eq(&self.secret)) {
                 self.public = k.public;
+                self.is_identity = true;
                 return;
             }
         }
         let secret = x25519_dalek::StaticSecret::from(self.secret);
         self.public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+    }
+
+    /// The endpoint cache, when this key is the identity.
+    #[cfg(feature = "std")]
+    fn cache(&self) -> Option<&crate::dh_cache::SsContext> {
+        self.ss.as_deref().filter(|_| self.is_identity)
     }
 }
 
@@ -475,10 +527,20 @@ impl snow::types::Dh for Dh25519 {
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
         // snow passes its fixed-size key buffer; the key is its first 32 bytes.
         let theirs: [u8; 32] = pubkey.get(..32).and_then(|k| k.try_into().ok()).ok_or(snow::Error::Dh)?;
+        let dst: &mut [u8; 32] = out.get_mut(..32).and_then(|d| d.try_into().ok()).ok_or(snow::Error::Dh)?;
+        #[cfg(feature = "std")]
+        if let Some(ss) = self.cache() {
+            if ss.lookup(&theirs, dst) {
+                return Ok(());
+            }
+        }
         let shared =
             x25519_dalek::StaticSecret::from(self.secret).diffie_hellman(&x25519_dalek::PublicKey::from(theirs));
-        let dst = out.get_mut(..32).ok_or(snow::Error::Dh)?;
         dst.copy_from_slice(shared.as_bytes());
+        #[cfg(feature = "std")]
+        if let Some(ss) = self.cache() {
+            ss.record(&theirs, dst);
+        }
         Ok(())
     }
 }
@@ -608,13 +670,13 @@ mod tests {
         use snow::types::Dh;
         let id = StaticKeypair::from_secret_bytes([5u8; 32]);
         let known = KnownStatic { secret: id.secret.to_bytes(), public: id.public.0 };
-        let mut cached = Dh25519 { known: Some(known.clone()), ..Dh25519::default() };
+        let mut cached = Dh25519::with_known(Some(known.clone()));
         cached.set(&[5u8; 32]);
-        let mut derived = Dh25519::default();
+        let mut derived = Dh25519::with_known(None);
         derived.set(&[5u8; 32]);
         assert_eq!(cached.pubkey(), derived.pubkey());
         // Any other key is derived, never taken from the cache.
-        let mut other = Dh25519 { known: Some(known), ..Dh25519::default() };
+        let mut other = Dh25519::with_known(Some(known));
         other.set(&[6u8; 32]);
         assert_eq!(other.pubkey(), StaticKeypair::from_secret_bytes([6u8; 32]).public().as_bytes());
     }

@@ -64,6 +64,16 @@ pub struct Handshake {
     init_header: [u8; 7],
     init_header_len: usize,
     peer_payload: Option<HandshakePayload>,
+    /// The link to the endpoint's static-static DH cache, if it has one.
+    #[cfg(feature = "std")]
+    ss: Option<alloc::sync::Arc<crate::dh_cache::SsContext>>,
+}
+
+/// What [`Handshake::build`] makes.
+struct Built {
+    state: snow::HandshakeState,
+    #[cfg(feature = "std")]
+    ss: Option<alloc::sync::Arc<crate::dh_cache::SsContext>>,
 }
 
 impl fmt::Debug for Handshake {
@@ -104,13 +114,25 @@ impl Handshake {
         role: Role,
         init_header: &[u8],
         rng: &mut dyn rand_core::CryptoRngCore,
-    ) -> Result<snow::HandshakeState, HandshakeError> {
+    ) -> Result<Built, HandshakeError> {
         let params: snow::params::NoiseParams =
             noise_params(p.pattern, p.suite).parse().map_err(|_| HandshakeError::Config("noise parameters"))?;
         let mut pro = [0u8; PROLOGUE_MAX];
         let pro_len = prologue(p.config.mode, init_header, &mut pro);
         let secret = p.config.identity.secret_bytes();
         let resolver = Resolver::new(rng).with_identity(&p.config.identity);
+        #[cfg(feature = "std")]
+        let ss = p.config.static_dh_cache.as_ref().map(|cache| {
+            alloc::sync::Arc::new(crate::dh_cache::SsContext::new(
+                alloc::sync::Arc::clone(cache),
+                p.config.identity.public(),
+            ))
+        });
+        #[cfg(feature = "std")]
+        let resolver = match &ss {
+            Some(ss) => resolver.with_static_dh_cache(alloc::sync::Arc::clone(ss)),
+            None => resolver,
+        };
         let mut b = snow::Builder::with_resolver(params, resolver.boxed())
             .prologue(&pro[..pro_len])
             .map_err(snow_error)?
@@ -139,11 +161,16 @@ impl Handshake {
         }
         #[cfg(not(feature = "dangerous-testing"))]
         let _ = p.fixed_ephemeral;
-        match role {
+        let state = match role {
             Role::Initiator => b.build_initiator(),
             Role::Responder => b.build_responder(),
         }
-        .map_err(snow_error)
+        .map_err(snow_error)?;
+        Ok(Built {
+            state,
+            #[cfg(feature = "std")]
+            ss,
+        })
     }
 
     /// Starts an initiator. Nothing is sent until [`Handshake::write`].
@@ -159,9 +186,11 @@ impl Handshake {
         };
         let mut init_header = [0u8; 7];
         let init_header_len = header.encode(p.config.mode, &mut init_header)?;
-        let state = Self::build(p, Role::Initiator, &init_header[..init_header_len], rng)?;
+        let built = Self::build(p, Role::Initiator, &init_header[..init_header_len], rng)?;
         Ok(Self {
-            state,
+            state: built.state,
+            #[cfg(feature = "std")]
+            ss: built.ss,
             pattern: p.pattern,
             suite: p.suite,
             mode: p.config.mode,
@@ -186,9 +215,11 @@ impl Handshake {
         let mut init_header = [0u8; 7];
         let n = header_bytes.len().min(7);
         init_header[..n].copy_from_slice(&header_bytes[..n]);
-        let state = Self::build(p, Role::Responder, header_bytes, rng)?;
+        let built = Self::build(p, Role::Responder, header_bytes, rng)?;
         Ok(Self {
-            state,
+            state: built.state,
+            #[cfg(feature = "std")]
+            ss: built.ss,
             pattern: header.pattern,
             suite: header.suite,
             mode: p.config.mode,
@@ -363,6 +394,12 @@ impl Handshake {
             return Err(HandshakeError::UnexpectedPacket);
         }
         let hash = self.handshake_hash();
+        // The peer proved its static key and was authorized (spec §5.5): `DH(s, rs)`, if this
+        // handshake computed it, may serve the next handshakes with this peer.
+        #[cfg(feature = "std")]
+        if let Some(ss) = &self.ss {
+            ss.commit(self.remote_static().as_ref());
+        }
         let (mut a, mut b) = self.state.dangerously_get_raw_split();
         let (k1, k2) = (CipherKey(a), CipherKey(b));
         a.zeroize();

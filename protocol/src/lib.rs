@@ -61,6 +61,8 @@ pub mod connection;
 pub mod cookie;
 pub mod crypto;
 pub mod delivery;
+#[cfg(feature = "std")]
+pub mod dh_cache;
 pub mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -79,6 +81,8 @@ pub mod wire;
 pub use config::{Config, Limits};
 pub use connection::{Closed, Connection, ConnectionStats, Decision, Event};
 pub use crypto::{Psk, PublicKey, StaticKeypair};
+#[cfg(feature = "std")]
+pub use dh_cache::StaticDhCache;
 pub use error::{ConnectionError, DecodeError, DeliveryError, DenyReason, HandshakeError, SessionError};
 pub use message::CloseReason;
 pub use params::{Mode, Pattern, Suite, PROTOCOL_VERSION};

@@ -475,3 +475,48 @@ fn xx_connection_heap_is_bounded_and_freed_on_drop() {
     check(Pattern::XX, Mode::Stream, &[Suite::ChaChaPolyBlake2s]);
     check(Pattern::XX, Mode::Datagram, &[Suite::ChaChaPolyBlake2s]);
 }
+
+/// The static-static DH cache (spec §11.11) holds about 122 B per entry, as its documentation
+/// says, and frees everything when cleared: `ENTRIES` IK handshakes from as many initiator
+/// keys fill a responder's cache; the heap left after every connection is gone is the cache's.
+#[test]
+fn static_dh_cache_heap_per_entry() {
+    const ENTRIES: usize = 256;
+    let now = Timestamp::from_millis(1);
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut buf = vec![0u8; 65_535];
+    let responder = StaticKeypair::from_secret_bytes([2; 32]);
+    let responder_key = *responder.public();
+    let mut cb = Config::new(responder, Mode::Stream);
+    let cache = Arc::new(veil_protocol::StaticDhCache::new(ENTRIES));
+    cb.static_dh_cache = Some(Arc::clone(&cache));
+    let cb = Arc::new(cb);
+    let initiators: Vec<Arc<Config>> =
+        (0..ENTRIES).map(|_| Arc::new(Config::new(StaticKeypair::generate(&mut rng), Mode::Stream))).collect();
+    // One handshake without the cache first: whatever the first handshake of a thread sets up
+    // once is not the cache's.
+    {
+        let plain = Arc::new(Config::new(StaticKeypair::from_secret_bytes([3; 32]), Mode::Stream));
+        let mut a =
+            Connection::new(Arc::clone(&initiators[0]), Role::Initiator, Some(*plain.public_key()), now, &mut rng)
+                .unwrap();
+        let mut b = Connection::new(plain, Role::Responder, None, now, &mut rng).unwrap();
+        exchange(&mut a, &mut b, now, &mut buf);
+        assert!(a.is_connected() && b.is_connected());
+    }
+    let before = live();
+    for ca in &initiators {
+        let mut a = Connection::new(Arc::clone(ca), Role::Initiator, Some(responder_key), now, &mut rng).unwrap();
+        let mut b = Connection::new(Arc::clone(&cb), Role::Responder, None, now, &mut rng).unwrap();
+        exchange(&mut a, &mut b, now, &mut buf);
+        assert!(a.is_connected() && b.is_connected());
+    }
+    assert_eq!(cache.len(), ENTRIES);
+    let per_entry = usize::try_from(live() - before).unwrap() / ENTRIES;
+    // Clearing frees all of it (and zeroizes the entries on the way).
+    cache.clear();
+    assert_eq!(live(), before);
+    // Printed last: the harness's output capture allocates on this thread.
+    println!("static DH cache: {per_entry} B per entry ({ENTRIES} entries)");
+    assert!((65..=140).contains(&per_entry), "{per_entry} B per entry");
+}

@@ -102,6 +102,14 @@ pub struct EndpointLimits {
     pub tcp_send_buffer: Option<u32>,
     /// Kernel receive buffer of TCP sockets (`SO_RCVBUF`); `None` keeps autotuning.
     pub tcp_recv_buffer: Option<u32>,
+    /// Entries of the endpoint's static-static Diffie-Hellman cache
+    /// ([`veil_protocol::StaticDhCache`]): IK, IKpsk2 and KK handshakes with a peer whose
+    /// result is held skip one X25519 on this side (spec §11.11). About 130 B per entry,
+    /// allocated as peers arrive: ≈ 0.5 MiB at most for the default 4 096. `0` turns the
+    /// cache off. Ignored when the protocol configuration given to
+    /// [`EndpointBuilder::from_config`](crate::EndpointBuilder::from_config) already has a
+    /// cache.
+    pub static_dh_cache: usize,
 }
 
 impl Default for EndpointLimits {
@@ -124,6 +132,7 @@ impl Default for EndpointLimits {
             tcp_backlog: 1_024,
             tcp_send_buffer: None,
             tcp_recv_buffer: None,
+            static_dh_cache: 4_096,
         }
     }
 }

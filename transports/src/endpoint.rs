@@ -8,8 +8,9 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use veil_protocol::dh_cache::CacheStats;
 use veil_protocol::trust::{CertificateChain, RevocationUpdate, RoleSet, TrustError};
-use veil_protocol::{Config, Mode, Pattern, Psk, PublicKey, StaticKeypair, Suite, Timestamp};
+use veil_protocol::{Config, Mode, Pattern, Psk, PublicKey, StaticDhCache, StaticKeypair, Suite, Timestamp};
 
 use crate::clock::Clock;
 use crate::config::{Authorizer, EndpointLimits, Transport, MAX_DATAGRAM_SIZE};
@@ -83,6 +84,9 @@ pub struct EndpointStats {
     /// Routing messages (spec §16) dropped because this endpoint does not route
     /// ([`EndpointBuilder::routing`] off, spec §16.7).
     pub routing_dropped: u64,
+    /// The static-static DH cache's counters (all zero without one,
+    /// [`EndpointLimits::static_dh_cache`](crate::EndpointLimits::static_dh_cache)).
+    pub static_dh_cache: CacheStats,
 }
 
 #[derive(Debug, Default)]
@@ -367,6 +371,10 @@ impl EndpointBuilder {
             // spec §5.5: with a trust check, initiators check the responder's certificate too.
             self.config.authorize_responder = true;
         }
+        if self.config.static_dh_cache.is_none() && self.limits.static_dh_cache > 0 {
+            // One cache for the endpoint: TCP and UDP connections share it (same identity).
+            self.config.static_dh_cache = Some(Arc::new(StaticDhCache::new(self.limits.static_dh_cache)));
+        }
         let mut stream = self.config.clone();
         stream.mode = Mode::Stream;
         let mut datagram = self.config;
@@ -598,6 +606,14 @@ impl Endpoint {
             cookies_refused: c.cookies_refused.load(Ordering::Relaxed),
             cookies_accepted: c.cookies_accepted.load(Ordering::Relaxed),
             routing_dropped: c.routing_dropped.load(Ordering::Relaxed),
+            static_dh_cache: self
+                .inner
+                .shared
+                .stream_config
+                .static_dh_cache
+                .as_ref()
+                .map(|cache| cache.stats())
+                .unwrap_or_default(),
         }
     }
 

@@ -57,6 +57,11 @@ async fn every_pattern_round_trips_over_tcp_and_udp() {
     }
     assert_eq!(server.stats().handshake_failures, 0, "{:?}", server.stats());
     assert_eq!(server.stats().accepted, 12);
+    // One client key: its `ss` result went into the server's cache (spec §11.11) with the
+    // first IK/IKpsk2/KK handshake, and every later one of the 8 took it from there.
+    let cache = server.stats().static_dh_cache;
+    assert_eq!(cache.inserts, 1, "{cache:?}");
+    assert!(cache.hits >= 7, "{cache:?}");
 }
 
 /// Sends `n` numbered messages from `a` to `b` while `b` echoes them, with both
