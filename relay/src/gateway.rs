@@ -613,10 +613,17 @@ impl Forwarder {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
-                    let _ = tap.try_send(packet.clone());
-                }
-                match conn.try_send_routing(msg) {
+                // Announcements still waiting for the link would arrive after this envelope,
+                // which may name one of them (spec §16.3): the link counts as full.
+                let sent = if self.backlogged(out) {
+                    Err(TrySendError::Full(msg))
+                } else {
+                    if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
+                        let _ = tap.try_send(packet.clone());
+                    }
+                    conn.try_send_routing(msg)
+                };
+                match sent {
                     Ok(()) => {
                         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
                         self.counters.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
@@ -807,6 +814,12 @@ impl Forwarder {
                         retry = true;
                         break;
                     };
+                    // The `Route` is still in the link's backlog: the cloud would drop a
+                    // `Deliver` that overtakes it, and the entry would be gone. Later.
+                    if self.backlogged(out) {
+                        retry = true;
+                        break;
+                    }
                     if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
                         let _ = tap.try_send(packet.clone());
                     }
@@ -852,6 +865,13 @@ impl Forwarder {
         if let Some(sp) = &mut self.spooler {
             sp.remove(gone, sources);
         }
+    }
+
+    /// Whether announcements wait in `link`'s backlog (see [`Backlog`]).
+    fn backlogged(&self, link: LinkId) -> bool {
+        self.backlogs
+            .get(&link)
+            .is_some_and(|b| b.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active)
     }
 
     /// Sends what the relay queued: announcements, withdrawals, notices.

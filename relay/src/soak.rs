@@ -589,6 +589,8 @@ struct Running {
     routed: RoutedEndpoint,
     endpoint: Endpoint,
     accepted: Arc<AtomicU64>,
+    /// A `send` is under way (it may still be accepted).
+    busy: Arc<AtomicBool>,
     tasks: JoinSet<()>,
 }
 
@@ -618,6 +620,7 @@ impl Device {
             .build()?;
         let cloud = NodeId::from_public_key(&self.cloud_key);
         let accepted = Arc::new(AtomicU64::new(0));
+        let busy = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
         // The link: linked again whenever it ends (a gateway restart), with a short pause.
         {
@@ -672,7 +675,7 @@ impl Device {
         // The readings. `send` waits while the window is full (backpressure); it returns once
         // the reading has its id, and only then is it counted as accepted.
         {
-            let (routed, accepted) = (routed.clone(), Arc::clone(&accepted));
+            let (routed, accepted, busy) = (routed.clone(), Arc::clone(&accepted), Arc::clone(&busy));
             let index = self.index;
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(interval);
@@ -681,12 +684,16 @@ impl Device {
                 let phase = interval.mul_f64(f64::from(index % 97) / 97.0);
                 tokio::time::sleep(phase).await;
                 let mut seq = 0u64;
-                while sending.load(Ordering::Relaxed) {
+                while sending.load(Ordering::SeqCst) {
                     tick.tick().await;
-                    if !sending.load(Ordering::Relaxed) {
+                    busy.store(true, Ordering::SeqCst);
+                    if !sending.load(Ordering::SeqCst) {
+                        busy.store(false, Ordering::SeqCst);
                         break;
                     }
-                    match routed.send(&cloud, CHANNEL, reading(seed, index, seq, unix_us())).await {
+                    let sent = routed.send(&cloud, CHANNEL, reading(seed, index, seq, unix_us())).await;
+                    busy.store(false, Ordering::SeqCst);
+                    match sent {
                         Ok(()) => {
                             seq += 1;
                             accepted.store(seq, Ordering::Relaxed);
@@ -697,7 +704,7 @@ impl Device {
                 }
             });
         }
-        Ok(Running { routed, endpoint, accepted, tasks })
+        Ok(Running { routed, endpoint, accepted, busy, tasks })
     }
 }
 
@@ -1001,7 +1008,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
         }
     }
     tokio::time::sleep_until(end).await;
-    sending.store(false, Ordering::Relaxed);
+    sending.store(false, Ordering::SeqCst);
     log(&mut events, "devices stop sending".into());
 
     // Drain: wait until the sink holds every accepted reading (bounded).
@@ -1010,8 +1017,10 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
     // A send blocked on a full window finishes once the window moves; give it the drain.
     let accepted = |devices: &[Running]| devices.iter().map(|d| d.accepted.load(Ordering::Relaxed)).collect::<Vec<_>>();
     let drained = loop {
+        // No send still under way (it could yet be accepted), and every accepted reading in.
+        let idle = devices.iter().all(|d| !d.busy.load(Ordering::SeqCst));
         follow.poll();
-        if follow.missing(&accepted(&devices)) == 0 {
+        if idle && follow.missing(&accepted(&devices)) == 0 {
             break true;
         }
         if drain_start.elapsed() > opts.drain {

@@ -31,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use util::{device_endpoint, hex_id, sim_device, start_cloud, start_gateway_to, within, Net};
 use veil_protocol::trust::RoleSet;
-use veil_relay::metrics::{UPLINK_RECONNECTS, UPLINK_UP};
+use veil_relay::metrics::{SPOOL_APPENDED, UPLINK_RECONNECTS, UPLINK_UP};
 use veil_relay::soak::{self, Faults, SoakOptions, SoakReport};
 use veil_transports::chaos::{ChaosConfig, ChaosProxy};
 use veil_transports::Transport;
@@ -135,20 +135,28 @@ async fn udp_links_through_the_lossy_proxy() {
     assert!(lost > 0 && duplicated > 0 && reordered > 0, "the proxy did nothing:\n{r}");
 }
 
-/// Found by the soak: a new uplink is sent one `Route` per attached device at once; with more
-/// devices than the connection's queue holds (`limits.send_queue`, 64), the gateway closed the
-/// uplink ("announcement could not be queued"), reconnected, and did it again, for ever: after
-/// the first cut no device reached the cloud. The announcements now wait for room, in order.
+/// Found by the soak, twice. (1) A new uplink is sent one `Route` per attached device at once;
+/// with more devices than the connection's queue holds (`limits.send_queue`, 64) the gateway
+/// closed the uplink ("announcement could not be queued"), reconnected, and did it again, for
+/// ever: after the first cut no device reached the cloud. (2) With the announcements waiting
+/// for room instead, the spool's replay sent a device's stored packets ahead of the `Route`
+/// naming it: the cloud dropped them, the spool had let them go, and the device, which held
+/// them as in custody, never sent them again (readings lost). Now announcements wait in order,
+/// and neither the replay nor forwarding overtakes them. This test proves (1) and runs the
+/// replay behind a backlog; (2) is a race that [`thirty_second_uplink_outage`] (100 devices
+/// with stored packets) lost in one run of two before the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uplink_that_comes_back_is_told_more_routes_than_its_queue_holds() {
     // Above the queue (64), below the handshake burst one address may make (100).
     const LINKED: usize = 90;
+    const STORED: usize = 20;
     let net = Net::provision(LINKED + 1);
     let cloud = start_cloud(&net).await;
     let proxy = ChaosProxy::start("127.0.0.1:0".parse::<SocketAddr>().unwrap(), cloud.tcp, ChaosConfig::new(3))
         .await
         .unwrap();
-    let gw = start_gateway_to(&net, "gateway", proxy.local_addr(), Transport::Tcp, "").await;
+    let spool = format!("\n[spool]\npath = {}\n", util::toml_path(&net.dir().join("spool.redb")));
+    let gw = start_gateway_to(&net, "gateway", proxy.local_addr(), Transport::Tcp, &spool).await;
     // Devices attached at the link level: each has a route the gateway announces.
     let mut links = Vec::new();
     for i in 1..=LINKED {
@@ -158,15 +166,35 @@ async fn an_uplink_that_comes_back_is_told_more_routes_than_its_queue_holds() {
             .unwrap();
         links.push((e, l));
     }
+    // The device that sends attached last: its `Route` is among the last on a new uplink.
     let d = sim_device(&net, 0, &gw, Transport::Tcp).await;
+    let id = hex_id(net.device(0).identity.public());
     let reconnects = gw.metric(UPLINK_RECONNECTS, &[]).await;
-    proxy.cut_all();
+    proxy.set_down(true);
+    gw.wait_metric(UPLINK_UP, &[], |v| v == 0.0).await;
+    let texts: Vec<String> = (0..STORED).map(|i| format!("stored {i:02}")).collect();
+    for t in &texts {
+        d.send(1, Bytes::from(t.clone())).await.unwrap();
+    }
+    gw.wait_metric(SPOOL_APPENDED, &[], |v| v >= STORED as f64).await;
+    proxy.set_down(false);
     gw.wait_metric(UPLINK_RECONNECTS, &[], |v| v > reconnects).await;
     gw.wait_metric(UPLINK_UP, &[], |v| v == 1.0).await;
-    // The uplink stays: a message goes through it, and no reconnect loop runs.
-    d.send(1, Bytes::from_static(b"after the cut")).await.unwrap();
-    let id = hex_id(net.device(0).identity.public());
-    cloud.wait_line("a message after the cut", |l| l.device == id && l.payload == b"after the cut").await;
+    // The stored readings arrive, in order, once each; then one sent after the outage.
+    let got = util::eventually("the stored readings at the cloud", || {
+        let got: Vec<String> = cloud
+            .sink_lines()
+            .into_iter()
+            .filter(|l| l.device == id && l.payload.starts_with(b"stored"))
+            .map(|l| String::from_utf8(l.payload).unwrap())
+            .collect();
+        (got.len() >= STORED).then_some(got)
+    })
+    .await;
+    assert_eq!(got, texts);
+    d.send(1, Bytes::from_static(b"after the outage")).await.unwrap();
+    cloud.wait_line("a message after the outage", |l| l.device == id && l.payload == b"after the outage").await;
+    // The uplink stays: no reconnect loop runs.
     let after = gw.metric(UPLINK_RECONNECTS, &[]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(gw.metric(UPLINK_RECONNECTS, &[]).await, after, "the uplink keeps reconnecting");
