@@ -869,9 +869,7 @@ impl Forwarder {
 
     /// Whether announcements wait in `link`'s backlog (see [`Backlog`]).
     fn backlogged(&self, link: LinkId) -> bool {
-        self.backlogs
-            .get(&link)
-            .is_some_and(|b| b.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active)
+        self.backlogs.get(&link).is_some_and(|b| b.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active)
     }
 
     /// Sends what the relay queued: announcements, withdrawals, notices.

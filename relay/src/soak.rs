@@ -38,7 +38,7 @@ use veil_transports::{Authorizer, DeliveryOptions, Endpoint, NodeEvent, PeerRole
 
 use crate::demo::{self, Fleet};
 use crate::keyfile::{self, KeyKind};
-use crate::metrics::{scrape, sample, sample_sum, SPOOL_APPENDED, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP};
+use crate::metrics::{sample, sample_sum, scrape, SPOOL_APPENDED, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP};
 use crate::sink::SinkLine;
 use crate::trustload::DeviceFiles;
 
@@ -65,7 +65,8 @@ pub struct Faults {
 
 impl Faults {
     /// No fault at all.
-    pub const NONE: Self = Self { uplink_noise: false, outage: None, kill_gateway: false, kill_cloud: false, udp_loss: false };
+    pub const NONE: Self =
+        Self { uplink_noise: false, outage: None, kill_gateway: false, kill_cloud: false, udp_loss: false };
     /// The whole mix (the default of `veil-relay soak`).
     pub const ALL: Self = Self {
         uplink_noise: true,
@@ -274,8 +275,9 @@ pub fn check(seed: u64, sent: &[Sent], lines: &[SinkLine]) -> Verdict {
             v.note(format!("device {} channel {} id {}: never sent", s.index, l.channel, l.id));
             continue;
         }
-        let (ids, highest) =
-            seen.entry(s.node.as_str()).or_insert_with(|| (vec![false; usize::try_from(s.accepted).unwrap_or(0)], None));
+        let (ids, highest) = seen
+            .entry(s.node.as_str())
+            .or_insert_with(|| (vec![false; usize::try_from(s.accepted).unwrap_or(0)], None));
         let Ok(i) = usize::try_from(l.id) else { continue };
         if ids[i] {
             v.duplicated += 1;
@@ -301,10 +303,7 @@ pub fn check(seed: u64, sent: &[Sent], lines: &[SinkLine]) -> Verdict {
         let missing = s.accepted - got.min(s.accepted);
         if missing > 0 {
             v.lost += missing;
-            let first = seen
-                .get(s.node.as_str())
-                .and_then(|(ids, _)| ids.iter().position(|b| !*b))
-                .unwrap_or(0);
+            let first = seen.get(s.node.as_str()).and_then(|(ids, _)| ids.iter().position(|b| !*b)).unwrap_or(0);
             v.note(format!("device {}: {missing} of {} readings missing (first: id {first})", s.index, s.accepted));
         }
     }
@@ -527,7 +526,12 @@ struct Ports {
     gw_metrics: SocketAddr,
 }
 
-fn write_configs(fleet: &Fleet, opts: &SoakOptions, ports: &Ports, uplink: SocketAddr) -> Result<(PathBuf, PathBuf), SoakError> {
+fn write_configs(
+    fleet: &Fleet,
+    opts: &SoakOptions,
+    ports: &Ports,
+    uplink: SocketAddr,
+) -> Result<(PathBuf, PathBuf), SoakError> {
     let d = &fleet.dir;
     let ca = toml_path(&fleet.ca_pub);
     let crl = toml_path(&d.join("ca").join(crate::tooling::CA_CRL));
@@ -787,7 +791,9 @@ fn schedule(opts: &SoakOptions, rng: &mut StdRng) -> Vec<(f64, Action)> {
     let n = majors.len();
     for (i, a) in majors.into_iter().enumerate() {
         #[allow(clippy::cast_precision_loss)]
-        let slot = opts.at.map_or_else(|| (i as f64 + 0.5 + rng.gen_range(-0.2..0.2)) / n as f64 * 0.8 + 0.05, |at| at[i.min(2)]);
+        let slot = opts
+            .at
+            .map_or_else(|| (i as f64 + 0.5 + rng.gen_range(-0.2..0.2)) / n as f64 * 0.8 + 0.05, |at| at[i.min(2)]);
         out.push((slot * d, a));
     }
     if opts.faults.uplink_noise {
@@ -842,7 +848,7 @@ fn count(x: f64) -> u64 {
 /// report that did not pass.
 #[allow(clippy::too_many_lines)]
 pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
-    if opts.devices == 0 || !(opts.rate > 0.0) {
+    if opts.devices == 0 || !opts.rate.is_finite() || opts.rate <= 0.0 {
         return Err(SoakError::Setup("at least one device and a rate above 0".into()));
     }
     let tmp = tempfile::Builder::new().prefix("veil-soak-").tempdir().map_err(|e| SoakError::Setup(e.to_string()))?;
@@ -864,9 +870,10 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
             gw_udp: free_udp()?,
             gw_metrics: free_tcp()?,
         };
-        let proxy = ChaosProxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), ports.cloud_tcp, ChaosConfig::new(opts.seed))
-            .await
-            .map_err(|e| SoakError::Setup(format!("uplink proxy: {e}")))?;
+        let proxy =
+            ChaosProxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), ports.cloud_tcp, ChaosConfig::new(opts.seed))
+                .await
+                .map_err(|e| SoakError::Setup(format!("uplink proxy: {e}")))?;
         let (cloud_config, gw_config) = write_configs(&fleet, opts, &ports, proxy.local_addr())?;
         let dir = fleet.dir.clone();
         let mut cloud = RoleProc {
@@ -877,8 +884,14 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
             child: None,
             ready: ports.cloud_tcp,
         };
-        let mut gateway =
-            RoleProc { name: "gateway", exe: opts.exe.clone(), config: gw_config, dir, child: None, ready: ports.gw_tcp };
+        let mut gateway = RoleProc {
+            name: "gateway",
+            exe: opts.exe.clone(),
+            config: gw_config,
+            dir,
+            child: None,
+            ready: ports.gw_tcp,
+        };
         let started = match cloud.start().await {
             Ok(()) => gateway.start().await,
             Err(e) => Err(e),
@@ -1052,7 +1065,8 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
         .enumerate()
         .map(|(i, (n, a))| Sent { node: n.clone(), index: u32::try_from(i).unwrap_or(u32::MAX), accepted: *a })
         .collect();
-    let lines = crate::sink::read_lines(&fleet.dir.join("messages.jsonl")).map_err(|e| SoakError::Setup(e.to_string()))?;
+    let lines =
+        crate::sink::read_lines(&fleet.dir.join("messages.jsonl")).map_err(|e| SoakError::Setup(e.to_string()))?;
     let verdict = check(opts.seed, &sent, &lines);
     gateway.kill();
     cloud.kill();

@@ -152,9 +152,8 @@ async fn an_uplink_that_comes_back_is_told_more_routes_than_its_queue_holds() {
     const STORED: usize = 20;
     let net = Net::provision(LINKED + 1);
     let cloud = start_cloud(&net).await;
-    let proxy = ChaosProxy::start("127.0.0.1:0".parse::<SocketAddr>().unwrap(), cloud.tcp, ChaosConfig::new(3))
-        .await
-        .unwrap();
+    let proxy =
+        ChaosProxy::start("127.0.0.1:0".parse::<SocketAddr>().unwrap(), cloud.tcp, ChaosConfig::new(3)).await.unwrap();
     let spool = format!("\n[spool]\npath = {}\n", util::toml_path(&net.dir().join("spool.redb")));
     let gw = start_gateway_to(&net, "gateway", proxy.local_addr(), Transport::Tcp, &spool).await;
     // Devices attached at the link level: each has a route the gateway announces.
