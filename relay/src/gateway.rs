@@ -316,6 +316,7 @@ impl Gateway {
             spooler,
             replay_at: None,
             expire_at: None,
+            backlogs: HashMap::new(),
         };
         tasks.spawn(forwarder.run(rx, spool_answers, stop.clone()).instrument(tracing::info_span!("veil_gateway")));
         tasks.spawn(accept_loop(
@@ -427,6 +428,45 @@ struct Forwarder {
     replay_at: Option<tokio::time::Instant>,
     /// When expiry runs next (while the spool holds packets).
     expire_at: Option<tokio::time::Instant>,
+    /// Announcements and withdrawals waiting for room in their link's queue, per link (see
+    /// [`Backlog`]).
+    backlogs: HashMap<LinkId, Arc<std::sync::Mutex<Backlog>>>,
+}
+
+/// Announcements and withdrawals (spec §16.4.1: they must arrive, in order) that found their
+/// link's queue full: a new uplink is told every attached device's route at once, far more
+/// than a connection's queue holds. A task sends them in order as the queue frees; while it
+/// runs, later ones queue behind them. Beyond [`MAX_BACKLOG`] the link is closed as before.
+#[derive(Debug, Default)]
+struct Backlog {
+    queue: std::collections::VecDeque<RoutingMessage>,
+    /// A task is sending the queue.
+    active: bool,
+}
+
+/// Announcements and withdrawals held for one link at most.
+const MAX_BACKLOG: usize = 1 << 17;
+
+/// Sends a link's backlog in order, waiting for room; ends when it is empty or the link is.
+async fn send_backlog(conn: Connection, backlog: Arc<std::sync::Mutex<Backlog>>) {
+    loop {
+        let next = {
+            let mut b = backlog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let next = b.queue.pop_front();
+            if next.is_none() {
+                b.active = false;
+            }
+            next
+        };
+        let Some(msg) = next else { return };
+        if conn.send_routing(msg).await.is_err() {
+            // The link ended: its peer starts over with a fresh table.
+            let mut b = backlog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.queue.clear();
+            b.active = false;
+            return;
+        }
+    }
 }
 
 impl Forwarder {
@@ -516,6 +556,7 @@ impl Forwarder {
             }
             Input::Routing { link, msg } => self.on_routing(now, link, msg),
             Input::Down { link, revoked } => {
+                self.backlogs.remove(&link);
                 let Some((conn, kind)) = self.links.remove(&link) else { return };
                 metrics::gauge!(m::CONNECTIONS, labels::ROLE => role_label(kind), labels::TRANSPORT => conn.transport().to_string()).decrement(1.0);
                 let peer = NodeId::from_public_key(&conn.remote_static());
@@ -584,10 +625,17 @@ impl Forwarder {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
-                    let _ = tap.try_send(packet.clone());
-                }
-                match conn.try_send_routing(msg) {
+                // Announcements still waiting for the link would arrive after this envelope,
+                // which may name one of them (spec §16.3): the link counts as full.
+                let sent = if self.backlogged(out) {
+                    Err(TrySendError::Full(msg))
+                } else {
+                    if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
+                        let _ = tap.try_send(packet.clone());
+                    }
+                    conn.try_send_routing(msg)
+                };
+                match sent {
                     Ok(()) => {
                         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
                         self.counters.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
@@ -778,6 +826,12 @@ impl Forwarder {
                         retry = true;
                         break;
                     };
+                    // The `Route` is still in the link's backlog: the cloud would drop a
+                    // `Deliver` that overtakes it, and the entry would be gone. Later.
+                    if self.backlogged(out) {
+                        retry = true;
+                        break;
+                    }
                     if let (Some(tap), RoutingMessage::Deliver { packet, .. }) = (&self.tap, &msg) {
                         let _ = tap.try_send(packet.clone());
                     }
@@ -825,6 +879,11 @@ impl Forwarder {
         }
     }
 
+    /// Whether announcements wait in `link`'s backlog (see [`Backlog`]).
+    fn backlogged(&self, link: LinkId) -> bool {
+        self.backlogs.get(&link).is_some_and(|b| b.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active)
+    }
+
     /// Sends what the relay queued: announcements, withdrawals, notices.
     fn flush(&mut self) {
         while let Some((link, msg)) = self.relay.poll_output() {
@@ -839,16 +898,40 @@ impl Forwarder {
                 _ => {}
             }
             let must_arrive = matches!(msg, RoutingMessage::Route { .. } | RoutingMessage::Withdraw { .. });
-            if let Err(e) = conn.try_send_routing(msg) {
-                if must_arrive {
+            let msg = if must_arrive {
+                // Behind what is already waiting for this link, in order.
+                let backlog = self.backlogs.entry(link).or_default();
+                let mut b = backlog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if b.active {
+                    if b.queue.len() < MAX_BACKLOG {
+                        b.queue.push_back(msg);
+                        continue;
+                    }
                     // The peer's view of the routes would be wrong from now on: the link
                     // goes (spec §16.4.1); the peer reconnects with a fresh table.
-                    tracing::warn!(link, error = ?e, "announcement could not be queued; closing the link");
+                    tracing::warn!(link, "announcement backlog full; closing the link");
                     let conn = conn.clone();
                     tokio::spawn(async move { conn.close(CloseReason::InternalError).await });
-                } else {
-                    tracing::debug!(link, error = ?e, "notice not queued");
+                    continue;
                 }
+                match conn.try_send_routing(msg) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(msg)) => {
+                        b.queue.push_back(msg);
+                        b.active = true;
+                        tokio::spawn(send_backlog(conn.clone(), Arc::clone(backlog)));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(link, error = ?e, "announcement for a link that ended");
+                        continue;
+                    }
+                }
+            } else {
+                msg
+            };
+            if let Err(e) = conn.try_send_routing(msg) {
+                tracing::debug!(link, error = ?e, "notice not queued");
             }
         }
     }

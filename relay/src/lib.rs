@@ -10,6 +10,7 @@
 //! - [`gateway`]: the gateway role (device links, the uplink, forwarding).
 //! - [`run`]: running a role as a process (configuration, logging, metrics, signals).
 //! - [`sink`]: where the cloud role writes device messages (JSON lines).
+//! - [`soak`]: `veil-relay soak`, the fault-injection run against real cloud and gateway processes.
 //! - [`control`]: the cloud role's control socket (commands for devices, JSON lines).
 //! - [`config`]: the TOML configuration of the gateway and cloud roles (see `relay/CONFIG.md`).
 //! - [`trustload`]: the node's identity, trust state and chain from its configuration, and
@@ -26,6 +27,7 @@ pub mod keyfile;
 pub mod metrics;
 pub mod run;
 pub mod sink;
+pub mod soak;
 pub mod spool;
 pub mod tooling;
 pub mod trustload;

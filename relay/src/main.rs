@@ -4,6 +4,7 @@
 //! - `cloud --config F`: the cloud role ([`veil_relay::cloud`]) with its JSON-lines sink and
 //!   control socket.
 //! - `demo`: a cloud, a gateway and simulated devices on loopback ([`veil_relay::demo`]).
+//! - `soak`: the fault-injection run against cloud and gateway processes ([`veil_relay::soak`]).
 //! - key and certificate tooling: `keygen`, `ca init`, `cert issue`, `cert show`, `revoke`,
 //!   `crl show`, `allowlist show` (spec §15.10).
 //!
@@ -47,6 +48,11 @@ enum Command {
     /// Run a cloud, a gateway and simulated devices on loopback in one process, with keys
     /// and certificates in a temporary directory, and print a summary (exit 1 if a check fails).
     Demo(DemoArgs),
+    /// Run the fault-injection soak: a cloud and a gateway as child processes, simulated
+    /// devices with acknowledged delivery, and a seeded mix of uplink faults, an outage and
+    /// kill -9 of each role; checks every reading in the sink (exit 1 on any loss,
+    /// duplicate, reordering or damage).
+    Soak(SoakArgs),
     #[command(flatten)]
     Tool(ToolCommand),
 }
@@ -135,6 +141,130 @@ async fn demo(args: DemoArgs) -> ExitCode {
         opts.devices, opts.rate, args.duration
     );
     match veil_relay::demo::run(&opts).await {
+        Ok(report) => {
+            println!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Arguments of `soak`.
+#[derive(Debug, clap::Args)]
+#[allow(clippy::struct_excessive_bools)]
+struct SoakArgs {
+    /// How long the devices send (e.g. 60s, 2m, 1500ms).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Readings per second per device.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Seed of the fault schedule, the proxies and the readings (the run is reproducible in
+    /// its schedule).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Every N-th device links over UDP through the lossy proxy (0: all over TCP).
+    #[arg(long, default_value_t = 5)]
+    udp_every: usize,
+    /// Length of the uplink outage (0s: none).
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    outage: std::time::Duration,
+    /// No uplink cuts, stalls or corruption.
+    #[arg(long)]
+    no_uplink_noise: bool,
+    /// No kill -9 of the gateway.
+    #[arg(long)]
+    no_kill_gateway: bool,
+    /// No kill -9 of the cloud.
+    #[arg(long)]
+    no_kill_cloud: bool,
+    /// No loss, reordering or duplication on the UDP devices' links.
+    #[arg(long)]
+    no_udp_loss: bool,
+    /// The gateway's spool.max_bytes_per_device (4096 or more; small values make the spool
+    /// refuse packets with SpoolFull, which the devices send again).
+    #[arg(long, default_value_t = 1 << 20)]
+    spool_per_device: u64,
+    /// Log level for the soak's own logs (default: warn).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+/// `60s`, `2m`, `1500ms`, or seconds without a unit.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a duration (e.g. 60s, 2m, 1500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+        return Err(format!("{s:?}: must be between 0 and 24 hours"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+async fn soak(args: SoakArgs) -> ExitCode {
+    veil_relay::run::init_logging(&args.log_level);
+    if args.devices == 0 || args.devices > 10_000 || !(args.rate > 0.0 && args.rate <= 1_000.0) {
+        eprintln!("error: --devices must be 1 to 10000 and --rate above 0 and at most 1000");
+        return ExitCode::from(2);
+    }
+    if args.duration.is_zero() {
+        eprintln!("error: --duration must be above 0");
+        return ExitCode::from(2);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot find this executable to run the roles: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut opts = veil_relay::soak::SoakOptions::new(exe);
+    opts.devices = args.devices;
+    opts.duration = args.duration;
+    opts.rate = args.rate;
+    opts.seed = args.seed;
+    opts.udp_every = args.udp_every;
+    opts.spool_max_bytes_per_device = args.spool_per_device.max(4096);
+    opts.faults = veil_relay::soak::Faults {
+        uplink_noise: !args.no_uplink_noise,
+        outage: (!args.outage.is_zero()).then_some(args.outage),
+        kill_gateway: !args.no_kill_gateway,
+        kill_cloud: !args.no_kill_cloud,
+        udp_loss: !args.no_udp_loss,
+    };
+    // A session must live through the outage; a dead cloud is noticed after this.
+    opts.session_idle = opts.session_idle.max(args.outage + std::time::Duration::from_secs(4));
+    println!(
+        "veil soak: seed {}, {} devices, {} readings/s each for {:.1} s, against real cloud and gateway processes",
+        opts.seed,
+        opts.devices,
+        opts.rate,
+        opts.duration.as_secs_f64()
+    );
+    // SIGTERM or SIGINT end the run early; dropping it kills the cloud and the gateway.
+    let outcome = tokio::select! {
+        r = veil_relay::soak::run(&opts) => r,
+        () = veil_relay::run::terminated() => {
+            eprintln!("soak interrupted: the cloud and the gateway were stopped");
+            return ExitCode::from(1);
+        }
+    };
+    match outcome {
         Ok(report) => {
             println!("{report}");
             if report.passed() {
@@ -308,6 +438,7 @@ fn main() -> ExitCode {
         Command::Gateway(args) => return serve(|| veil_relay::run::gateway(&args.config, args.options())),
         Command::Cloud(args) => return serve(|| veil_relay::run::cloud(&args.config, args.options())),
         Command::Demo(args) => return serve(|| demo(args)),
+        Command::Soak(args) => return serve(|| soak(args)),
         Command::Tool(tool) => tool,
     };
     match run(tool) {
@@ -341,6 +472,17 @@ mod tests {
             panic!("an unknown role must be rejected");
         };
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("60s"), Ok(std::time::Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert_eq!(parse_duration("1500ms"), Ok(std::time::Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(std::time::Duration::from_secs(7)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

@@ -19,6 +19,10 @@
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use ::metrics::{describe_counter, describe_gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
@@ -243,4 +247,49 @@ pub fn install(listen: SocketAddr) -> Result<Metrics, MetricsError> {
 #[must_use]
 pub fn installed() -> Option<Metrics> {
     INSTALLED.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// `GET /metrics` from `addr` with a hand-written HTTP/1.1 request (at most 5 s): the body,
+/// or `None` if nothing answers (not listening yet). For tests and `veil-relay soak`.
+pub async fn scrape(addr: SocketAddr) -> Option<String> {
+    let get = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut response = Vec::new();
+        (&mut stream).take(4 << 20).read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8(response).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), get).await.ok().flatten()
+}
+
+/// The value of the sample of `name` whose labels include `labels` (the first such).
+#[must_use]
+pub fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let has = |(k, v): &(&str, &str)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+        labels.iter().all(has).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The sum of every sample of `name`, whatever its labels (0 when there is none).
+#[must_use]
+pub fn sample_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let n = series.split_once('{').map_or(series, |(n, _)| n);
+            (n == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }

@@ -233,6 +233,84 @@ pub fn scan(path: &Path) -> io::Result<Resume> {
     Ok(resume)
 }
 
+/// One message line of a sink file, as read back (tests, `veil-relay soak`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkLine {
+    /// The sender's node id (hex).
+    pub device: String,
+    /// The sender's delivery stream (hex), if it used delivery (spec §17.2).
+    pub stream: Option<String>,
+    /// Channel.
+    pub channel: u16,
+    /// The sender's id for the message.
+    pub id: u64,
+    /// `"relay"` or `"direct"`.
+    pub via: String,
+    /// The gateway's node id for `via = "relay"`.
+    pub relay: Option<String>,
+    /// When the cloud received it, Unix milliseconds.
+    pub received_at_ms: u64,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl SinkLine {
+    /// A message record of one line (without or with its newline); `None` for any other
+    /// record or a line that does not parse (one a crash cut short).
+    #[must_use]
+    pub fn parse(line: &[u8]) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+        if v["record"] != "message" {
+            return None;
+        }
+        let s = |k: &str| v[k].as_str().map(str::to_owned);
+        Some(Self {
+            device: s("device")?,
+            stream: s("stream"),
+            channel: u16::try_from(v["channel"].as_u64()?).ok()?,
+            id: v["id"].as_u64()?,
+            via: s("via")?,
+            relay: s("relay"),
+            received_at_ms: v["received_at_ms"].as_u64().unwrap_or(0),
+            payload: hex::decode(s("payload_hex")?).ok()?,
+        })
+    }
+}
+
+/// The complete records of kind `record` (`"message"`, `"command"`) of a sink file, as JSON
+/// values: a line still being written (no newline yet) is skipped, and so is a line that does
+/// not parse (one a crash cut short, which the restarted cloud ended with a newline). A
+/// missing file is an empty one.
+///
+/// # Errors
+/// The file exists but cannot be read.
+pub fn read_records(path: &Path, record: &str) -> io::Result<Vec<serde_json::Value>> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .split_inclusive(|b| *b == b'\n')
+        .filter(|l| l.ends_with(b"\n"))
+        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+        .filter(|v| v["record"] == record)
+        .collect())
+}
+
+/// The complete message lines of a sink file, in file order (see [`read_records`]).
+///
+/// # Errors
+/// The file exists but cannot be read.
+pub fn read_lines(path: &Path) -> io::Result<Vec<SinkLine>> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text.split_inclusive(|b| *b == b'\n').filter(|l| l.ends_with(b"\n")).filter_map(SinkLine::parse).collect())
+}
+
 fn parse_node(s: &str) -> Option<NodeId> {
     let bytes: [u8; 16] = hex::decode(s).ok()?.try_into().ok()?;
     Some(NodeId(bytes))

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 use veil_protocol::trust::{CertRole, NodeId, RoleSet};
 use veil_protocol::PublicKey;
 use veil_relay::demo::{self, Fleet, SimDevice};
@@ -611,90 +611,24 @@ impl GatewayProc {
 // ---------------------------------------------------------------------------------------
 // Metrics
 
-/// `GET /metrics` with a hand-written HTTP/1.1 request; the body, or `None` if nothing
-/// answers (not listening yet).
-pub async fn scrape(addr: SocketAddr) -> Option<String> {
-    let get = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.ok()?;
-        let mut response = Vec::new();
-        (&mut stream).take(4 << 20).read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8(response).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(5), get).await.ok().flatten()
-}
-
-/// The value of the sample of `name` whose labels include `labels` (the first such).
-#[must_use]
-pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    body.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, rest) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        if n != name {
-            return None;
-        }
-        let has = |(k, v): &(&str, &str)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
-        labels.iter().all(has).then(|| value.parse().ok()).flatten()
-    })
-}
+pub use veil_relay::metrics::{sample as metric, scrape};
 
 // ---------------------------------------------------------------------------------------
 // The sink
 
-/// One line of the cloud's sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SinkLine {
-    /// The sender's node id (hex).
-    pub device: String,
-    /// The sender's delivery stream (hex), if it used delivery (spec §17.2).
-    pub stream: Option<String>,
-    /// Channel.
-    pub channel: u16,
-    /// The sender's id for the message.
-    pub id: u64,
-    /// `"relay"` or `"direct"`.
-    pub via: String,
-    /// The gateway's node id for `via = "relay"`.
-    pub relay: Option<String>,
-    /// The payload.
-    pub payload: Vec<u8>,
-}
+pub use veil_relay::sink::SinkLine;
 
 /// The complete message lines of a sink file (a line still being written is skipped, and
 /// so is a line a SIGKILL cut short, which the restarted cloud ended with a newline).
 #[must_use]
 pub fn read_sink(path: &Path) -> Vec<SinkLine> {
-    sink_records(path, "message")
-        .into_iter()
-        .map(|v| {
-            let s = |k: &str| v[k].as_str().map(str::to_owned);
-            SinkLine {
-                device: s("device").unwrap(),
-                stream: s("stream"),
-                channel: u16::try_from(v["channel"].as_u64().unwrap()).unwrap(),
-                id: v["id"].as_u64().unwrap(),
-                via: s("via").unwrap(),
-                relay: s("relay"),
-                payload: hex::decode(s("payload_hex").unwrap()).unwrap(),
-            }
-        })
-        .collect()
+    veil_relay::sink::read_lines(path).unwrap()
 }
 
 /// The complete records of kind `record` (`"message"`, `"command"`) of a sink file.
 #[must_use]
 pub fn sink_records(path: &Path, record: &str) -> Vec<serde_json::Value> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim_end()).ok())
-        .filter(|v| v["record"] == record)
-        .collect()
+    veil_relay::sink::read_records(path, record).unwrap()
 }
 
 /// `control.command_ttl_secs` of the test clouds.
