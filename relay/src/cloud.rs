@@ -440,25 +440,15 @@ fn e2e_failure_labels(node_mismatch: bool, error: &TransportError) -> (&'static 
 
 /// Counts failed end-to-end handshakes by outcome and reason ([`m::E2E_HANDSHAKES`]).
 async fn count_e2e_handshake_failures(
-    mut rx: tokio::sync::broadcast::Receiver<RoutedHandshakeFailure>,
+    rx: tokio::sync::broadcast::Receiver<RoutedHandshakeFailure>,
     stop: CancellationToken,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let r = tokio::select! {
-            () = stop.cancelled() => return,
-            r = rx.recv() => r,
-        };
-        match r {
-            Ok(f) => {
-                let (outcome, reason) = e2e_failure_labels(f.node_mismatch, &f.error);
-                tracing::debug!(node = %f.node, outcome, reason, "end-to-end handshake ended");
-                metrics::counter!(m::E2E_HANDSHAKES, labels::OUTCOME => outcome, labels::REASON => reason).increment(1);
-            }
-            Err(RecvError::Lagged(_)) => {}
-            Err(RecvError::Closed) => return,
-        }
-    }
+    crate::metrics::count_each(rx, stop, |f| {
+        let (outcome, reason) = e2e_failure_labels(f.node_mismatch, &f.error);
+        tracing::debug!(node = %f.node, outcome, reason, "end-to-end handshake ended");
+        metrics::counter!(m::E2E_HANDSHAKES, labels::OUTCOME => outcome, labels::REASON => reason).increment(1);
+    })
+    .await;
 }
 
 #[cfg(test)]

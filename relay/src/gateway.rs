@@ -1086,26 +1086,17 @@ async fn uplink_loop(
 
 /// Counts refused and failed inbound handshakes by reason ([`m::HANDSHAKES`]).
 pub(crate) async fn count_handshake_failures(
-    mut rx: broadcast::Receiver<veil_transports::HandshakeFailure>,
+    rx: broadcast::Receiver<veil_transports::HandshakeFailure>,
     stop: CancellationToken,
 ) {
-    loop {
-        let r = tokio::select! {
-            () = stop.cancelled() => return,
-            r = rx.recv() => r,
+    crate::metrics::count_each(rx, stop, |f| {
+        let (outcome, reason) = match f.error.deny_reason() {
+            Some(r) => (labels::REFUSED, deny_label(r)),
+            None => (labels::FAILED, failure_label(&f.error)),
         };
-        match r {
-            Ok(f) => {
-                let (outcome, reason) = match f.error.deny_reason() {
-                    Some(r) => (labels::REFUSED, deny_label(r)),
-                    None => (labels::FAILED, failure_label(&f.error)),
-                };
-                metrics::counter!(m::HANDSHAKES, labels::OUTCOME => outcome, labels::REASON => reason).increment(1);
-            }
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
+        metrics::counter!(m::HANDSHAKES, labels::OUTCOME => outcome, labels::REASON => reason).increment(1);
+    })
+    .await;
 }
 
 pub(crate) const fn deny_label(r: veil_protocol::DenyReason) -> &'static str {

@@ -140,20 +140,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
         "veil demo: a cloud, a gateway and {} devices on loopback; {} readings/s each for {:.1} s",
         opts.devices, opts.rate, args.duration
     );
-    match veil_relay::demo::run(&opts).await {
-        Ok(report) => {
-            println!("{report}");
-            if report.passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-    }
+    report_exit(veil_relay::demo::run(&opts).await, veil_relay::demo::DemoReport::passed)
 }
 
 /// Arguments of `soak`.
@@ -264,10 +251,19 @@ async fn soak(args: SoakArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    report_exit(outcome, veil_relay::soak::SoakReport::passed)
+}
+
+/// Prints a run's report (or its error) and maps it to the exit code: 0 only if every check
+/// of the report passed.
+fn report_exit<R: std::fmt::Display, E: std::fmt::Display>(
+    outcome: Result<R, E>,
+    passed: impl FnOnce(&R) -> bool,
+) -> ExitCode {
     match outcome {
         Ok(report) => {
             println!("{report}");
-            if report.passed() {
+            if passed(&report) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -293,3 +293,24 @@ pub fn sample_sum(body: &str, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// Hands every event of `rx` to `count` until `stop` is cancelled or the sender is gone; events
+/// missed because the receiver lagged are skipped (counting is best effort, never back pressure).
+pub(crate) async fn count_each<T: Clone>(
+    mut rx: tokio::sync::broadcast::Receiver<T>,
+    stop: tokio_util::sync::CancellationToken,
+    mut count: impl FnMut(T),
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let r = tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.recv() => r,
+        };
+        match r {
+            Ok(event) => count(event),
+            Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
