@@ -429,6 +429,9 @@ pub struct RoutedStats {
     pub expired: u64,
     /// Delivery (spec §17.9): messages put in a relay's custody by a `Stored`.
     pub custody: u64,
+    /// Delivery (spec §17.3): messages the peer acknowledged, freed from their window. With
+    /// no message expired, `messages_out - acknowledged` is what the outboxes still hold.
+    pub acknowledged: u64,
     /// Delivery: the largest window (messages) any peer's outbox held.
     pub window_peak: usize,
 }
@@ -466,6 +469,7 @@ struct Counters {
     window_waits: AtomicU64,
     expired: AtomicU64,
     custody: AtomicU64,
+    acknowledged: AtomicU64,
     window_peak: AtomicUsize,
 }
 
@@ -508,6 +512,7 @@ impl Counters {
             window_waits: g(&self.window_waits),
             expired: g(&self.expired),
             custody: g(&self.custody),
+            acknowledged: g(&self.acknowledged),
             window_peak: self.window_peak.load(Ordering::Relaxed),
         }
     }
@@ -2547,12 +2552,15 @@ impl Actor {
                 d.inbox.on_skip(channel, next, now);
                 self.hand_over(&node, via, opts.auto_commit, now);
             }
-            DeliveryMessage::Ack(ack) => {
-                if let Err(e) = d.outbox.on_ack(&ack, now) {
+            DeliveryMessage::Ack(ack) => match d.outbox.on_ack(&ack, now) {
+                Ok(freed) => {
+                    self.counters.acknowledged.fetch_add(freed as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
                     tracing::info!(%node, error = %e, "delivery violation, closing");
                     self.close_delivery_session(&node, CloseReason::ProtocolViolation);
                 }
-            }
+            },
             _ => {}
         }
     }
