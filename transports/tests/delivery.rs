@@ -376,7 +376,13 @@ async fn run(shape: Shape, base_seed: u64) {
         assert!(!matches!(e, NodeEvent::Message { .. }), "{shape:?}: a message after the last: {e:?}");
     }
 
+    // Every message acknowledged: the device's outbox is empty (bounded wait for the last Ack).
+    let acked = tokio::time::Instant::now() + Duration::from_secs(10);
+    while device.stats().acknowledged < device.stats().messages_out && tokio::time::Instant::now() < acked {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (d, c) = (device.stats(), cloud.stats());
+    assert_eq!(d.acknowledged, d.messages_out, "{shape:?}: not every message acknowledged");
     eprintln!("{shape:?}: reconnects {}, device {d:?}, cloud {c:?}", reconnects.load(Ordering::Relaxed));
     assert!(d.window_peak <= WINDOW, "{shape:?}: window {} above {WINDOW}", d.window_peak);
     assert!(d.window_waits > 0, "{shape:?}: send never waited for the window");
@@ -440,7 +446,7 @@ async fn a_command_for_an_absent_node_expires_and_is_reported() {
     assert!(start.elapsed() >= Duration::from_millis(200));
     assert!(tokio::time::timeout(Duration::from_millis(300), cloud.next_event()).await.is_err());
     let s = cloud.stats();
-    assert_eq!((s.expired, s.window_peak), (3, 4));
+    assert_eq!((s.expired, s.window_peak, s.acknowledged), (3, 4, 0));
     // Without delivery there is no time to live to give.
     let plain = RoutedEndpoint::builder(keypair(CLOUD)).build().unwrap();
     assert!(matches!(
