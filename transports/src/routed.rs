@@ -429,6 +429,9 @@ pub struct RoutedStats {
     pub expired: u64,
     /// Delivery (spec §17.9): messages put in a relay's custody by a `Stored`.
     pub custody: u64,
+    /// Delivery (spec §17.9): acknowledgement requests (a `Stream` alone) for messages in a
+    /// relay's custody whose `Ack` did not come.
+    pub ack_requests: u64,
     /// Delivery (spec §17.3): messages the peer acknowledged, freed from their window. With
     /// no message expired, `messages_out - acknowledged` is what the outboxes still hold.
     pub acknowledged: u64,
@@ -469,6 +472,7 @@ struct Counters {
     window_waits: AtomicU64,
     expired: AtomicU64,
     custody: AtomicU64,
+    ack_requests: AtomicU64,
     acknowledged: AtomicU64,
     window_peak: AtomicUsize,
 }
@@ -512,6 +516,7 @@ impl Counters {
             window_waits: g(&self.window_waits),
             expired: g(&self.expired),
             custody: g(&self.custody),
+            ack_requests: g(&self.ack_requests),
             acknowledged: g(&self.acknowledged),
             window_peak: self.window_peak.load(Ordering::Relaxed),
         }
@@ -2358,7 +2363,7 @@ impl Actor {
         }
         let now = self.clock.now();
         let Some(d) = self.deliveries.get_mut(node) else { return };
-        let retransmitted = d.outbox.stats().retransmitted;
+        let (retransmitted, probes) = (d.outbox.stats().retransmitted, d.outbox.stats().probes);
         // spec §17.6: what ran out of time is dropped and reported; a Skip tells the peer.
         for e in d.outbox.expire(now) {
             bump(&self.counters.expired);
@@ -2456,6 +2461,7 @@ impl Actor {
         }
         let again = d.outbox.stats().retransmitted - retransmitted;
         self.counters.retransmissions.fetch_add(again, Ordering::Relaxed);
+        self.counters.ack_requests.fetch_add(d.outbox.stats().probes - probes, Ordering::Relaxed);
         self.counters.window_peak.fetch_max(d.outbox.window_len(), Ordering::Relaxed);
     }
 

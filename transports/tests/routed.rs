@@ -277,17 +277,6 @@ async fn network(transport: Transport) -> (TestRelay, Node, Node, Connection) {
     (relay, cloud, dev, link)
 }
 
-/// Polls `f` until it holds (bounded in count and time).
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never: {what}");
-}
-
 // ---------------------------------------------------------------------------------------
 // Tests
 
