@@ -429,6 +429,9 @@ pub struct RoutedStats {
     pub expired: u64,
     /// Delivery (spec §17.9): messages put in a relay's custody by a `Stored`.
     pub custody: u64,
+    /// Delivery (spec §17.4 rule 4): routes announced again after an `Unreachable` (a relay's
+    /// uplink came back), each of which sent at once what was in flight.
+    pub routes_back: u64,
     /// Delivery (spec §17.9): acknowledgement requests (a `Stream` alone) for messages in a
     /// relay's custody whose `Ack` did not come.
     pub ack_requests: u64,
@@ -472,6 +475,7 @@ struct Counters {
     window_waits: AtomicU64,
     expired: AtomicU64,
     custody: AtomicU64,
+    routes_back: AtomicU64,
     ack_requests: AtomicU64,
     acknowledged: AtomicU64,
     window_peak: AtomicUsize,
@@ -516,6 +520,7 @@ impl Counters {
             window_waits: g(&self.window_waits),
             expired: g(&self.expired),
             custody: g(&self.custody),
+            routes_back: g(&self.routes_back),
             ack_requests: g(&self.ack_requests),
             acknowledged: g(&self.acknowledged),
             window_peak: self.window_peak.load(Ordering::Relaxed),
@@ -2630,6 +2635,7 @@ impl Actor {
         if let Some(d) = self.deliveries.get_mut(node) {
             if std::mem::take(&mut d.unreachable) {
                 d.outbox.on_route_back(now);
+                bump(&self.counters.routes_back);
             }
         }
     }
