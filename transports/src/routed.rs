@@ -731,6 +731,7 @@ impl RoutedBuilder {
             trust_deadline: None,
             batching: false,
             deferred: HashSet::new(),
+            draining: false,
         };
         let span = tracing::info_span!("veil_routed", node = %NodeId::from_public_key(&public_key));
         runtime.spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -1023,7 +1024,8 @@ enum Input {
     Received(LinkId, Received),
     /// A link ended.
     Down(LinkId, Error),
-    /// A relay link's writer has room again after the actor found its queue full.
+    /// A relay link's send queue took the envelope the actor found no room for (a stalled
+    /// link moves again), or a direct link's delivery writer has room again.
     Ready(LinkId),
 }
 
@@ -1283,7 +1285,7 @@ struct Actor {
     buf: Vec<u8>,
     cmd_rx: mpsc::Receiver<Command>,
     input_rx: mpsc::Receiver<Input>,
-    /// For the writer tasks' `Ready`.
+    /// For `Ready` from the tasks that wait on a full link queue or write to a direct link.
     input_tx: mpsc::Sender<Input>,
     events_tx: mpsc::Sender<NodeEvent>,
     direct: Arc<Mutex<HashMap<NodeId, (LinkId, Connection)>>>,
@@ -1308,6 +1310,8 @@ struct Actor {
     /// The nodes to pump at the end of the batch (at most [`BATCH`] inputs and commands
     /// touched them).
     deferred: HashSet<NodeId>,
+    /// Within [`Actor::drain`]: events are being read, in order; a nested pump leaves them.
+    draining: bool,
 }
 
 /// Inputs and commands the actor takes per wake-up before it sends what they queued.
@@ -1542,12 +1546,24 @@ impl Actor {
         let Some((node, _)) = self.directs.remove(&id) else { return };
         self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
         self.direct_tx.remove(&id);
+        let routed_up = self.demux.connection(&node, Slot::Current).is_some_and(|c| c.is_connected());
+        let now = self.clock.now();
         if let Some(d) = self.deliveries.get_mut(&node) {
             if d.session == Some(DeliverySession::Direct(id)) {
-                d.outbox.on_disconnected();
                 // No acknowledgement is due until a Stream on the next connection.
                 d.inbox.on_connected();
-                d.session = None;
+                d.queued.clear();
+                if routed_up {
+                    // spec §17.1, §17.4 rule 2: the routed session that stayed up behind the
+                    // direct link is the node's connection now; the Stream and the window go
+                    // on it.
+                    d.outbox.on_connected(Mode::Routed, now);
+                    d.session = Some(DeliverySession::Routed);
+                    d.mode = Mode::Routed;
+                } else {
+                    d.outbox.on_disconnected();
+                    d.session = None;
+                }
             }
         }
         {
@@ -1563,6 +1579,19 @@ impl Actor {
         }
         self.gc(&node);
         self.emit(NodeEvent::Closed { node, direct: true, outcome });
+        if routed_up {
+            self.pump(&node);
+        }
+    }
+
+    /// Whether the node's delivery runs on another connection than its routed session (a
+    /// direct link), while its sender uses delivery (a best-effort sender's messages pass).
+    fn routed_stale(&self, node: &NodeId) -> bool {
+        self.delivery.is_some()
+            && self
+                .deliveries
+                .get(node)
+                .is_some_and(|d| d.inbox.stream().is_some() && d.session != Some(DeliverySession::Routed))
     }
 
     fn on_direct(&mut self, id: LinkId, node: NodeId, m: Received) {
@@ -1831,6 +1860,15 @@ impl Actor {
                 break;
             }
         }
+        // A Close sealed just now (a link that had no room before, a violation found while
+        // reading) finished its connection: its Closed event is read now, not whenever the
+        // node next hears from its peer (a closed connection has no timer).
+        let closed = [Slot::Current, Slot::Candidate]
+            .into_iter()
+            .any(|slot| self.demux.connection(node, slot).is_some_and(|c| c.is_closed()));
+        if closed && !self.draining {
+            self.drain(node, None);
+        }
         self.gc(node);
     }
 
@@ -1861,6 +1899,8 @@ impl Actor {
                     // A message queued for a larger route: it cannot cross this link.
                     if let Ok(Some(_)) = self.demux.poll_transmit(now, node, &mut self.buf) {
                         bump(&self.counters.dropped_too_large);
+                        // Its Data are lost like the packet: no relay holds them.
+                        self.record_carried(node, before, 0);
                         continue;
                     }
                     return;
@@ -1921,6 +1961,7 @@ impl Actor {
     /// Drains `node`'s session events; `via` is the link the last packet came on.
     fn drain(&mut self, node: &NodeId, via: Option<LinkId>) {
         let now = self.clock.now();
+        let nested = std::mem::replace(&mut self.draining, true);
         while let Some(ev) = self.demux.poll_event(now, node) {
             match ev {
                 RoutedEvent::NodeMismatch { slot } => {
@@ -1933,6 +1974,7 @@ impl Actor {
                 _ => {}
             }
         }
+        self.draining = nested;
         self.gc(node);
     }
 
@@ -1971,6 +2013,12 @@ impl Actor {
                     d.mode = Mode::Routed;
                     d.queued.clear();
                 }
+            }
+            Event::Message { .. } | Event::Delivery(_) if self.routed_stale(&node) => {
+                // spec §17.2: delivery follows the node's connection, here a direct link; what
+                // the routed session still brings in (queued before, or a spool's replay) is
+                // dropped, and the sender sends it again on the connection delivery uses.
+                tracing::debug!(%node, "delivery traffic on a routed session not in use dropped");
             }
             Event::Message { channel, id, payload } => {
                 bump(&self.counters.messages_in);
@@ -2059,10 +2107,8 @@ impl Actor {
                 bump(&self.counters.dropped_not_a_relay);
             }
             Event::Unsent { channel, id, len } => {
+                // Its entry in the node's `queued` went when it was taken off (`record_carried`).
                 tracing::warn!(%node, channel, id, len, "message larger than the peer's packet limit dropped unsent");
-                if let Some(d) = self.deliveries.get_mut(&node) {
-                    d.queued.retain(|&(c, i)| (c, i) != (channel, id));
-                }
             }
             _ => {}
         }
@@ -2576,18 +2622,21 @@ impl Actor {
         }
     }
 
-    /// Data messages sealed so far by the node's current session.
-    fn data_sent(&self, node: &NodeId) -> u64 {
+    /// Data messages sealed so far by the node's current session, and those it took off its
+    /// queue unsent (too large for the route, [`Event::Unsent`]).
+    fn data_sent(&self, node: &NodeId) -> (u64, u64) {
         if !self.deliveries.contains_key(node) {
-            return 0;
+            return (0, 0);
         }
-        self.demux.connection(node, Slot::Current).map_or(0, |c| c.stats().messages_sent)
+        let stats = self.demux.connection(node, Slot::Current).map(|c| c.stats()).unwrap_or_default();
+        (stats.messages_sent, stats.messages_unsent)
     }
 
     /// spec §17.9: remembers which packet carried the Data the session just sealed (they
-    /// leave in the order they were queued).
-    fn record_carried(&mut self, node: &NodeId, before: u64, len: usize) {
-        let after = self.data_sent(node);
+    /// leave in the order they were queued; those dropped unsent leave the queue first, ahead
+    /// of the packet's). `len` 0: the packet was dropped, and carried nothing anywhere.
+    fn record_carried(&mut self, node: &NodeId, before: (u64, u64), len: usize) {
+        let (after, unsent) = self.data_sent(node);
         let Some(opts) = self.delivery else { return };
         let Some(d) = self.deliveries.get_mut(node) else { return };
         let packet = &self.buf[..len];
@@ -2597,7 +2646,10 @@ impl Actor {
             }
             _ => None,
         };
-        for _ in before..after {
+        for _ in before.1..unsent {
+            d.queued.pop_front();
+        }
+        for _ in before.0..after {
             let Some((channel, id)) = d.queued.pop_front() else { break };
             if let Some((generation, counter)) = header {
                 if d.carried.len() >= opts.custody_memory {
@@ -2798,7 +2850,7 @@ impl Actor {
                 break;
             }
         }
-        // Dropping the links' queues ends their writers once they have passed on what they hold.
+        // The links' connections stay with their owners (and the readers end with `stop`).
         self.links.clear();
         self.counters.relay_links.store(0, Ordering::Relaxed);
         self.counters.direct_links.store(0, Ordering::Relaxed);

@@ -595,3 +595,77 @@ async fn a_lost_ack_of_data_in_custody_is_asked_for_again() {
     device.close();
     cloud.close();
 }
+
+/// spec §17.1, §17.2: a node reachable both through a relay and by a direct link. Delivery
+/// follows the direct link while it is up (what the routed session brings meanwhile is not
+/// delivered a second time), and moves back to the routed session, which stayed up, when the
+/// direct link goes: every message arrives once, in order, and sending never stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up() {
+    init_tracing();
+    let (relay_ep, _peers, _spool) = spooling_relay().await;
+    let relay_key = relay_ep.public_key();
+    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+    let device_key = *keypair(DEVICE).public();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key, device_key]))
+        .routing(true)
+        .listen_tcp(localhost())
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([device_key]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
+    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let mut next = 0u64;
+    let mut sent = 0u64;
+    let mut send = |n: u64| {
+        let (device, from) = (device.clone(), sent);
+        sent += n;
+        async move {
+            for i in from..from + n {
+                within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+            }
+        }
+    };
+    send(10).await;
+    expect_on_3(&cloud, 10, &mut next).await;
+
+    // A direct link comes up next to the routed session; delivery moves to it.
+    let cloud_addr = cloud_links.local_tcp_addr().unwrap();
+    let cloud_key = cloud.public_key();
+    let (to_cloud, from_device) = within(async {
+        tokio::try_join!(device_links.connect(Transport::Tcp, cloud_addr, Some(cloud_key)), cloud_links.accept())
+    })
+    .await
+    .unwrap();
+    device.add_direct(to_cloud.clone());
+    cloud.add_direct(from_device);
+    send(2 * WINDOW as u64).await;
+    expect_on_3(&cloud, 10 + 2 * WINDOW as u64, &mut next).await;
+
+    // The direct link goes; the routed session is still up and takes over at once.
+    within(to_cloud.close(veil_protocol::CloseReason::Normal)).await.unwrap();
+    send(2 * WINDOW as u64).await;
+    expect_on_3(&cloud, 10 + 4 * WINDOW as u64, &mut next).await;
+    eventually("every message acknowledged", || device.stats().acknowledged == sent).await;
+    // The window went again on the routed session (spec §17.4 rule 2): what the cloud had
+    // already took it as duplicates, and nothing more reaches the application.
+    let extra = tokio::time::timeout(Duration::from_millis(200), async {
+        loop {
+            if let NodeEvent::Message { channel, id, .. } = cloud.next_event().await.unwrap() {
+                return (channel, id);
+            }
+        }
+    });
+    assert!(extra.await.is_err(), "a message delivered twice");
+    device.close();
+    cloud.close();
+}
