@@ -1317,6 +1317,9 @@ struct Actor {
 /// Inputs and commands the actor takes per wake-up before it sends what they queued.
 const BATCH: usize = 64;
 
+/// How long a Close that found its link's queue full at shutdown waits for room.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Actor {
     async fn run(mut self) {
         tracing::debug!("routed endpoint started");
@@ -1376,18 +1379,25 @@ impl Actor {
         tracing::debug!("routed endpoint stopped");
     }
 
-    /// After an input or a command: takes up to [`BATCH`] more that are already queued
-    /// (inputs first), their pumps deferred. When both queues are empty it yields once to
-    /// the runtime (a sender this wake-up answered may queue its next message meanwhile) and
+    /// After an input or a command: takes up to [`BATCH`] more that are already queued, an
+    /// input and a command in turn (so that a busy network does not hold the application's
+    /// sends back), their pumps deferred. When both queues are empty it yields once to the
+    /// runtime (a sender this wake-up answered may queue its next message meanwhile) and
     /// looks again; it stops when a yield brought nothing. `false` when the endpoint stops.
     async fn batch(&mut self) -> bool {
         let mut taken = 1;
         let mut yielded = false;
+        let mut command_turn = false;
         while taken < BATCH {
-            if let Ok(i) = self.input_rx.try_recv() {
+            // Waiting sends fill the allowance: no more commands until some go.
+            let commands = self.parked_total < self.limits.command_queue.max(1);
+            let command = if commands && command_turn { self.cmd_rx.try_recv().ok() } else { None };
+            command_turn = !command_turn;
+            if let Some(c) = command {
+                self.on_command(c);
+            } else if let Ok(i) = self.input_rx.try_recv() {
                 self.on_input(i);
-            } else if self.parked_total >= self.limits.command_queue.max(1) {
-                // Waiting sends fill the allowance: no more commands until some go.
+            } else if !commands {
                 break;
             } else if let Ok(c) = self.cmd_rx.try_recv() {
                 self.on_command(c);
@@ -2810,6 +2820,31 @@ impl Actor {
         }
     }
 
+    /// At shutdown: the node's last packets (its Close) go on its link whatever a stall holds
+    /// back; one that finds the queue full waits at most [`SHUTDOWN_GRACE`] for room in a
+    /// task of its own (the tasks that wait for `stop` end at once).
+    fn transmit_closing(&mut self, node: &NodeId) {
+        let now = self.clock.now();
+        let Some(&(id, route)) = self.best.get(node) else { return };
+        let Some(link) = self.links.get(&id) else { return };
+        let (conn, cap) = (link.conn.clone(), link.max_routed.min(self.buf.len()));
+        // A closing connection emits its queued data and its Close: a few packets.
+        for _ in 0..16 {
+            let Ok(Some(n)) = self.demux.poll_transmit(now, node, &mut self.buf[..cap]) else { break };
+            let msg = RoutingMessage::Forward { route, packet: Bytes::copy_from_slice(&self.buf[..n]) };
+            match conn.try_send_routing(msg) {
+                Ok(()) => bump(&self.counters.envelopes_out),
+                Err(TrySendError::Full(m)) => {
+                    let conn = conn.clone();
+                    self.runtime.spawn(async move {
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.send_routing(m)).await;
+                    });
+                }
+                Err(TrySendError::Failed(_)) => break,
+            }
+        }
+    }
+
     fn shutdown(&mut self) {
         self.stop.cancel();
         let now = self.clock.now();
@@ -2821,7 +2856,7 @@ impl Actor {
                 }
             }
             // The Close goes out, then its Closed event comes.
-            self.transmit(node);
+            self.transmit_closing(node);
             self.drain(node, None);
         }
         for st in self.nodes.values_mut() {
