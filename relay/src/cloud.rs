@@ -149,6 +149,7 @@ impl CloudSettings {
         s.listen_udp = config.listen.udp;
         s.limits = node.limits.clone();
         s.protocol_limits = node.protocol_limits;
+        s.routed_limits.static_dh_cache = config.limits.static_dh_cache;
         Ok(s)
     }
 }

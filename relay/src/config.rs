@@ -33,6 +33,8 @@ pub const DEFAULT_BACKOFF_MAX_MS: u64 = 30_000;
 pub const MAX_BACKOFF_MS: u64 = 3_600_000;
 /// Largest `limits.handshake_timeout_ms` (one minute).
 pub const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 60_000;
+/// `limits.static_dh_cache` at most: about 130 MiB of cached results per cache.
+pub const MAX_STATIC_DH_CACHE: usize = 1 << 20;
 
 /// Why a configuration cannot be used. Every variant but [`ConfigError::Read`] and
 /// [`ConfigError::Syntax`] names the key ([`ConfigError::key`]).
@@ -372,6 +374,12 @@ pub struct LimitsConfig {
     /// `limits.recv_queue`: received messages held for the application before the
     /// connection stops reading. Default 64 ([`EndpointLimits::recv_queue`]).
     pub recv_queue: usize,
+    /// `limits.static_dh_cache`: entries of each static-static Diffie-Hellman cache (spec
+    /// §11.11): one for the links' handshakes, and on a cloud one for the end-to-end sessions
+    /// with devices; a peer that handshakes again costs one X25519 less. About 130 B per
+    /// entry, allocated as peers arrive; `0` turns the caches off. Default 4 096
+    /// ([`EndpointLimits::static_dh_cache`]), at most 1 048 576.
+    pub static_dh_cache: usize,
 }
 
 impl Default for LimitsConfig {
@@ -387,6 +395,7 @@ impl Default for LimitsConfig {
             idle_timeout_ms: protocol.idle_timeout.as_micros() / 1_000,
             send_queue: endpoint.send_queue,
             recv_queue: endpoint.recv_queue,
+            static_dh_cache: endpoint.static_dh_cache,
         }
     }
 }
@@ -402,6 +411,7 @@ impl LimitsConfig {
         l.handshake_burst_per_ip = self.handshake_burst;
         l.send_queue = self.send_queue;
         l.recv_queue = self.recv_queue;
+        l.static_dh_cache = self.static_dh_cache;
         l
     }
 
@@ -859,6 +869,9 @@ impl Config {
         at_least_one("limits.handshake_burst", u64::from(l.handshake_burst))?;
         at_least_one("limits.send_queue", l.send_queue as u64)?;
         at_least_one("limits.recv_queue", l.recv_queue as u64)?;
+        if l.static_dh_cache > MAX_STATIC_DH_CACHE {
+            return Err(problem("limits.static_dh_cache", format!("must be at most {MAX_STATIC_DH_CACHE}")));
+        }
         if !(l.handshake_rate_per_sec.is_finite() && l.handshake_rate_per_sec > 0.0) {
             return Err(problem("limits.handshake_rate_per_sec", "must be a number above 0"));
         }
@@ -948,7 +961,8 @@ mod tests {
             (l.max_connections, l.max_handshakes, l.handshake_burst, l.handshake_timeout_ms, l.idle_timeout_ms),
             (10_000, 1_024, 100, 10_000, 60_000)
         );
-        assert_eq!((l.send_queue, l.recv_queue), (64, 64));
+        assert_eq!((l.send_queue, l.recv_queue, l.static_dh_cache), (64, 64, 4_096));
+        assert_eq!(e.static_dh_cache, d.static_dh_cache);
         assert!((l.handshake_rate_per_sec - 50.0).abs() < f64::EPSILON);
     }
 }

@@ -158,6 +158,7 @@ use tokio_util::sync::CancellationToken;
 use veil_protocol::delivery::{
     DataOutcome, DeliveryConfig, DeliveryMessage, DeliveryOutput, Inbox, InboxState, Outbox, StreamId,
 };
+use veil_protocol::dh_cache::CacheStats;
 use veil_protocol::routing::{
     DemuxError, DemuxLimits, E2eDemux, PeerRoutes, RouteReason, RoutedEvent, RoutingMessage, Slot,
     MAX_ENVELOPE_OVERHEAD, MAX_ROUTES,
@@ -166,7 +167,7 @@ use veil_protocol::trust::{Authorized, CertificateChain, NodeId, RoleSet, TrustE
 use veil_protocol::wire::{self, MAX_PACKET_LEN};
 use veil_protocol::{
     CloseReason, Config, ConnectionError, Decision, DeliveryError, Event, Mode, Pattern, Psk, PublicKey, Role,
-    StaticKeypair, Suite, Timestamp,
+    StaticDhCache, StaticKeypair, Suite, Timestamp,
 };
 
 use crate::clock::Clock;
@@ -205,6 +206,12 @@ pub struct RoutedLimits {
     /// before it fails with [`Error::NoRoute`]. The handshake that follows has the protocol's
     /// handshake timeout.
     pub connect_timeout: Duration,
+    /// Entries of the end-to-end sessions' static-static Diffie-Hellman cache
+    /// ([`veil_protocol::StaticDhCache`], spec §11.11): a device that starts IK again (a
+    /// reconnect, a restart) costs this node one X25519 less. About 130 B per entry,
+    /// allocated as peers arrive; `0` turns it off. Default 4 096, as
+    /// [`EndpointLimits::static_dh_cache`](crate::EndpointLimits::static_dh_cache) for links.
+    pub static_dh_cache: usize,
 }
 
 impl Default for RoutedLimits {
@@ -219,6 +226,7 @@ impl Default for RoutedLimits {
             link_queue: 64,
             max_pending_connects: 1_024,
             connect_timeout: Duration::from_secs(10),
+            static_dh_cache: 4_096,
         }
     }
 }
@@ -438,6 +446,8 @@ pub struct RoutedStats {
     /// Delivery (spec §17.3): messages the peer acknowledged, freed from their window. With
     /// no message expired, `messages_out - acknowledged` is what the outboxes still hold.
     pub acknowledged: u64,
+    /// The end-to-end sessions' static-static DH cache ([`RoutedLimits::static_dh_cache`]).
+    pub static_dh_cache: CacheStats,
     /// Delivery: the largest window (messages) any peer's outbox held.
     pub window_peak: usize,
 }
@@ -523,6 +533,7 @@ impl Counters {
             routes_back: g(&self.routes_back),
             ack_requests: g(&self.ack_requests),
             acknowledged: g(&self.acknowledged),
+            static_dh_cache: CacheStats::default(),
             window_peak: self.window_peak.load(Ordering::Relaxed),
         }
     }
@@ -683,6 +694,10 @@ impl RoutedBuilder {
         }
         self.config.mode = Mode::Routed;
         let limits = self.limits;
+        if self.config.static_dh_cache.is_none() && limits.static_dh_cache > 0 {
+            self.config.static_dh_cache = Some(Arc::new(StaticDhCache::new(limits.static_dh_cache)));
+        }
+        let dh_cache = self.config.static_dh_cache.clone();
         let public_key = *self.config.public_key();
         let (cmd_tx, cmd_rx) = mpsc::channel(limits.command_queue.max(1));
         let (input_tx, input_rx) = mpsc::channel(limits.input_queue.max(1));
@@ -746,6 +761,7 @@ impl RoutedBuilder {
                 runtime,
                 next_link: AtomicU64::new(1),
                 public_key,
+                dh_cache,
                 delivery: self.delivery.is_some(),
                 commits,
                 commit_wake,
@@ -770,6 +786,8 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     next_link: AtomicU64,
     public_key: PublicKey,
+    /// The end-to-end sessions' static-static DH cache, for [`RoutedEndpoint::stats`].
+    dh_cache: Option<Arc<StaticDhCache>>,
     /// Delivery is on: every send goes through the actor's outboxes.
     delivery: bool,
     /// Commits the actor has not taken yet, by node and channel (the highest id wins).
@@ -982,7 +1000,9 @@ impl RoutedEndpoint {
     /// Counters.
     #[must_use]
     pub fn stats(&self) -> RoutedStats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        stats.static_dh_cache = self.inner.dh_cache.as_ref().map(|c| c.stats()).unwrap_or_default();
+        stats
     }
 
     /// Closes every end-to-end session (`Close { ShuttingDown }`, spec §7.6) and every direct

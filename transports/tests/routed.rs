@@ -613,3 +613,34 @@ async fn end_to_end_sessions_follow_the_trust_state() {
     let r = dev.routed.send(&cloud_id, 1, Bytes::from_static(b"still there?")).await;
     assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
 }
+
+/// spec §11.11: the end-to-end sessions share the static-static DH cache idea with links. A
+/// device that comes back with a new session (here a restarted device, with an empty cache of
+/// its own) costs the cloud one X25519 less: the cloud's cache hits, and the session works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_comes_back_hits_the_clouds_end_to_end_dh_cache() {
+    init_tracing();
+    let (relay, mut cloud, dev, _link) = network(Transport::Tcp).await;
+    let first = cloud.routed.stats().static_dh_cache;
+    assert_eq!(first.hits, 0, "{first:?}");
+    assert!(first.misses >= 1, "the first IK computed DH(s, rs): {first:?}");
+    assert!(dev.routed.stats().static_dh_cache.misses >= 1);
+    dev.routed.close();
+
+    // The device restarts: same key, new endpoints, new end-to-end session.
+    let again = device(DEVICE, None).await;
+    again.attach(&relay, Transport::Tcp).await;
+    let cloud_id = within(again.routed.connect(cloud.key)).await.unwrap();
+    within(again.routed.send(&cloud_id, 1, Bytes::from_static(b"back"))).await.unwrap();
+    let (from, _, _, payload, _) = cloud.message().await;
+    assert_eq!((from, &payload[..]), (again.id(), &b"back"[..]));
+    let later = cloud.routed.stats().static_dh_cache;
+    // The ss of the new IK came from the cache (its es, with the new ephemeral, cannot).
+    assert_eq!((later.hits, later.inserts), (first.hits + 1, first.inserts), "{later:?}");
+    // Off: nothing is cached.
+    let off = RoutedEndpoint::builder(keypair(DEVICE))
+        .limits(RoutedLimits { static_dh_cache: 0, ..RoutedLimits::default() })
+        .build()
+        .unwrap();
+    assert_eq!(off.stats().static_dh_cache, Default::default());
+}
