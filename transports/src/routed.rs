@@ -443,6 +443,9 @@ pub struct RoutedStats {
     /// Delivery (spec §17.9): acknowledgement requests (a `Stream` alone) for messages in a
     /// relay's custody whose `Ack` did not come.
     pub ack_requests: u64,
+    /// Delivery (spec §17.9): messages whose custody ended because the peer acknowledged one
+    /// sent after them: the relay lost them after storing them (they go again).
+    pub custody_lost: u64,
     /// Delivery (spec §17.3): messages the peer acknowledged, freed from their window. With
     /// no message expired, `messages_out - acknowledged` is what the outboxes still hold.
     pub acknowledged: u64,
@@ -487,6 +490,7 @@ struct Counters {
     custody: AtomicU64,
     routes_back: AtomicU64,
     ack_requests: AtomicU64,
+    custody_lost: AtomicU64,
     acknowledged: AtomicU64,
     window_peak: AtomicUsize,
 }
@@ -532,6 +536,7 @@ impl Counters {
             custody: g(&self.custody),
             routes_back: g(&self.routes_back),
             ack_requests: g(&self.ack_requests),
+            custody_lost: g(&self.custody_lost),
             acknowledged: g(&self.acknowledged),
             static_dh_cache: CacheStats::default(),
             window_peak: self.window_peak.load(Ordering::Relaxed),
@@ -2639,11 +2644,13 @@ impl Actor {
                 d.inbox.on_skip(channel, next, now);
                 self.hand_over(&node, via, opts.auto_commit, now);
             }
-            DeliveryMessage::Ack(ack) => match d.outbox.on_ack(&ack, now) {
-                Ok(freed) => {
+            DeliveryMessage::Ack(ack) => match (d.outbox.stats().custody_lost, d.outbox.on_ack(&ack, now)) {
+                (lost, Ok(freed)) => {
                     self.counters.acknowledged.fetch_add(freed as u64, Ordering::Relaxed);
+                    let lost = d.outbox.stats().custody_lost - lost;
+                    self.counters.custody_lost.fetch_add(lost, Ordering::Relaxed);
                 }
-                Err(e) => {
+                (_, Err(e)) => {
                     tracing::info!(%node, error = %e, "delivery violation, closing");
                     self.close_delivery_session(&node, CloseReason::ProtocolViolation);
                 }

@@ -426,6 +426,19 @@ fn exchange() -> Exchange {
     s.now = stored + config.custody_probe;
     s.transmit(all, "CUSTODY_PROBE after the Stored, with no Ack of channel 2 read: a Stream alone asks for one");
     s.acks(all, "the answer frees 2/2");
+    s.push(2, b"b3", None, "");
+    let b3_sent = s.now;
+    s.transmit(|_| Vec::new(), "the relay spools 2/3, then loses it (its uplink took the replay and failed)");
+    s.custody(2, 3, 1, "the Stored for 2/3");
+    s.push(2, b"b4", None, "");
+    s.transmit(all, "2/4 passes the relay, which keeps a source's packets in order: 2/3 cannot still be in its spool");
+    s.now = s.now + ACK_DELAY;
+    s.acks(all, "2/4 is named received, 2/3 is not: the custody of 2/3 ends");
+    s.now = b3_sent + DELIVERY_RTO_SECS;
+    s.transmit(all, "2/3 goes again at its retransmission timeout, not after CUSTODY_TIMEOUT");
+    s.commit("");
+    s.now = s.now + ACK_DELAY;
+    s.acks(all, "");
     Exchange {
         config: ConfigJson {
             window_messages: config.window_messages,

@@ -29,6 +29,9 @@ pub(super) struct OutMessage {
     forced: bool,
     /// In a relay's custody (spec §17.9): not retransmitted on this connection before this.
     custody_until: Option<Timestamp>,
+    /// The outbox's transmission count when it last went out: orders transmissions on the
+    /// connection (spec §17.9: an `Ack` naming a later one ends custody).
+    sent_seq: u64,
 }
 
 impl OutMessage {
@@ -42,6 +45,7 @@ impl OutMessage {
             marked: false,
             forced: false,
             custody_until: None,
+            sent_seq: 0,
         }
     }
 
@@ -181,6 +185,9 @@ pub struct OutboxStats {
     /// Acknowledgement requests (a `Stream` alone) for messages in custody (spec §17.9);
     /// also counted in `streams_sent`.
     pub probes: u64,
+    /// Messages whose custody ended because an `Ack` named as received a message transmitted
+    /// after them: the relay lost them (spec §17.9).
+    pub custody_lost: u64,
 }
 
 /// The sender's delivery state for one peer (spec §17.1): the stream id, per channel the
@@ -207,6 +214,8 @@ pub struct Outbox {
     retransmit_check: Option<Timestamp>,
     /// No acknowledgement request (spec §17.9) is due before this (a lower bound).
     probe_check: Option<Timestamp>,
+    /// Transmissions so far ([`OutMessage::sent_seq`]).
+    sent_seq: u64,
     stats: OutboxStats,
 }
 
@@ -236,6 +245,7 @@ impl Outbox {
             skip_in_front: None,
             retransmit_check: None,
             probe_check: None,
+            sent_seq: 0,
             stats: OutboxStats::default(),
         }
     }
@@ -485,14 +495,30 @@ impl Outbox {
         }
         if connected {
             // spec §17.3: marked received on this connection; kept until `next` covers them.
+            let mut latest = 0;
             for r in ack.received() {
                 let from = r.start.max(ch.base);
                 let to = r.end.min(ch.next_id);
                 for id in from..to {
                     if let Some(m) = usize::try_from(id - ch.base).ok().and_then(|i| ch.window.get_mut(i)) {
                         m.marked = true;
+                        latest = latest.max(m.sent_seq);
                     }
                 }
+            }
+            // spec §17.9: a relay passes a source's packets on in order, so a message in
+            // custody that went out before one the receiver has, and that the receiver lacks,
+            // was lost after the relay took it: its custody ends.
+            let mut lost = 0;
+            for m in ch.window.iter_mut().take(ch.unsent) {
+                if m.custody_until.is_some() && !m.marked && m.sent_seq < latest {
+                    m.custody_until = None;
+                    lost += 1;
+                }
+            }
+            if lost > 0 {
+                self.stats.custody_lost += lost;
+                self.retransmit_check = Some(now);
             }
         }
         self.stats.freed += freed as u64;
@@ -622,6 +648,8 @@ impl Outbox {
         m.custody_until = None;
         m.transmitted = true;
         m.last_sent = Some(now);
+        self.sent_seq += 1;
+        m.sent_seq = self.sent_seq;
         let due = now + m.rto;
         let payload = m.payload.clone();
         self.retransmit_check = Some(self.retransmit_check.map_or(due, |t| t.min(due)));
@@ -1140,6 +1168,44 @@ mod tests {
         o.on_connected(Mode::Routed, T0);
         drain(&mut o, T0);
         assert_eq!(o.poll_timeout(), Some(T0 + DELIVERY_RTO));
+    }
+
+    #[test]
+    fn custody_ends_when_the_receiver_has_a_message_sent_after_it() {
+        let mut o = outbox();
+        o.push(3, Bytes::from_static(b"k"), T0, None).unwrap();
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        o.on_ack(&Ack::cumulative(3, 0), T0).unwrap();
+        assert_eq!(o.on_custody(3, 0..1, T0), 1);
+        // 3/1 goes after 3/0, through the same relay; the receiver has it but not 3/0: the
+        // relay lost 3/0 after taking it (a replay onto an uplink that failed).
+        let t = T0 + Duration::from_millis(10);
+        o.push(3, Bytes::from_static(b"j"), t, None).unwrap();
+        assert_eq!(drain(&mut o, t), [data(3, 1, b"j")]);
+        o.on_ack(&Ack::new(3, 0, &[(1, 1)]).unwrap(), t).unwrap();
+        assert_eq!(o.stats().custody_lost, 1);
+        // 3/0 is retransmitted at its timeout, not after CUSTODY_TIMEOUT.
+        assert_eq!(o.poll_timeout(), Some(T0 + DELIVERY_RTO));
+        assert_eq!(drain(&mut o, T0 + DELIVERY_RTO), [data(3, 0, b"k")]);
+
+        // A message received that went out *before* the one in custody proves nothing: the
+        // relay may still hold the later packet.
+        let mut o = outbox();
+        for p in [&b"a"[..], b"b"] {
+            o.push(4, Bytes::from_static(p), T0, None).unwrap();
+        }
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        // 4/0 is lost, 4/1 arrives; 4/0's retransmission goes into a spool.
+        o.on_ack(&Ack::new(4, 0, &[(1, 1)]).unwrap(), T0).unwrap();
+        let again = T0 + DELIVERY_RTO;
+        assert_eq!(drain(&mut o, again), [data(4, 0, b"a")]);
+        assert_eq!(o.on_custody(4, 0..1, again), 1);
+        o.on_ack(&Ack::new(4, 0, &[(1, 1)]).unwrap(), again).unwrap();
+        assert_eq!(o.stats().custody_lost, 0, "4/1's last transmission left after 4/0's");
+        let later = again + Duration::from_secs(10);
+        assert!(drain(&mut o, later).iter().all(|d| !matches!(d, DeliveryOutput::Data { id: 0, .. })));
     }
 
     #[test]
