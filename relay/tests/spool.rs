@@ -29,7 +29,9 @@ use util::{
 use veil_protocol::routing::RouteReason;
 use veil_protocol::trust::NodeId;
 use veil_relay::demo::SimDevice;
-use veil_relay::metrics::{ROUTING_DROPS, SPOOL_APPENDED, SPOOL_PACKETS, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP};
+use veil_relay::metrics::{
+    E2E_DELIVERY, ROUTING_DROPS, SPOOL_APPENDED, SPOOL_PACKETS, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP,
+};
 use veil_transports::chaos::{ChaosConfig, ChaosProxy};
 use veil_transports::{NodeEvent, Transport};
 
@@ -264,5 +266,12 @@ async fn without_a_spool_the_uplink_back_is_announced_and_devices_resend_at_once
     cloud.wait_line("the message sent during the outage", |l| l.device == id && l.payload == b"during 000").await;
     assert_eq!(received(&cloud, &id, "during"), ["during 000"]);
     assert_eq!(d.routed.stats().custody, 0, "no spool, no custody");
+    // The cloud lost its routes to the device with the uplink and learned them again: its
+    // delivery counters, exported each second, show the route back.
+    util::eventually_async("the cloud's route back in its metrics", || async {
+        let body = veil_relay::metrics::scrape(cloud.metrics).await?;
+        util::metric(&body, E2E_DELIVERY, &[("event", "route_back")]).filter(|v| *v >= 1.0)
+    })
+    .await;
     d.close();
 }
