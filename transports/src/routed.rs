@@ -929,6 +929,58 @@ impl RoutedEndpoint {
         self.send_command(node, channel, payload, None).await.map(|_| ())
     }
 
+    /// Sends `payloads` to `node` on `channel`, in order, as [`RoutedEndpoint::send`] would one
+    /// after the other, but hands them to the endpoint's task up to 64 at a time instead of one
+    /// per call and wake-up (a burst of readings, a batch of commands): they share its
+    /// wake-ups and packets. Returns once every message was taken (queued on its session, or
+    /// with delivery given its id), waiting like `send` while the session's queue or the
+    /// window is full.
+    ///
+    /// # Errors
+    /// As [`RoutedEndpoint::send`], for the first message that was refused. The messages
+    /// before it were taken; of those after it in the same group of 64, each was taken or
+    /// refused on its own (without delivery a refusal means it was not sent), and none of the
+    /// later groups was handed over.
+    pub async fn send_many(
+        &self,
+        node: &NodeId,
+        channel: u16,
+        payloads: impl IntoIterator<Item = Bytes>,
+    ) -> Result<(), Error> {
+        let mut payloads = payloads.into_iter().peekable();
+        if !self.inner.delivery {
+            let direct = lock(&self.inner.direct).get(node).map(|(_, c)| c.clone());
+            if let Some(link) = direct {
+                for payload in payloads {
+                    let len = payload.len();
+                    link.send_on(channel, payload).await?;
+                    self.inner.counters.message_out(len);
+                }
+                return Ok(());
+            }
+        }
+        while payloads.peek().is_some() {
+            let mut items = Vec::with_capacity(SEND_MANY_CHUNK);
+            let mut replies = Vec::with_capacity(SEND_MANY_CHUNK);
+            for payload in payloads.by_ref().take(SEND_MANY_CHUNK) {
+                let (reply, rx) = oneshot::channel();
+                items.push((payload, reply));
+                replies.push(rx);
+            }
+            self.command(Command::SendMany { node: *node, channel, items }).await?;
+            let mut first = None;
+            for rx in replies {
+                if let Err(e) = rx.await.unwrap_or(Err(Error::EndpointClosed)) {
+                    first.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// With delivery (spec §17.6, §17.7): as [`RoutedEndpoint::send`], and the message is
     /// dropped from the window if the peer has not acknowledged it `ttl` after this call (a
     /// command for a device that stays offline); it is then reported as
@@ -1068,7 +1120,19 @@ enum Command {
         ttl: Option<Duration>,
         reply: oneshot::Sender<Result<Option<u64>, Error>>,
     },
+    /// [`RoutedEndpoint::send_many`]: each message as a `Send` without a time to live.
+    SendMany {
+        node: NodeId,
+        channel: u16,
+        items: Vec<(Bytes, SendReply)>,
+    },
 }
+
+/// Where the actor answers one send: the message's id with delivery, `None` without.
+type SendReply = oneshot::Sender<Result<Option<u64>, Error>>;
+
+/// Messages one [`RoutedEndpoint::send_many`] command carries at most.
+const SEND_MANY_CHUNK: usize = 64;
 
 /// Sends `input` to the actor unless the endpoint stops first.
 async fn tell(tx: &mpsc::Sender<Input>, stop: &CancellationToken, input: Input) -> bool {
@@ -2253,6 +2317,15 @@ impl Actor {
                     self.on_send_delivery(node, channel, payload, ttl, reply);
                 } else {
                     self.on_send(node, channel, payload, reply);
+                }
+            }
+            Command::SendMany { node, channel, items } => {
+                for (payload, reply) in items {
+                    if self.delivery.is_some() {
+                        self.on_send_delivery(node, channel, payload, None, reply);
+                    } else {
+                        self.on_send(node, channel, payload, reply);
+                    }
                 }
             }
         }

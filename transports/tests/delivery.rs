@@ -669,3 +669,42 @@ async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up
     device.close();
     cloud.close();
 }
+
+/// With delivery, `send_many` puts a burst larger than the window into the outbox as the
+/// window frees: every message reaches the cloud once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_many_with_delivery_waits_for_the_window() {
+    init_tracing();
+    let (relay_ep, _peers, _spool) = spooling_relay().await;
+    let relay_key = relay_ep.public_key();
+    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+    let device_key = *keypair(DEVICE).public();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key]))
+        .routing(true)
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([device_key]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
+    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let n = 3 * WINDOW as u64;
+    let sender = {
+        let device = device.clone();
+        tokio::spawn(async move { device.send_many(&cloud_node, 3, (0..n).map(|i| payload(3, i))).await })
+    };
+    let mut next = 0;
+    expect_on_3(&cloud, n, &mut next).await;
+    within(sender).await.unwrap().unwrap();
+    eventually("every message acknowledged", || device.stats().acknowledged == n).await;
+    assert!(device.stats().window_waits > 0, "the burst waited for the window");
+    device.close();
+    cloud.close();
+}

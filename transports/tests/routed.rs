@@ -644,3 +644,24 @@ async fn a_device_that_comes_back_hits_the_clouds_end_to_end_dh_cache() {
         .unwrap();
     assert_eq!(off.stats().static_dh_cache, Default::default());
 }
+
+/// `send_many` hands a burst to the endpoint in groups: every message arrives, in order, and a
+/// refusal is reported for the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_many_delivers_a_burst_in_order() {
+    init_tracing();
+    let (_relay, mut cloud, dev, _link) = network(Transport::Tcp).await;
+    let cloud_id = cloud.id();
+    let burst: Vec<Bytes> = (0..200u32).map(|i| Bytes::from(i.to_be_bytes().to_vec())).collect();
+    within(dev.routed.send_many(&cloud_id, 4, burst.clone())).await.unwrap();
+    for want in &burst {
+        let (from, channel, _, payload, _) = cloud.message().await;
+        assert_eq!((from, channel, &payload), (dev.id(), 4, want));
+    }
+    assert_eq!(dev.routed.stats().messages_out, 200);
+    // To a node without a session: refused, as `send` is.
+    let stranger = node_of(keypair(0x5157).public());
+    let r = within(dev.routed.send_many(&stranger, 4, burst[..3].to_vec())).await;
+    assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
+    assert_eq!(dev.routed.stats().messages_out, 200);
+}
