@@ -558,6 +558,11 @@ struct Ports {
     gw_metrics: SocketAddr,
 }
 
+/// The roles' keepalive: below the devices' idle timeouts (5 s on links, `session_idle` on
+/// end-to-end sessions), so that a quiet moment of the cloud or the gateway does not look like
+/// a dead peer to a device (spec §7.5).
+const SOAK_KEEPALIVE_MS: u64 = 2_000;
+
 fn write_configs(
     fleet: &Fleet,
     opts: &SoakOptions,
@@ -569,18 +574,20 @@ fn write_configs(
     let crl = toml_path(&d.join("ca").join(crate::tooling::CA_CRL));
     let cloud = format!(
         "role = \"cloud\"\n\n[node]\nkey = {key}\ncertificate = {cert}\n\n[trust]\nmode = \"ca\"\nca = {ca}\ncrl = {crl}\n\n\
-         [listen]\ntcp = \"{tcp}\"\n\n[sink]\nkind = \"file\"\npath = {sink}\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
+         [listen]\ntcp = \"{tcp}\"\n\n[limits]\nkeepalive_ms = {keepalive}\n\n[sink]\nkind = \"file\"\npath = {sink}\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
          [log]\nlevel = \"warn\"\n",
         key = toml_path(&d.join("cloud.key")),
         cert = toml_path(&d.join("cloud.cert")),
         tcp = ports.cloud_tcp,
         sink = toml_path(&d.join("messages.jsonl")),
         metrics = ports.cloud_metrics,
+        keepalive = SOAK_KEEPALIVE_MS,
     );
     let gateway = format!(
         "role = \"gateway\"\n\n[node]\nkey = {key}\ncertificate = {cert}\n\n[trust]\nmode = \"ca\"\nca = {ca}\ncrl = {crl}\n\n\
          [listen]\ntcp = \"{tcp}\"\nudp = \"{udp}\"\n\n\
          [uplink]\naddress = \"{uplink}\"\ncloud_key = {cloud_key}\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n\n\
+         [limits]\nkeepalive_ms = {keepalive}\n\n\
          [spool]\npath = {spool}\nmax_bytes = {max}\nmax_bytes_per_device = {per}\n\n\
          [metrics]\nlisten = \"{metrics}\"\n\n[log]\nlevel = \"warn\"\n",
         key = toml_path(&d.join("gateway.key")),
@@ -592,6 +599,7 @@ fn write_configs(
         max = opts.spool_max_bytes,
         per = opts.spool_max_bytes_per_device,
         metrics = ports.gw_metrics,
+        keepalive = SOAK_KEEPALIVE_MS,
     );
     let (c, g) = (d.join("cloud-soak.toml"), d.join("gateway-soak.toml"));
     std::fs::write(&c, cloud).map_err(|e| SoakError::Setup(e.to_string()))?;

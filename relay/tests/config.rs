@@ -173,6 +173,8 @@ fn every_kind_of_error_names_its_key() {
         (gateway("[limits]\nhandshake_rate_per_sec = 0.0\n"), "limits.handshake_rate_per_sec", "above 0"),
         (gateway("[limits]\nhandshake_timeout_ms = 600000\n"), "limits.handshake_timeout_ms", "1 to 60000"),
         (gateway("[limits]\nstatic_dh_cache = 2000000\n"), "limits.static_dh_cache", "at most 1048576"),
+        (gateway("[limits]\nkeepalive_ms = 50\n"), "limits.keepalive_ms", "from 100 to 3600000"),
+        (gateway("[limits]\nkeepalive_ms = 60000\n"), "limits.idle_timeout_ms", "(60000 ms)"),
         (gateway_with(("cloud_key", "backoff_max_ms = 10\ncloud_key"), ""), "uplink.backoff_max_ms", "from"),
         (gateway_with(("tcp = \"127.0.0.1:7400\"\n", ""), ""), "listen", "listen.tcp, listen.udp"),
         (gateway("[metrics]\nlisten = \"127.0.0.1:7400\"\n"), "metrics.listen", "also listen.tcp"),
