@@ -40,7 +40,8 @@
 //! packet), against spec §12.6 (78 B per TCP hop, 46 B of overhead; target ≤ 48 B).
 //!
 //! `cargo bench -p veil-benches --bench relay`; figures go to `benches/RESULTS.md`.
-//! `VEIL_RELAY_WINDOW` overrides the window (messages).
+//! `VEIL_RELAY_WINDOW` overrides the window (messages). `VEIL_RELAY_BATCH=n` (n > 1) sends
+//! with `RoutedEndpoint::send_many`, n messages per call (within the window), on every path.
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -89,6 +90,11 @@ fn messages(size: usize) -> u64 {
 /// gateway's uplink queue cannot overflow), or `VEIL_RELAY_WINDOW`.
 fn window() -> u64 {
     std::env::var("VEIL_RELAY_WINDOW").ok().and_then(|w| w.parse().ok()).filter(|w| *w > 0).unwrap_or(64)
+}
+
+/// Messages per `send_many` call; 1 (the default): `send`, one message per call.
+fn batch() -> u64 {
+    std::env::var("VEIL_RELAY_BATCH").ok().and_then(|w| w.parse().ok()).filter(|w| *w > 0).unwrap_or(1)
 }
 
 /// One way from a device to the cloud application.
@@ -140,13 +146,21 @@ impl Subject {
         let name = self.name;
         let task = tokio::spawn(async move {
             let start = Instant::now();
+            let batch = batch().min(window);
             let run = async {
-                for i in 0..count {
-                    if i >= window {
+                let mut i = 0;
+                while i < count {
+                    let n = batch.min(count - i);
+                    if i + n > window {
                         // At most `window` sent and not yet at the cloud.
-                        let _ = rx.wait_for(|r| r.messages + window > base.messages + i).await;
+                        let _ = rx.wait_for(|r| r.messages + window >= base.messages + i + n).await;
                     }
-                    routed.send(&cloud, channel, payload.clone()).await?;
+                    if n == 1 {
+                        routed.send(&cloud, channel, payload.clone()).await?;
+                    } else {
+                        routed.send_many(&cloud, channel, (0..n).map(|_| payload.clone())).await?;
+                    }
+                    i += n;
                 }
                 let _ = rx.wait_for(|r| r.messages >= base.messages + count).await;
                 Ok::<_, NetError>(())

@@ -156,6 +156,8 @@ pub enum Event {
 pub struct ConnectionStats {
     /// Data messages queued by the application and sent.
     pub messages_sent: u64,
+    /// Data messages taken off the queue unsent, each reported by an [`Event::Unsent`].
+    pub messages_unsent: u64,
     /// Data messages delivered to the application.
     pub messages_received: u64,
     /// Packets put on the carrier (handshake and transport).
@@ -1973,6 +1975,7 @@ impl Connection {
         while let Some(m) = self.queue.front().filter(|m| m.message().encoded_len() > limit) {
             self.queued_bytes -= m.queued_len();
             if let Some(Outgoing::Data { channel, id, payload }) = self.queue.pop_front() {
+                self.stats.messages_unsent += 1;
                 self.events.push_back(Event::Unsent { channel, id, len: payload.len() });
             }
         }

@@ -116,6 +116,10 @@ pub const DELIVERY_RTO: Duration = Duration::from_secs(1);
 pub const DELIVERY_RTO_MAX: Duration = Duration::from_secs(16);
 /// spec §17.9: how long a message in a relay's custody is not retransmitted.
 pub const CUSTODY_TIMEOUT: Duration = Duration::from_secs(300);
+/// spec §17.9: a sender with messages of a channel in custody and no `Ack` of that channel for
+/// this long asks for one (a `Stream` alone); the interval doubles at each request without an
+/// answer, up to [`CUSTODY_TIMEOUT`].
+pub const CUSTODY_PROBE: Duration = Duration::from_secs(16);
 /// spec §17.9: a relay sends at most one `Stored` per link each `STORED_DELAY` while more are
 /// waiting ([`crate::relay::custody::StoredCoalescer`]).
 pub const STORED_DELAY: Duration = Duration::from_millis(10);
@@ -159,6 +163,9 @@ pub struct DeliveryConfig {
     /// Payload bytes of committed, unacknowledged messages of a channel that are acknowledged
     /// at once (at least 1).
     pub ack_every_bytes: usize,
+    /// The first wait before a sender asks for the acknowledgement of messages in a relay's
+    /// custody (spec §17.9; positive).
+    pub custody_probe: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -173,6 +180,7 @@ impl Default for DeliveryConfig {
             ack_delay: ACK_DELAY,
             ack_every: ACK_EVERY,
             ack_every_bytes: ACK_EVERY_BYTES,
+            custody_probe: CUSTODY_PROBE,
         }
     }
 }
@@ -194,6 +202,9 @@ impl DeliveryConfig {
         }
         if self.rto == Duration::ZERO {
             return Err(DeliveryError::Config("rto must be positive"));
+        }
+        if self.custody_probe == Duration::ZERO {
+            return Err(DeliveryError::Config("custody_probe must be positive"));
         }
         if self.rto_max < self.rto {
             return Err(DeliveryError::Config("rto_max must be at least rto"));

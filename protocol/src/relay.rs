@@ -542,6 +542,8 @@ impl<P: Policy> Relay<P> {
         if self.links.contains_key(&link) {
             return Err(RelayError::DuplicateLink(link));
         }
+        // spec §16.4.1: an uplink back to the same cloud after an outage.
+        let back = kind == LinkKind::Uplink && self.uplink.is_none() && self.cloud == Some(peer);
         let replaced = match kind {
             LinkKind::Device => {
                 if self.cloud == Some(peer) {
@@ -599,7 +601,13 @@ impl<P: Policy> Relay<P> {
                 for (id, device) in devices {
                     if self.related(&device, &peer) {
                         let _ = self.announce(now, link, device);
-                        let _ = self.announce(now, id, peer);
+                        let route = self.announce(now, id, peer);
+                        if let Some((route, l)) = route.filter(|_| back).zip(self.links.get_mut(&id)) {
+                            // The device was told UplinkDown: the same binding again tells it
+                            // the cloud is reachable (spec §17.4 rule 4).
+                            l.queue_route(route, peer);
+                            self.ready.insert(id);
+                        }
                     }
                 }
             }
@@ -1440,11 +1448,16 @@ mod tests {
         let packet = Bytes::from_static(b"x");
         r.link_down(T0, UP);
         let _ = drain(&mut r);
-        // Same cloud: the devices keep their binding; the new uplink learns the devices.
+        // Same cloud: the devices keep their binding, and hear it again (the route is back);
+        // the new uplink learns the devices.
         r.link_up(at(5_000), 101, CLOUD, LinkKind::Uplink, false, MTU).unwrap();
-        assert_eq!(drain(&mut r), [route(101, 0, dev(1)), route(101, 1, dev(2))]);
+        assert_eq!(
+            drain(&mut r),
+            [route(1, 0, CLOUD), route(2, 0, CLOUD), route(101, 0, dev(1)), route(101, 1, dev(2))]
+        );
         assert_eq!(r.on_routing(at(5_001), 1, forward(0, &packet)), deliver(101, 0, &packet));
-        // A newer uplink replaces this one at once; the old one's close is then a no-op.
+        // A newer uplink replaces this one at once (no outage: nothing for the devices); the
+        // old one's close is then a no-op.
         r.link_up(at(6_000), 102, CLOUD, LinkKind::Uplink, false, MTU).unwrap();
         assert_eq!(drain(&mut r), [route(102, 0, dev(1)), route(102, 1, dev(2))]);
         r.link_down(at(6_000), 101);

@@ -167,6 +167,7 @@ fn the_scripted_exchange_replays_through_the_implementation() {
         ack_delay: Duration::from_micros(n(c, "ack_delay_us")),
         ack_every: n(c, "ack_every"),
         ack_every_bytes: n(c, "ack_every_bytes") as usize,
+        custody_probe: Duration::from_micros(n(c, "custody_probe_us")),
     };
     assert_eq!(config, DeliveryConfig::default(), "spec §17.11: the default configuration");
     let stream: StreamId = bytes(ex, "stream").try_into().unwrap();
@@ -236,6 +237,12 @@ fn the_scripted_exchange_replays_through_the_implementation() {
                     outcomes.push(format!("Freed({})", out.on_ack(&acks[i], now).unwrap()));
                 }
             }
+            "custody" => {
+                let channel = u16::try_from(n(st, "channel")).unwrap();
+                let first = n(st, "id");
+                let held = out.on_custody(channel, first..first + n(st, "count"), now);
+                assert_eq!(held as u64, n(st, "held"), "step {}", k + 1);
+            }
             "expire" => {
                 let expired: Vec<(u64, u64, bool)> =
                     out.expire(now).into_iter().map(|e| (u64::from(e.channel), e.id, e.unconfirmed)).collect();
@@ -255,7 +262,7 @@ fn the_scripted_exchange_replays_through_the_implementation() {
         assert_eq!(out.window_len() as u64, n(st, "window"), "step {}", k + 1);
     }
     // spec §17.11: what the script covers.
-    assert_eq!(actions.len(), 6, "{actions:?}");
+    assert_eq!(actions.len(), 7, "{actions:?}");
     let all_outcomes: Vec<&str> =
         steps.iter().flat_map(|st| list(st, "outcomes")).map(|o| o.as_str().unwrap()).collect();
     for want in ["Buffered", "Duplicate", "Moved", "StartedOver"] {
@@ -263,6 +270,15 @@ fn the_scripted_exchange_replays_through_the_implementation() {
     }
     let kinds: Vec<&str> = steps.iter().flat_map(|st| list(st, "sender")).map(|m| s(m, "kind")).collect();
     assert!(kinds.contains(&"Skip") && kinds.contains(&"Stream"));
+    // spec §17.9: a transmit step in which the sender emits only a Stream (an acknowledgement
+    // request for a message in custody), answered by an Ack that frees it.
+    let request = steps
+        .iter()
+        .position(|st| s(st, "action") == "transmit" && list(st, "sender").iter().map(|m| s(m, "kind")).eq(["Stream"]));
+    let request = request.expect("an acknowledgement request");
+    assert!(steps[..request].iter().any(|st| s(st, "action") == "custody" && n(st, "held") > 0));
+    let answer = &steps[request + 1];
+    assert!(list(answer, "outcomes").iter().any(|o| o.as_str() == Some("Freed(1)")), "{answer}");
     assert_eq!(n(steps.last().unwrap(), "window"), 0, "everything acknowledged in the end");
 }
 

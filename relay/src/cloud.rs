@@ -149,6 +149,7 @@ impl CloudSettings {
         s.listen_udp = config.listen.udp;
         s.limits = node.limits.clone();
         s.protocol_limits = node.protocol_limits;
+        s.routed_limits.static_dh_cache = config.limits.static_dh_cache;
         Ok(s)
     }
 }
@@ -228,7 +229,7 @@ impl Cloud {
         tasks.spawn(accept_loop(endpoint.clone(), routed.clone(), settings.relays, Arc::clone(&links), stop.clone()));
         tasks.spawn(crate::gateway::count_handshake_failures(endpoint.handshake_failures(), stop.clone()));
         tasks.spawn(count_e2e_handshake_failures(routed.handshake_failures(), stop.clone()));
-        tasks.spawn(link_gauges(Arc::clone(&links), stop.clone()));
+        tasks.spawn(link_gauges(Arc::clone(&links), routed.clone(), stop.clone()));
         Ok(Self { endpoint, routed, links, stop, tasks: Mutex::new(tasks) })
     }
 
@@ -397,8 +398,9 @@ async fn accept_loop(ep: Endpoint, routed: RoutedEndpoint, relays: RelayRule, li
 }
 
 /// Once a second: the live links by kind ([`m::CONNECTIONS`]), and the list pruned of links
-/// that ended.
-async fn link_gauges(links: Links, stop: CancellationToken) {
+/// that ended; the end-to-end endpoint's drop and delivery counters ([`m::E2E_DROPS`],
+/// [`m::E2E_DELIVERY`]).
+async fn link_gauges(links: Links, routed: RoutedEndpoint, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -419,6 +421,30 @@ async fn link_gauges(links: Links, stop: CancellationToken) {
         }
         metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::GATEWAY).set(f64::from(gateways));
         metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::DEVICE).set(f64::from(devices));
+        let s = routed.stats();
+        for (reason, n) in [
+            ("no_route", s.dropped_no_route),
+            ("no_session", s.dropped_no_session),
+            ("unknown_route", s.dropped_unknown_route),
+            ("refused", s.dropped_refused),
+            ("init_limited", s.dropped_init_limited),
+            ("too_many_peers", s.dropped_too_many_peers),
+            ("too_large", s.dropped_too_large),
+            ("table_full", s.dropped_table_full),
+            ("link_messages", s.dropped_link_messages),
+            ("not_a_relay", s.dropped_not_a_relay),
+        ] {
+            metrics::counter!(m::E2E_DROPS, labels::REASON => reason).absolute(n);
+        }
+        for (event, n) in [
+            ("retransmission", s.retransmissions),
+            ("duplicate", s.duplicates_dropped),
+            ("route_back", s.routes_back),
+            ("ack_request", s.ack_requests),
+            ("custody_lost", s.custody_lost),
+        ] {
+            metrics::counter!(m::E2E_DELIVERY, "event" => event).absolute(n);
+        }
     }
 }
 

@@ -33,6 +33,12 @@ pub const DEFAULT_BACKOFF_MAX_MS: u64 = 30_000;
 pub const MAX_BACKOFF_MS: u64 = 3_600_000;
 /// Largest `limits.handshake_timeout_ms` (one minute).
 pub const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 60_000;
+/// `limits.keepalive_ms` at least (a tenth of a second) and at most (an hour).
+pub const MIN_KEEPALIVE_MS: u64 = 100;
+/// See [`MIN_KEEPALIVE_MS`].
+pub const MAX_KEEPALIVE_MS: u64 = 3_600_000;
+/// `limits.static_dh_cache` at most: about 130 MiB of cached results per cache.
+pub const MAX_STATIC_DH_CACHE: usize = 1 << 20;
 
 /// Why a configuration cannot be used. Every variant but [`ConfigError::Read`] and
 /// [`ConfigError::Syntax`] names the key ([`ConfigError::key`]).
@@ -364,14 +370,26 @@ pub struct LimitsConfig {
     pub handshake_timeout_ms: u64,
     /// `limits.idle_timeout_ms`: a connection that heard nothing authenticated for this long
     /// closes (spec §7.5). Default 60 000 ([`veil_protocol::Limits::idle_timeout`]); it must
-    /// exceed the keepalive interval (15 000).
+    /// exceed `limits.keepalive_ms`.
     pub idle_timeout_ms: u64,
+    /// `limits.keepalive_ms`: a connection that sent nothing for this long sends an empty
+    /// packet (spec §7.5), on links and, on a cloud, on the end-to-end sessions. Peers whose
+    /// idle timeout is shorter than the default 15 000 (devices that must notice a dead peer
+    /// soon) need a shorter one here; a UDP link behind NAT may too. From 100 to 3 600 000
+    /// ([`veil_protocol::Limits::keepalive_interval`]).
+    pub keepalive_ms: u64,
     /// `limits.send_queue`: messages a connection queues for sending before the sender waits.
     /// Default 64 ([`EndpointLimits::send_queue`]).
     pub send_queue: usize,
     /// `limits.recv_queue`: received messages held for the application before the
     /// connection stops reading. Default 64 ([`EndpointLimits::recv_queue`]).
     pub recv_queue: usize,
+    /// `limits.static_dh_cache`: entries of each static-static Diffie-Hellman cache (spec
+    /// §11.11): one for the links' handshakes, and on a cloud one for the end-to-end sessions
+    /// with devices; a peer that handshakes again costs one X25519 less. About 130 B per
+    /// entry, allocated as peers arrive; `0` turns the caches off. Default 4 096
+    /// ([`EndpointLimits::static_dh_cache`]), at most 1 048 576.
+    pub static_dh_cache: usize,
 }
 
 impl Default for LimitsConfig {
@@ -385,8 +403,10 @@ impl Default for LimitsConfig {
             handshake_burst: endpoint.handshake_burst_per_ip,
             handshake_timeout_ms: protocol.handshake_timeout.as_micros() / 1_000,
             idle_timeout_ms: protocol.idle_timeout.as_micros() / 1_000,
+            keepalive_ms: protocol.keepalive_interval.as_micros() / 1_000,
             send_queue: endpoint.send_queue,
             recv_queue: endpoint.recv_queue,
+            static_dh_cache: endpoint.static_dh_cache,
         }
     }
 }
@@ -402,6 +422,7 @@ impl LimitsConfig {
         l.handshake_burst_per_ip = self.handshake_burst;
         l.send_queue = self.send_queue;
         l.recv_queue = self.recv_queue;
+        l.static_dh_cache = self.static_dh_cache;
         l
     }
 
@@ -411,6 +432,7 @@ impl LimitsConfig {
         veil_protocol::Limits {
             handshake_timeout: veil_protocol::Duration::from_millis(self.handshake_timeout_ms),
             idle_timeout: veil_protocol::Duration::from_millis(self.idle_timeout_ms),
+            keepalive_interval: veil_protocol::Duration::from_millis(self.keepalive_ms),
             ..veil_protocol::Limits::default()
         }
     }
@@ -859,6 +881,9 @@ impl Config {
         at_least_one("limits.handshake_burst", u64::from(l.handshake_burst))?;
         at_least_one("limits.send_queue", l.send_queue as u64)?;
         at_least_one("limits.recv_queue", l.recv_queue as u64)?;
+        if l.static_dh_cache > MAX_STATIC_DH_CACHE {
+            return Err(problem("limits.static_dh_cache", format!("must be at most {MAX_STATIC_DH_CACHE}")));
+        }
         if !(l.handshake_rate_per_sec.is_finite() && l.handshake_rate_per_sec > 0.0) {
             return Err(problem("limits.handshake_rate_per_sec", "must be a number above 0"));
         }
@@ -868,7 +893,13 @@ impl Config {
                 format!("must be from 1 to {MAX_HANDSHAKE_TIMEOUT_MS}"),
             ));
         }
-        let keepalive_ms = veil_protocol::Limits::default().keepalive_interval.as_micros() / 1_000;
+        if !(MIN_KEEPALIVE_MS..=MAX_KEEPALIVE_MS).contains(&l.keepalive_ms) {
+            return Err(problem(
+                "limits.keepalive_ms",
+                format!("must be from {MIN_KEEPALIVE_MS} to {MAX_KEEPALIVE_MS}"),
+            ));
+        }
+        let keepalive_ms = l.keepalive_ms;
         if l.idle_timeout_ms <= keepalive_ms {
             return Err(problem(
                 "limits.idle_timeout_ms",
@@ -942,13 +973,18 @@ mod tests {
         assert!((e.handshake_rate_per_ip - d.handshake_rate_per_ip).abs() < f64::EPSILON);
         let p = l.protocol_limits();
         let dp = veil_protocol::Limits::default();
-        assert_eq!((p.handshake_timeout, p.idle_timeout), (dp.handshake_timeout, dp.idle_timeout));
+        assert_eq!(
+            (p.handshake_timeout, p.idle_timeout, p.keepalive_interval),
+            (dp.handshake_timeout, dp.idle_timeout, dp.keepalive_interval)
+        );
+        assert_eq!(l.keepalive_ms, 15_000);
         // The numbers the documentation states.
         assert_eq!(
             (l.max_connections, l.max_handshakes, l.handshake_burst, l.handshake_timeout_ms, l.idle_timeout_ms),
             (10_000, 1_024, 100, 10_000, 60_000)
         );
-        assert_eq!((l.send_queue, l.recv_queue), (64, 64));
+        assert_eq!((l.send_queue, l.recv_queue, l.static_dh_cache), (64, 64, 4_096));
+        assert_eq!(e.static_dh_cache, d.static_dh_cache);
         assert!((l.handshake_rate_per_sec - 50.0).abs() < f64::EPSILON);
     }
 }

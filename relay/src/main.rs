@@ -185,6 +185,10 @@ struct SoakArgs {
     /// Log level for the soak's own logs (default: warn).
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Keep the run's directory (the cloud's and gateway's logs, the sink, the spool) even
+    /// when it passes; a failed run always keeps it.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// `60s`, `2m`, `1500ms`, or seconds without a unit.
@@ -227,6 +231,7 @@ async fn soak(args: SoakArgs) -> ExitCode {
     opts.seed = args.seed;
     opts.udp_every = args.udp_every;
     opts.spool_max_bytes_per_device = args.spool_per_device.max(4096);
+    opts.keep = args.keep;
     opts.faults = veil_relay::soak::Faults {
         uplink_noise: !args.no_uplink_noise,
         outage: (!args.outage.is_zero()).then_some(args.outage),

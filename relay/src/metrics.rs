@@ -38,6 +38,15 @@ pub const HANDSHAKES: &str = "veil_relay_handshakes_total";
 /// accepted one; `unauthorized`, `revoked`, `bad_certificate`, `node_mismatch`; `timeout`,
 /// `rejected`, `protocol`, `other`).
 pub const E2E_HANDSHAKES: &str = "veil_relay_e2e_handshakes_total";
+/// Counter (cloud): routed packets of end-to-end sessions the cloud dropped, by `reason`:
+/// `no_route` (no relay announces the device), `no_session` (no session for the packet, e.g.
+/// one that ended), `unknown_route`, `refused`, `init_limited`, `too_many_peers`,
+/// `too_large`, `table_full`, `link_messages`, `not_a_relay`.
+pub const E2E_DROPS: &str = "veil_relay_e2e_drops_total";
+/// Counter (cloud): delivery events of the end-to-end sessions, by `event`: `retransmission`
+/// (commands sent again), `duplicate` (device messages already delivered, dropped),
+/// `route_back` (spec §17.4 rule 4), `ack_request` and `custody_lost` (spec §17.9).
+pub const E2E_DELIVERY: &str = "veil_relay_e2e_delivery_total";
 /// Counter: application messages, by [`labels::DIRECTION`] and [`labels::HOP`].
 pub const MESSAGES: &str = "veil_relay_messages_total";
 /// Counter: application payload bytes, by [`labels::DIRECTION`] and [`labels::HOP`].
@@ -142,6 +151,8 @@ pub fn register() {
         Unit::Count,
         "End-to-end handshakes with devices that ended, by outcome and reason."
     );
+    describe_counter!(E2E_DROPS, Unit::Count, "Routed end-to-end packets the cloud dropped, by reason.");
+    describe_counter!(E2E_DELIVERY, Unit::Count, "Delivery events of the end-to-end sessions, by event.");
     describe_counter!(MESSAGES, Unit::Count, "Application messages, by direction and hop.");
     describe_counter!(BYTES, Unit::Bytes, "Application payload bytes, by direction and hop.");
     describe_counter!(ROUTING_DROPS, Unit::Count, "Routing messages dropped, by reason.");

@@ -38,7 +38,9 @@ use veil_transports::{Authorizer, DeliveryOptions, Endpoint, NodeEvent, PeerRole
 
 use crate::demo::{self, Fleet};
 use crate::keyfile::{self, KeyKind};
-use crate::metrics::{sample, sample_sum, scrape, SPOOL_APPENDED, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP};
+use crate::metrics::{
+    sample, sample_sum, scrape, ROUTING_DROPS, SPOOL_APPENDED, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP,
+};
 use crate::sink::SinkLine;
 use crate::trustload::DeviceFiles;
 
@@ -108,6 +110,8 @@ pub struct SoakOptions {
     pub drain: Duration,
     /// Print the schedule's events as they happen.
     pub verbose: bool,
+    /// Keep the run's directory (logs, sink, spool) even when the run passes.
+    pub keep: bool,
 }
 
 impl SoakOptions {
@@ -128,6 +132,7 @@ impl SoakOptions {
             session_idle: Duration::from_secs(8),
             drain: Duration::from_secs(90),
             verbose: false,
+            keep: false,
         }
     }
 }
@@ -341,6 +346,21 @@ pub struct SoakReport {
     pub retransmissions: u64,
     /// Sends that waited for room in the window (backpressure).
     pub window_waits: u64,
+    /// Routes the devices were announced again after an `Unreachable` (spec §17.4 rule 4:
+    /// what was in flight went again at once).
+    pub routes_back: u64,
+    /// Acknowledgement requests the devices sent for messages in custody (spec §17.9).
+    pub ack_requests: u64,
+    /// Messages in the gateway's custody that the devices found lost (spec §17.9: a later one
+    /// was acknowledged) and sent again.
+    pub custody_lost: u64,
+    /// End-to-end sessions with the cloud that ended and were opened again (a cloud restart,
+    /// or an idle timeout while the uplink was down).
+    pub sessions_closed: u64,
+    /// Device packets for the cloud the gateway dropped (all its runs): its uplink queue
+    /// full (`Congested`), and the uplink down with no spool room (`UplinkDown`); the devices
+    /// send them again.
+    pub gateway_drops: (u64, u64),
     /// Datagrams the UDP proxy dropped, sent twice, and reordered (both directions).
     pub udp_faults: (u64, u64, u64),
     /// How long the end waited for the sink to hold everything.
@@ -384,6 +404,18 @@ impl fmt::Display for SoakReport {
             f,
             "spool: stored {}, replayed {}; devices: {} retransmissions, {} sends waited for the window",
             self.spooled, self.replayed, self.retransmissions, self.window_waits
+        )?;
+        writeln!(
+            f,
+            "gateway dropped {} (uplink queue full) and {} (uplink down); devices: {} routes back, {} \
+             acknowledgement requests, {} custody messages found lost, {} end-to-end sessions ended and opened \
+             again",
+            self.gateway_drops.0,
+            self.gateway_drops.1,
+            self.routes_back,
+            self.ack_requests,
+            self.custody_lost,
+            self.sessions_closed
         )?;
         writeln!(
             f,
@@ -526,6 +558,11 @@ struct Ports {
     gw_metrics: SocketAddr,
 }
 
+/// The roles' keepalive: below the devices' idle timeouts (5 s on links, `session_idle` on
+/// end-to-end sessions), so that a quiet moment of the cloud or the gateway does not look like
+/// a dead peer to a device (spec §7.5).
+const SOAK_KEEPALIVE_MS: u64 = 2_000;
+
 fn write_configs(
     fleet: &Fleet,
     opts: &SoakOptions,
@@ -537,18 +574,20 @@ fn write_configs(
     let crl = toml_path(&d.join("ca").join(crate::tooling::CA_CRL));
     let cloud = format!(
         "role = \"cloud\"\n\n[node]\nkey = {key}\ncertificate = {cert}\n\n[trust]\nmode = \"ca\"\nca = {ca}\ncrl = {crl}\n\n\
-         [listen]\ntcp = \"{tcp}\"\n\n[sink]\nkind = \"file\"\npath = {sink}\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
+         [listen]\ntcp = \"{tcp}\"\n\n[limits]\nkeepalive_ms = {keepalive}\n\n[sink]\nkind = \"file\"\npath = {sink}\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
          [log]\nlevel = \"warn\"\n",
         key = toml_path(&d.join("cloud.key")),
         cert = toml_path(&d.join("cloud.cert")),
         tcp = ports.cloud_tcp,
         sink = toml_path(&d.join("messages.jsonl")),
         metrics = ports.cloud_metrics,
+        keepalive = SOAK_KEEPALIVE_MS,
     );
     let gateway = format!(
         "role = \"gateway\"\n\n[node]\nkey = {key}\ncertificate = {cert}\n\n[trust]\nmode = \"ca\"\nca = {ca}\ncrl = {crl}\n\n\
          [listen]\ntcp = \"{tcp}\"\nudp = \"{udp}\"\n\n\
          [uplink]\naddress = \"{uplink}\"\ncloud_key = {cloud_key}\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n\n\
+         [limits]\nkeepalive_ms = {keepalive}\n\n\
          [spool]\npath = {spool}\nmax_bytes = {max}\nmax_bytes_per_device = {per}\n\n\
          [metrics]\nlisten = \"{metrics}\"\n\n[log]\nlevel = \"warn\"\n",
         key = toml_path(&d.join("gateway.key")),
@@ -560,6 +599,7 @@ fn write_configs(
         max = opts.spool_max_bytes,
         per = opts.spool_max_bytes_per_device,
         metrics = ports.gw_metrics,
+        keepalive = SOAK_KEEPALIVE_MS,
     );
     let (c, g) = (d.join("cloud-soak.toml"), d.join("gateway-soak.toml"));
     std::fs::write(&c, cloud).map_err(|e| SoakError::Setup(e.to_string()))?;
@@ -575,6 +615,8 @@ fn write_configs(
 struct DeviceCounters {
     spool_full: AtomicU64,
     expired: AtomicU64,
+    /// End-to-end sessions with the cloud that ended (each opened again).
+    sessions_closed: AtomicU64,
 }
 
 struct Device {
@@ -664,7 +706,11 @@ impl Device {
                     match tokio::time::timeout(Duration::from_millis(500), routed.next_event()).await {
                         Err(_) => {}
                         Ok(Err(_)) => return,
-                        Ok(Ok(NodeEvent::Closed { node, .. })) if node == cloud => connect = true,
+                        Ok(Ok(NodeEvent::Closed { node, outcome, .. })) if node == cloud => {
+                            tracing::debug!(%node, %outcome, "end-to-end session closed, opening another");
+                            counters.sessions_closed.fetch_add(1, Ordering::Relaxed);
+                            connect = true;
+                        }
                         Ok(Ok(NodeEvent::Unreachable { reason: RouteReason::SpoolFull, .. })) => {
                             counters.spool_full.fetch_add(1, Ordering::Relaxed);
                         }
@@ -821,19 +867,32 @@ struct SpoolTotals {
     refused: f64,
     appended: f64,
     replayed: f64,
+    /// Device packets for the cloud dropped: the uplink's queue full, or the uplink down
+    /// (with no room to store).
+    congested: f64,
+    uplink_down: f64,
 }
 
 async fn spool_counts(metrics: SocketAddr) -> Option<SpoolTotals> {
     let body = scrape(metrics).await?;
+    let drops = |reason| sample(&body, ROUTING_DROPS, &[("reason", reason)]).unwrap_or(0.0);
     Some(SpoolTotals {
         refused: sample_sum(&body, SPOOL_REFUSED),
         appended: sample_sum(&body, SPOOL_APPENDED),
         replayed: sample_sum(&body, SPOOL_REPLAYED),
+        congested: drops("congested"),
+        uplink_down: drops("uplink_down"),
     })
 }
 
 fn add(a: SpoolTotals, b: SpoolTotals) -> SpoolTotals {
-    SpoolTotals { refused: a.refused + b.refused, appended: a.appended + b.appended, replayed: a.replayed + b.replayed }
+    SpoolTotals {
+        refused: a.refused + b.refused,
+        appended: a.appended + b.appended,
+        replayed: a.replayed + b.replayed,
+        congested: a.congested + b.congested,
+        uplink_down: a.uplink_down + b.uplink_down,
+    }
 }
 
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -1050,11 +1109,15 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
         totals = add(totals, c);
     }
     let accepted = accepted(&devices);
-    let (mut retransmissions, mut window_waits) = (0, 0);
+    let (mut retransmissions, mut window_waits, mut routes_back, mut ack_requests) = (0, 0, 0, 0);
+    let mut custody_lost = 0;
     for d in &mut devices {
         let s = d.routed.stats();
         retransmissions += s.retransmissions;
         window_waits += s.window_waits;
+        routes_back += s.routes_back;
+        ack_requests += s.ack_requests;
+        custody_lost += s.custody_lost;
         d.routed.close();
         d.endpoint.close();
         d.tasks.abort_all();
@@ -1090,12 +1153,17 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
         expired: counters.expired.load(Ordering::Relaxed),
         retransmissions,
         window_waits,
+        routes_back,
+        ack_requests,
+        custody_lost,
+        sessions_closed: counters.sessions_closed.load(Ordering::Relaxed),
+        gateway_drops: (count(totals.congested), count(totals.uplink_down)),
         udp_faults,
         drain,
         drained,
         kept: None,
     };
-    if !report.passed() {
+    if !report.passed() || opts.keep {
         // Keep the logs, the sink and the spool of a failed run.
         report.kept = Some(tmp.keep());
     }

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`messages_sent_during_an_uplink_outage_reach_the_cloud_in_order_once_each`] | packets sent while the uplink is down are stored (metrics), nothing reaches the cloud meanwhile; once the uplink is back, with the device sending on during the replay, every message is in the sink, in order, once each; the spool is empty again and later messages go directly |
 //! | [`a_full_spool_answers_spool_full_and_loses_nothing_silently`] | with a 4 KiB share per device: every packet is stored or refused, the device is told `Unreachable { SpoolFull }` (within the rate limit), the spool never exceeds the share while the device's delivery layer retransmits what was refused, and once the uplink is back every message reaches the cloud exactly once, in order (stored ones replayed, refused ones retransmitted) |
+//! | [`without_a_spool_the_uplink_back_is_announced_and_devices_resend_at_once`] | a gateway without a spool drops what a device sends while the uplink is down (the device is told `Unreachable`); when the uplink is back the gateway announces the cloud to the device again (spec §16.4.1), which sends what was in flight at once (§17.4 rule 4), and it arrives once |
 //! | [`a_gateway_killed_while_spooling_replays_its_spool_after_a_restart`] | SIGKILL after packets were stored, a restart with the uplink still down finds them (gauge), and they reach the cloud in order once the uplink is back, on the device's surviving end-to-end session |
 //!
 //! Every wait is bounded (`util::WAIT`); every child is killed on every exit path.
@@ -28,7 +29,9 @@ use util::{
 use veil_protocol::routing::RouteReason;
 use veil_protocol::trust::NodeId;
 use veil_relay::demo::SimDevice;
-use veil_relay::metrics::{SPOOL_APPENDED, SPOOL_PACKETS, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP};
+use veil_relay::metrics::{
+    E2E_DELIVERY, ROUTING_DROPS, SPOOL_APPENDED, SPOOL_PACKETS, SPOOL_REFUSED, SPOOL_REPLAYED, UPLINK_UP,
+};
 use veil_transports::chaos::{ChaosConfig, ChaosProxy};
 use veil_transports::{NodeEvent, Transport};
 
@@ -236,5 +239,39 @@ async fn a_gateway_killed_while_spooling_replays_its_spool_after_a_restart() {
     gw.wait_metric(SPOOL_PACKETS, &[], |v| v == 0.0).await;
     assert_eq!(received(&cloud, &id, "crash"), sent);
     assert_eq!(gw.metric(SPOOL_REPLAYED, &[]).await, appended);
+    d.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_spool_the_uplink_back_is_announced_and_devices_resend_at_once() {
+    let net = Net::provision(1);
+    let cloud = start_cloud(&net).await;
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let proxy = ChaosProxy::start(listen, cloud.tcp, ChaosConfig::new(18)).await.unwrap();
+    let gw = start_gateway_to(&net, "gateway", proxy.local_addr(), Transport::Tcp, "").await;
+    let (d, id) = device(&net, &gw, &cloud).await;
+
+    cut(&proxy, &gw).await;
+    // Told that the cloud is unreachable (unprompted, spec §16.5), the device still sends; the
+    // gateway has nowhere to keep the message and drops it.
+    eventually("the device told UplinkDown", || (d.routed.stats().unreachable >= 1).then_some(())).await;
+    d.send(1, Bytes::from_static(b"during 000")).await.unwrap();
+    let dropped = gw.wait_metric(ROUTING_DROPS, &[("reason", "uplink_down")], |v| v >= 1.0).await;
+    assert!(dropped >= 1.0);
+    assert_eq!(d.routed.stats().routes_back, 0);
+
+    proxy.set_down(false);
+    gw.wait_metric(UPLINK_UP, &[], |v| v == 1.0).await;
+    eventually("the cloud announced to the device again", || (d.routed.stats().routes_back >= 1).then_some(())).await;
+    cloud.wait_line("the message sent during the outage", |l| l.device == id && l.payload == b"during 000").await;
+    assert_eq!(received(&cloud, &id, "during"), ["during 000"]);
+    assert_eq!(d.routed.stats().custody, 0, "no spool, no custody");
+    // The cloud lost its routes to the device with the uplink and learned them again: its
+    // delivery counters, exported each second, show the route back.
+    util::eventually_async("the cloud's route back in its metrics", || async {
+        let body = veil_relay::metrics::scrape(cloud.metrics).await?;
+        util::metric(&body, E2E_DELIVERY, &[("event", "route_back")]).filter(|v| *v >= 1.0)
+    })
+    .await;
     d.close();
 }

@@ -158,6 +158,7 @@ use tokio_util::sync::CancellationToken;
 use veil_protocol::delivery::{
     DataOutcome, DeliveryConfig, DeliveryMessage, DeliveryOutput, Inbox, InboxState, Outbox, StreamId,
 };
+use veil_protocol::dh_cache::CacheStats;
 use veil_protocol::routing::{
     DemuxError, DemuxLimits, E2eDemux, PeerRoutes, RouteReason, RoutedEvent, RoutingMessage, Slot,
     MAX_ENVELOPE_OVERHEAD, MAX_ROUTES,
@@ -166,7 +167,7 @@ use veil_protocol::trust::{Authorized, CertificateChain, NodeId, RoleSet, TrustE
 use veil_protocol::wire::{self, MAX_PACKET_LEN};
 use veil_protocol::{
     CloseReason, Config, ConnectionError, Decision, DeliveryError, Event, Mode, Pattern, Psk, PublicKey, Role,
-    StaticKeypair, Suite, Timestamp,
+    StaticDhCache, StaticKeypair, Suite, Timestamp,
 };
 
 use crate::clock::Clock;
@@ -205,6 +206,12 @@ pub struct RoutedLimits {
     /// before it fails with [`Error::NoRoute`]. The handshake that follows has the protocol's
     /// handshake timeout.
     pub connect_timeout: Duration,
+    /// Entries of the end-to-end sessions' static-static Diffie-Hellman cache
+    /// ([`veil_protocol::StaticDhCache`], spec §11.11): a device that starts IK again (a
+    /// reconnect, a restart) costs this node one X25519 less. About 130 B per entry,
+    /// allocated as peers arrive; `0` turns it off. Default 4 096, as
+    /// [`EndpointLimits::static_dh_cache`](crate::EndpointLimits::static_dh_cache) for links.
+    pub static_dh_cache: usize,
 }
 
 impl Default for RoutedLimits {
@@ -219,6 +226,7 @@ impl Default for RoutedLimits {
             link_queue: 64,
             max_pending_connects: 1_024,
             connect_timeout: Duration::from_secs(10),
+            static_dh_cache: 4_096,
         }
     }
 }
@@ -429,6 +437,20 @@ pub struct RoutedStats {
     pub expired: u64,
     /// Delivery (spec §17.9): messages put in a relay's custody by a `Stored`.
     pub custody: u64,
+    /// Delivery (spec §17.4 rule 4): routes announced again after an `Unreachable` (a relay's
+    /// uplink came back), each of which sent at once what was in flight.
+    pub routes_back: u64,
+    /// Delivery (spec §17.9): acknowledgement requests (a `Stream` alone) for messages in a
+    /// relay's custody whose `Ack` did not come.
+    pub ack_requests: u64,
+    /// Delivery (spec §17.9): messages whose custody ended because the peer acknowledged one
+    /// sent after them: the relay lost them after storing them (they go again).
+    pub custody_lost: u64,
+    /// Delivery (spec §17.3): messages the peer acknowledged, freed from their window. With
+    /// no message expired, `messages_out - acknowledged` is what the outboxes still hold.
+    pub acknowledged: u64,
+    /// The end-to-end sessions' static-static DH cache ([`RoutedLimits::static_dh_cache`]).
+    pub static_dh_cache: CacheStats,
     /// Delivery: the largest window (messages) any peer's outbox held.
     pub window_peak: usize,
 }
@@ -466,6 +488,10 @@ struct Counters {
     window_waits: AtomicU64,
     expired: AtomicU64,
     custody: AtomicU64,
+    routes_back: AtomicU64,
+    ack_requests: AtomicU64,
+    custody_lost: AtomicU64,
+    acknowledged: AtomicU64,
     window_peak: AtomicUsize,
 }
 
@@ -508,6 +534,11 @@ impl Counters {
             window_waits: g(&self.window_waits),
             expired: g(&self.expired),
             custody: g(&self.custody),
+            routes_back: g(&self.routes_back),
+            ack_requests: g(&self.ack_requests),
+            custody_lost: g(&self.custody_lost),
+            acknowledged: g(&self.acknowledged),
+            static_dh_cache: CacheStats::default(),
             window_peak: self.window_peak.load(Ordering::Relaxed),
         }
     }
@@ -668,6 +699,10 @@ impl RoutedBuilder {
         }
         self.config.mode = Mode::Routed;
         let limits = self.limits;
+        if self.config.static_dh_cache.is_none() && limits.static_dh_cache > 0 {
+            self.config.static_dh_cache = Some(Arc::new(StaticDhCache::new(limits.static_dh_cache)));
+        }
+        let dh_cache = self.config.static_dh_cache.clone();
         let public_key = *self.config.public_key();
         let (cmd_tx, cmd_rx) = mpsc::channel(limits.command_queue.max(1));
         let (input_tx, input_rx) = mpsc::channel(limits.input_queue.max(1));
@@ -716,6 +751,7 @@ impl RoutedBuilder {
             trust_deadline: None,
             batching: false,
             deferred: HashSet::new(),
+            draining: false,
         };
         let span = tracing::info_span!("veil_routed", node = %NodeId::from_public_key(&public_key));
         runtime.spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -730,6 +766,7 @@ impl RoutedBuilder {
                 runtime,
                 next_link: AtomicU64::new(1),
                 public_key,
+                dh_cache,
                 delivery: self.delivery.is_some(),
                 commits,
                 commit_wake,
@@ -754,6 +791,8 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     next_link: AtomicU64,
     public_key: PublicKey,
+    /// The end-to-end sessions' static-static DH cache, for [`RoutedEndpoint::stats`].
+    dh_cache: Option<Arc<StaticDhCache>>,
     /// Delivery is on: every send goes through the actor's outboxes.
     delivery: bool,
     /// Commits the actor has not taken yet, by node and channel (the highest id wins).
@@ -890,6 +929,58 @@ impl RoutedEndpoint {
         self.send_command(node, channel, payload, None).await.map(|_| ())
     }
 
+    /// Sends `payloads` to `node` on `channel`, in order, as [`RoutedEndpoint::send`] would one
+    /// after the other, but hands them to the endpoint's task up to 64 at a time instead of one
+    /// per call and wake-up (a burst of readings, a batch of commands): they share its
+    /// wake-ups and packets. Returns once every message was taken (queued on its session, or
+    /// with delivery given its id), waiting like `send` while the session's queue or the
+    /// window is full.
+    ///
+    /// # Errors
+    /// As [`RoutedEndpoint::send`], for the first message that was refused. The messages
+    /// before it were taken; of those after it in the same group of 64, each was taken or
+    /// refused on its own (without delivery a refusal means it was not sent), and none of the
+    /// later groups was handed over.
+    pub async fn send_many(
+        &self,
+        node: &NodeId,
+        channel: u16,
+        payloads: impl IntoIterator<Item = Bytes>,
+    ) -> Result<(), Error> {
+        let mut payloads = payloads.into_iter().peekable();
+        if !self.inner.delivery {
+            let direct = lock(&self.inner.direct).get(node).map(|(_, c)| c.clone());
+            if let Some(link) = direct {
+                for payload in payloads {
+                    let len = payload.len();
+                    link.send_on(channel, payload).await?;
+                    self.inner.counters.message_out(len);
+                }
+                return Ok(());
+            }
+        }
+        while payloads.peek().is_some() {
+            let mut items = Vec::with_capacity(SEND_MANY_CHUNK);
+            let mut replies = Vec::with_capacity(SEND_MANY_CHUNK);
+            for payload in payloads.by_ref().take(SEND_MANY_CHUNK) {
+                let (reply, rx) = oneshot::channel();
+                items.push((payload, reply));
+                replies.push(rx);
+            }
+            self.command(Command::SendMany { node: *node, channel, items }).await?;
+            let mut first = None;
+            for rx in replies {
+                if let Err(e) = rx.await.unwrap_or(Err(Error::EndpointClosed)) {
+                    first.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// With delivery (spec §17.6, §17.7): as [`RoutedEndpoint::send`], and the message is
     /// dropped from the window if the peer has not acknowledged it `ttl` after this call (a
     /// command for a device that stays offline); it is then reported as
@@ -966,7 +1057,9 @@ impl RoutedEndpoint {
     /// Counters.
     #[must_use]
     pub fn stats(&self) -> RoutedStats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        stats.static_dh_cache = self.inner.dh_cache.as_ref().map(|c| c.stats()).unwrap_or_default();
+        stats
     }
 
     /// Closes every end-to-end session (`Close { ShuttingDown }`, spec §7.6) and every direct
@@ -1008,7 +1101,8 @@ enum Input {
     Received(LinkId, Received),
     /// A link ended.
     Down(LinkId, Error),
-    /// A relay link's writer has room again after the actor found its queue full.
+    /// A relay link's send queue took the envelope the actor found no room for (a stalled
+    /// link moves again), or a direct link's delivery writer has room again.
     Ready(LinkId),
 }
 
@@ -1026,7 +1120,19 @@ enum Command {
         ttl: Option<Duration>,
         reply: oneshot::Sender<Result<Option<u64>, Error>>,
     },
+    /// [`RoutedEndpoint::send_many`]: each message as a `Send` without a time to live.
+    SendMany {
+        node: NodeId,
+        channel: u16,
+        items: Vec<(Bytes, SendReply)>,
+    },
 }
+
+/// Where the actor answers one send: the message's id with delivery, `None` without.
+type SendReply = oneshot::Sender<Result<Option<u64>, Error>>;
+
+/// Messages one [`RoutedEndpoint::send_many`] command carries at most.
+const SEND_MANY_CHUNK: usize = 64;
 
 /// Sends `input` to the actor unless the endpoint stops first.
 async fn tell(tx: &mpsc::Sender<Input>, stop: &CancellationToken, input: Input) -> bool {
@@ -1268,7 +1374,7 @@ struct Actor {
     buf: Vec<u8>,
     cmd_rx: mpsc::Receiver<Command>,
     input_rx: mpsc::Receiver<Input>,
-    /// For the writer tasks' `Ready`.
+    /// For `Ready` from the tasks that wait on a full link queue or write to a direct link.
     input_tx: mpsc::Sender<Input>,
     events_tx: mpsc::Sender<NodeEvent>,
     direct: Arc<Mutex<HashMap<NodeId, (LinkId, Connection)>>>,
@@ -1293,10 +1399,15 @@ struct Actor {
     /// The nodes to pump at the end of the batch (at most [`BATCH`] inputs and commands
     /// touched them).
     deferred: HashSet<NodeId>,
+    /// Within [`Actor::drain`]: events are being read, in order; a nested pump leaves them.
+    draining: bool,
 }
 
 /// Inputs and commands the actor takes per wake-up before it sends what they queued.
 const BATCH: usize = 64;
+
+/// How long a Close that found its link's queue full at shutdown waits for room.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Actor {
     async fn run(mut self) {
@@ -1357,18 +1468,25 @@ impl Actor {
         tracing::debug!("routed endpoint stopped");
     }
 
-    /// After an input or a command: takes up to [`BATCH`] more that are already queued
-    /// (inputs first), their pumps deferred. When both queues are empty it yields once to
-    /// the runtime (a sender this wake-up answered may queue its next message meanwhile) and
+    /// After an input or a command: takes up to [`BATCH`] more that are already queued, an
+    /// input and a command in turn (so that a busy network does not hold the application's
+    /// sends back), their pumps deferred. When both queues are empty it yields once to the
+    /// runtime (a sender this wake-up answered may queue its next message meanwhile) and
     /// looks again; it stops when a yield brought nothing. `false` when the endpoint stops.
     async fn batch(&mut self) -> bool {
         let mut taken = 1;
         let mut yielded = false;
+        let mut command_turn = false;
         while taken < BATCH {
-            if let Ok(i) = self.input_rx.try_recv() {
+            // Waiting sends fill the allowance: no more commands until some go.
+            let commands = self.parked_total < self.limits.command_queue.max(1);
+            let command = if commands && command_turn { self.cmd_rx.try_recv().ok() } else { None };
+            command_turn = !command_turn;
+            if let Some(c) = command {
+                self.on_command(c);
+            } else if let Ok(i) = self.input_rx.try_recv() {
                 self.on_input(i);
-            } else if self.parked_total >= self.limits.command_queue.max(1) {
-                // Waiting sends fill the allowance: no more commands until some go.
+            } else if !commands {
                 break;
             } else if let Ok(c) = self.cmd_rx.try_recv() {
                 self.on_command(c);
@@ -1527,12 +1645,24 @@ impl Actor {
         let Some((node, _)) = self.directs.remove(&id) else { return };
         self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
         self.direct_tx.remove(&id);
+        let routed_up = self.demux.connection(&node, Slot::Current).is_some_and(|c| c.is_connected());
+        let now = self.clock.now();
         if let Some(d) = self.deliveries.get_mut(&node) {
             if d.session == Some(DeliverySession::Direct(id)) {
-                d.outbox.on_disconnected();
                 // No acknowledgement is due until a Stream on the next connection.
                 d.inbox.on_connected();
-                d.session = None;
+                d.queued.clear();
+                if routed_up {
+                    // spec §17.1, §17.4 rule 2: the routed session that stayed up behind the
+                    // direct link is the node's connection now; the Stream and the window go
+                    // on it.
+                    d.outbox.on_connected(Mode::Routed, now);
+                    d.session = Some(DeliverySession::Routed);
+                    d.mode = Mode::Routed;
+                } else {
+                    d.outbox.on_disconnected();
+                    d.session = None;
+                }
             }
         }
         {
@@ -1548,6 +1678,19 @@ impl Actor {
         }
         self.gc(&node);
         self.emit(NodeEvent::Closed { node, direct: true, outcome });
+        if routed_up {
+            self.pump(&node);
+        }
+    }
+
+    /// Whether the node's delivery runs on another connection than its routed session (a
+    /// direct link), while its sender uses delivery (a best-effort sender's messages pass).
+    fn routed_stale(&self, node: &NodeId) -> bool {
+        self.delivery.is_some()
+            && self
+                .deliveries
+                .get(node)
+                .is_some_and(|d| d.inbox.stream().is_some() && d.session != Some(DeliverySession::Routed))
     }
 
     fn on_direct(&mut self, id: LinkId, node: NodeId, m: Received) {
@@ -1816,6 +1959,15 @@ impl Actor {
                 break;
             }
         }
+        // A Close sealed just now (a link that had no room before, a violation found while
+        // reading) finished its connection: its Closed event is read now, not whenever the
+        // node next hears from its peer (a closed connection has no timer).
+        let closed = [Slot::Current, Slot::Candidate]
+            .into_iter()
+            .any(|slot| self.demux.connection(node, slot).is_some_and(|c| c.is_closed()));
+        if closed && !self.draining {
+            self.drain(node, None);
+        }
         self.gc(node);
     }
 
@@ -1846,6 +1998,8 @@ impl Actor {
                     // A message queued for a larger route: it cannot cross this link.
                     if let Ok(Some(_)) = self.demux.poll_transmit(now, node, &mut self.buf) {
                         bump(&self.counters.dropped_too_large);
+                        // Its Data are lost like the packet: no relay holds them.
+                        self.record_carried(node, before, 0);
                         continue;
                     }
                     return;
@@ -1906,6 +2060,7 @@ impl Actor {
     /// Drains `node`'s session events; `via` is the link the last packet came on.
     fn drain(&mut self, node: &NodeId, via: Option<LinkId>) {
         let now = self.clock.now();
+        let nested = std::mem::replace(&mut self.draining, true);
         while let Some(ev) = self.demux.poll_event(now, node) {
             match ev {
                 RoutedEvent::NodeMismatch { slot } => {
@@ -1918,6 +2073,7 @@ impl Actor {
                 _ => {}
             }
         }
+        self.draining = nested;
         self.gc(node);
     }
 
@@ -1956,6 +2112,12 @@ impl Actor {
                     d.mode = Mode::Routed;
                     d.queued.clear();
                 }
+            }
+            Event::Message { .. } | Event::Delivery(_) if self.routed_stale(&node) => {
+                // spec §17.2: delivery follows the node's connection, here a direct link; what
+                // the routed session still brings in (queued before, or a spool's replay) is
+                // dropped, and the sender sends it again on the connection delivery uses.
+                tracing::debug!(%node, "delivery traffic on a routed session not in use dropped");
             }
             Event::Message { channel, id, payload } => {
                 bump(&self.counters.messages_in);
@@ -2044,10 +2206,8 @@ impl Actor {
                 bump(&self.counters.dropped_not_a_relay);
             }
             Event::Unsent { channel, id, len } => {
+                // Its entry in the node's `queued` went when it was taken off (`record_carried`).
                 tracing::warn!(%node, channel, id, len, "message larger than the peer's packet limit dropped unsent");
-                if let Some(d) = self.deliveries.get_mut(&node) {
-                    d.queued.retain(|&(c, i)| (c, i) != (channel, id));
-                }
             }
             _ => {}
         }
@@ -2157,6 +2317,15 @@ impl Actor {
                     self.on_send_delivery(node, channel, payload, ttl, reply);
                 } else {
                     self.on_send(node, channel, payload, reply);
+                }
+            }
+            Command::SendMany { node, channel, items } => {
+                for (payload, reply) in items {
+                    if self.delivery.is_some() {
+                        self.on_send_delivery(node, channel, payload, None, reply);
+                    } else {
+                        self.on_send(node, channel, payload, reply);
+                    }
                 }
             }
         }
@@ -2353,7 +2522,7 @@ impl Actor {
         }
         let now = self.clock.now();
         let Some(d) = self.deliveries.get_mut(node) else { return };
-        let retransmitted = d.outbox.stats().retransmitted;
+        let (retransmitted, probes) = (d.outbox.stats().retransmitted, d.outbox.stats().probes);
         // spec §17.6: what ran out of time is dropped and reported; a Skip tells the peer.
         for e in d.outbox.expire(now) {
             bump(&self.counters.expired);
@@ -2451,6 +2620,7 @@ impl Actor {
         }
         let again = d.outbox.stats().retransmitted - retransmitted;
         self.counters.retransmissions.fetch_add(again, Ordering::Relaxed);
+        self.counters.ack_requests.fetch_add(d.outbox.stats().probes - probes, Ordering::Relaxed);
         self.counters.window_peak.fetch_max(d.outbox.window_len(), Ordering::Relaxed);
     }
 
@@ -2547,28 +2717,36 @@ impl Actor {
                 d.inbox.on_skip(channel, next, now);
                 self.hand_over(&node, via, opts.auto_commit, now);
             }
-            DeliveryMessage::Ack(ack) => {
-                if let Err(e) = d.outbox.on_ack(&ack, now) {
+            DeliveryMessage::Ack(ack) => match (d.outbox.stats().custody_lost, d.outbox.on_ack(&ack, now)) {
+                (lost, Ok(freed)) => {
+                    self.counters.acknowledged.fetch_add(freed as u64, Ordering::Relaxed);
+                    let lost = d.outbox.stats().custody_lost - lost;
+                    self.counters.custody_lost.fetch_add(lost, Ordering::Relaxed);
+                }
+                (_, Err(e)) => {
                     tracing::info!(%node, error = %e, "delivery violation, closing");
                     self.close_delivery_session(&node, CloseReason::ProtocolViolation);
                 }
-            }
+            },
             _ => {}
         }
     }
 
-    /// Data messages sealed so far by the node's current session.
-    fn data_sent(&self, node: &NodeId) -> u64 {
+    /// Data messages sealed so far by the node's current session, and those it took off its
+    /// queue unsent (too large for the route, [`Event::Unsent`]).
+    fn data_sent(&self, node: &NodeId) -> (u64, u64) {
         if !self.deliveries.contains_key(node) {
-            return 0;
+            return (0, 0);
         }
-        self.demux.connection(node, Slot::Current).map_or(0, |c| c.stats().messages_sent)
+        let stats = self.demux.connection(node, Slot::Current).map(|c| c.stats()).unwrap_or_default();
+        (stats.messages_sent, stats.messages_unsent)
     }
 
     /// spec §17.9: remembers which packet carried the Data the session just sealed (they
-    /// leave in the order they were queued).
-    fn record_carried(&mut self, node: &NodeId, before: u64, len: usize) {
-        let after = self.data_sent(node);
+    /// leave in the order they were queued; those dropped unsent leave the queue first, ahead
+    /// of the packet's). `len` 0: the packet was dropped, and carried nothing anywhere.
+    fn record_carried(&mut self, node: &NodeId, before: (u64, u64), len: usize) {
+        let (after, unsent) = self.data_sent(node);
         let Some(opts) = self.delivery else { return };
         let Some(d) = self.deliveries.get_mut(node) else { return };
         let packet = &self.buf[..len];
@@ -2578,7 +2756,10 @@ impl Actor {
             }
             _ => None,
         };
-        for _ in before..after {
+        for _ in before.1..unsent {
+            d.queued.pop_front();
+        }
+        for _ in before.0..after {
             let Some((channel, id)) = d.queued.pop_front() else { break };
             if let Some((generation, counter)) = header {
                 if d.carried.len() >= opts.custody_memory {
@@ -2616,6 +2797,7 @@ impl Actor {
         if let Some(d) = self.deliveries.get_mut(node) {
             if std::mem::take(&mut d.unreachable) {
                 d.outbox.on_route_back(now);
+                bump(&self.counters.routes_back);
             }
         }
     }
@@ -2738,6 +2920,31 @@ impl Actor {
         }
     }
 
+    /// At shutdown: the node's last packets (its Close) go on its link whatever a stall holds
+    /// back; one that finds the queue full waits at most [`SHUTDOWN_GRACE`] for room in a
+    /// task of its own (the tasks that wait for `stop` end at once).
+    fn transmit_closing(&mut self, node: &NodeId) {
+        let now = self.clock.now();
+        let Some(&(id, route)) = self.best.get(node) else { return };
+        let Some(link) = self.links.get(&id) else { return };
+        let (conn, cap) = (link.conn.clone(), link.max_routed.min(self.buf.len()));
+        // A closing connection emits its queued data and its Close: a few packets.
+        for _ in 0..16 {
+            let Ok(Some(n)) = self.demux.poll_transmit(now, node, &mut self.buf[..cap]) else { break };
+            let msg = RoutingMessage::Forward { route, packet: Bytes::copy_from_slice(&self.buf[..n]) };
+            match conn.try_send_routing(msg) {
+                Ok(()) => bump(&self.counters.envelopes_out),
+                Err(TrySendError::Full(m)) => {
+                    let conn = conn.clone();
+                    self.runtime.spawn(async move {
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.send_routing(m)).await;
+                    });
+                }
+                Err(TrySendError::Failed(_)) => break,
+            }
+        }
+    }
+
     fn shutdown(&mut self) {
         self.stop.cancel();
         let now = self.clock.now();
@@ -2749,7 +2956,7 @@ impl Actor {
                 }
             }
             // The Close goes out, then its Closed event comes.
-            self.transmit(node);
+            self.transmit_closing(node);
             self.drain(node, None);
         }
         for st in self.nodes.values_mut() {
@@ -2778,7 +2985,7 @@ impl Actor {
                 break;
             }
         }
-        // Dropping the links' queues ends their writers once they have passed on what they hold.
+        // The links' connections stay with their owners (and the readers end with `stop`).
         self.links.clear();
         self.counters.relay_links.store(0, Ordering::Relaxed);
         self.counters.direct_links.store(0, Ordering::Relaxed);

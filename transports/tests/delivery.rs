@@ -69,7 +69,14 @@ type Peers = Arc<Mutex<HashMap<NodeId, Peer>>>;
 /// A stand-in for a gateway's spool (spec §17.9): while it is on for a destination (whose
 /// uplink is "down"), routed TRANSPORT packets for it are kept (source, packet) and their
 /// custody acknowledged with `Stored`.
-type Spool = Arc<Mutex<Option<(NodeId, Vec<(NodeId, Bytes)>)>>>;
+#[derive(Default)]
+struct SpoolState {
+    held: Option<(NodeId, Vec<(NodeId, Bytes)>)>,
+    /// Envelopes for this node are dropped (its link loses everything toward it).
+    drop_to: Option<NodeId>,
+}
+
+type Spool = Arc<Mutex<SpoolState>>;
 
 async fn relay() -> (Endpoint, Peers) {
     let (endpoint, peers, _) = spooling_relay().await;
@@ -101,7 +108,7 @@ async fn spooling_relay() -> (Endpoint, Peers, Spool) {
 
 /// Turns the spool off and passes on what it holds, oldest first (spec §17.9 replay).
 async fn replay(peers: &Peers, spool: &Spool) -> usize {
-    let Some((dst, held)) = spool.lock().await.take() else { return 0 };
+    let Some((dst, held)) = spool.lock().await.held.take() else { return 0 };
     let mut s = peers.lock().await;
     for (src, packet) in &held {
         let d = s.get_mut(&dst).unwrap();
@@ -143,7 +150,11 @@ async fn serve(peers: Peers, spool: Spool, id: u64, link: Connection) {
                     let _ = src.link.try_send_routing(msg);
                     continue;
                 };
-                if let Some((_, held)) = spool.lock().await.as_mut().filter(|(down, _)| *down == dst) {
+                let mut sp = spool.lock().await;
+                if sp.drop_to == Some(dst) {
+                    continue;
+                }
+                if let Some((_, held)) = sp.held.as_mut().filter(|(down, _)| *down == dst) {
                     // spec §17.9: TRANSPORT packets only (0x10/0x11), custody by counter.
                     if packet.len() > 4 && packet[0] & 0xfe == 0x10 {
                         let first = u32::from_be_bytes([0, packet[1], packet[2], packet[3]]);
@@ -153,6 +164,7 @@ async fn serve(peers: Peers, spool: Spool, id: u64, link: Connection) {
                         continue;
                     }
                 }
+                drop(sp);
                 let Some(d) = s.get_mut(&dst) else { continue };
                 let a = d.table.announce(node, T0).unwrap();
                 if a.new {
@@ -376,7 +388,13 @@ async fn run(shape: Shape, base_seed: u64) {
         assert!(!matches!(e, NodeEvent::Message { .. }), "{shape:?}: a message after the last: {e:?}");
     }
 
+    // Every message acknowledged: the device's outbox is empty (bounded wait for the last Ack).
+    let acked = tokio::time::Instant::now() + Duration::from_secs(10);
+    while device.stats().acknowledged < device.stats().messages_out && tokio::time::Instant::now() < acked {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (d, c) = (device.stats(), cloud.stats());
+    assert_eq!(d.acknowledged, d.messages_out, "{shape:?}: not every message acknowledged");
     eprintln!("{shape:?}: reconnects {}, device {d:?}, cloud {c:?}", reconnects.load(Ordering::Relaxed));
     assert!(d.window_peak <= WINDOW, "{shape:?}: window {} above {WINDOW}", d.window_peak);
     assert!(d.window_waits > 0, "{shape:?}: send never waited for the window");
@@ -440,7 +458,7 @@ async fn a_command_for_an_absent_node_expires_and_is_reported() {
     assert!(start.elapsed() >= Duration::from_millis(200));
     assert!(tokio::time::timeout(Duration::from_millis(300), cloud.next_event()).await.is_err());
     let s = cloud.stats();
-    assert_eq!((s.expired, s.window_peak), (3, 4));
+    assert_eq!((s.expired, s.window_peak, s.acknowledged), (3, 4, 0));
     // Without delivery there is no time to live to give.
     let plain = RoutedEndpoint::builder(keypair(CLOUD)).build().unwrap();
     assert!(matches!(
@@ -496,7 +514,7 @@ async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
     expect_on_3(&cloud, 5, &mut next).await;
 
     // The uplink is "down": the relay spools and acknowledges custody.
-    *spool.lock().await = Some((cloud_node, Vec::new()));
+    spool.lock().await.held = Some((cloud_node, Vec::new()));
     let before = device.stats();
     for i in 5..25 {
         within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
@@ -516,6 +534,177 @@ async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
     expect_on_3(&cloud, 26, &mut next).await;
     assert_eq!(device.stats().retransmissions, before.retransmissions);
     assert_eq!(cloud.stats().duplicates_dropped, 0);
+    device.close();
+    cloud.close();
+}
+
+/// spec §17.9: the cloud's Acks of Data in a relay's custody are lost on their way back.
+/// Custody stops the retransmissions that would repair that, so the device asks for the
+/// acknowledgements (a `Stream` alone) once `custody_probe` passes without one, and the
+/// answer frees its window, long before the custody would end (300 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_ack_of_data_in_custody_is_asked_for_again() {
+    init_tracing();
+    let (relay_ep, peers, spool) = spooling_relay().await;
+    let relay_key = relay_ep.public_key();
+    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+    let device_key = *keypair(DEVICE).public();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key]))
+        .routing(true)
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([device_key]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
+    let mut opts = options(true);
+    opts.config.custody_probe = Duration::from_millis(500).into();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(opts).build().unwrap();
+    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let device_node = node_of(&device_key);
+    let mut next = 0u64;
+    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    expect_on_3(&cloud, 1, &mut next).await;
+    eventually("the first message acknowledged", || device.stats().acknowledged == 1).await;
+
+    spool.lock().await.held = Some((cloud_node, Vec::new()));
+    for i in 1..21 {
+        within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+    }
+    eventually("every message in custody", || device.stats().custody >= 20).await;
+    // The replay reaches the cloud, but nothing gets back to the device.
+    spool.lock().await.drop_to = Some(device_node);
+    assert!(replay(&peers, &spool).await >= 1);
+    expect_on_3(&cloud, 21, &mut next).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = device.stats();
+    assert_eq!(before.acknowledged, 1, "the Acks of 1..21 were lost: {before:?}");
+    spool.lock().await.drop_to = None;
+    // The device asks; the cloud's answer frees the 20 messages. No Data is sent again.
+    eventually("the window freed by the answer to a request", || device.stats().acknowledged == 21).await;
+    let after = device.stats();
+    assert!(after.ack_requests >= 1, "{after:?}");
+    assert_eq!(after.retransmissions, before.retransmissions, "{after:?}");
+    assert_eq!(cloud.stats().duplicates_dropped, 0);
+    device.close();
+    cloud.close();
+}
+
+/// spec §17.1, §17.2: a node reachable both through a relay and by a direct link. Delivery
+/// follows the direct link while it is up (what the routed session brings meanwhile is not
+/// delivered a second time), and moves back to the routed session, which stayed up, when the
+/// direct link goes: every message arrives once, in order, and sending never stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up() {
+    init_tracing();
+    let (relay_ep, _peers, _spool) = spooling_relay().await;
+    let relay_key = relay_ep.public_key();
+    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+    let device_key = *keypair(DEVICE).public();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key, device_key]))
+        .routing(true)
+        .listen_tcp(localhost())
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([device_key]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
+    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let mut next = 0u64;
+    let mut sent = 0u64;
+    let mut send = |n: u64| {
+        let (device, from) = (device.clone(), sent);
+        sent += n;
+        async move {
+            for i in from..from + n {
+                within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+            }
+        }
+    };
+    send(10).await;
+    expect_on_3(&cloud, 10, &mut next).await;
+
+    // A direct link comes up next to the routed session; delivery moves to it.
+    let cloud_addr = cloud_links.local_tcp_addr().unwrap();
+    let cloud_key = cloud.public_key();
+    let (to_cloud, from_device) = within(async {
+        tokio::try_join!(device_links.connect(Transport::Tcp, cloud_addr, Some(cloud_key)), cloud_links.accept())
+    })
+    .await
+    .unwrap();
+    device.add_direct(to_cloud.clone());
+    cloud.add_direct(from_device);
+    send(2 * WINDOW as u64).await;
+    expect_on_3(&cloud, 10 + 2 * WINDOW as u64, &mut next).await;
+
+    // The direct link goes; the routed session is still up and takes over at once.
+    within(to_cloud.close(veil_protocol::CloseReason::Normal)).await.unwrap();
+    send(2 * WINDOW as u64).await;
+    expect_on_3(&cloud, 10 + 4 * WINDOW as u64, &mut next).await;
+    eventually("every message acknowledged", || device.stats().acknowledged == sent).await;
+    // The window went again on the routed session (spec §17.4 rule 2): what the cloud had
+    // already took it as duplicates, and nothing more reaches the application.
+    let extra = tokio::time::timeout(Duration::from_millis(200), async {
+        loop {
+            if let NodeEvent::Message { channel, id, .. } = cloud.next_event().await.unwrap() {
+                return (channel, id);
+            }
+        }
+    });
+    assert!(extra.await.is_err(), "a message delivered twice");
+    device.close();
+    cloud.close();
+}
+
+/// With delivery, `send_many` puts a burst larger than the window into the outbox as the
+/// window frees: every message reaches the cloud once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_many_with_delivery_waits_for_the_window() {
+    init_tracing();
+    let (relay_ep, _peers, _spool) = spooling_relay().await;
+    let relay_key = relay_ep.public_key();
+    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+    let device_key = *keypair(DEVICE).public();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key]))
+        .routing(true)
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([device_key]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
+    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let n = 3 * WINDOW as u64;
+    let sender = {
+        let device = device.clone();
+        tokio::spawn(async move { device.send_many(&cloud_node, 3, (0..n).map(|i| payload(3, i))).await })
+    };
+    let mut next = 0;
+    expect_on_3(&cloud, n, &mut next).await;
+    within(sender).await.unwrap().unwrap();
+    eventually("every message acknowledged", || device.stats().acknowledged == n).await;
+    assert!(device.stats().window_waits > 0, "the burst waited for the window");
     device.close();
     cloud.close();
 }

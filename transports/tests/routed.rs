@@ -277,17 +277,6 @@ async fn network(transport: Transport) -> (TestRelay, Node, Node, Connection) {
     (relay, cloud, dev, link)
 }
 
-/// Polls `f` until it holds (bounded in count and time).
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never: {what}");
-}
-
 // ---------------------------------------------------------------------------------------
 // Tests
 
@@ -623,4 +612,56 @@ async fn end_to_end_sessions_follow_the_trust_state() {
     assert_eq!((cloud.routed.stats().sessions, dev.routed.stats().sessions), (0, 0));
     let r = dev.routed.send(&cloud_id, 1, Bytes::from_static(b"still there?")).await;
     assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
+}
+
+/// spec §11.11: the end-to-end sessions share the static-static DH cache idea with links. A
+/// device that comes back with a new session (here a restarted device, with an empty cache of
+/// its own) costs the cloud one X25519 less: the cloud's cache hits, and the session works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_comes_back_hits_the_clouds_end_to_end_dh_cache() {
+    init_tracing();
+    let (relay, mut cloud, dev, _link) = network(Transport::Tcp).await;
+    let first = cloud.routed.stats().static_dh_cache;
+    assert_eq!(first.hits, 0, "{first:?}");
+    assert!(first.misses >= 1, "the first IK computed DH(s, rs): {first:?}");
+    assert!(dev.routed.stats().static_dh_cache.misses >= 1);
+    dev.routed.close();
+
+    // The device restarts: same key, new endpoints, new end-to-end session.
+    let again = device(DEVICE, None).await;
+    again.attach(&relay, Transport::Tcp).await;
+    let cloud_id = within(again.routed.connect(cloud.key)).await.unwrap();
+    within(again.routed.send(&cloud_id, 1, Bytes::from_static(b"back"))).await.unwrap();
+    let (from, _, _, payload, _) = cloud.message().await;
+    assert_eq!((from, &payload[..]), (again.id(), &b"back"[..]));
+    let later = cloud.routed.stats().static_dh_cache;
+    // The ss of the new IK came from the cache (its es, with the new ephemeral, cannot).
+    assert_eq!((later.hits, later.inserts), (first.hits + 1, first.inserts), "{later:?}");
+    // Off: nothing is cached.
+    let off = RoutedEndpoint::builder(keypair(DEVICE))
+        .limits(RoutedLimits { static_dh_cache: 0, ..RoutedLimits::default() })
+        .build()
+        .unwrap();
+    assert_eq!(off.stats().static_dh_cache, Default::default());
+}
+
+/// `send_many` hands a burst to the endpoint in groups: every message arrives, in order, and a
+/// refusal is reported for the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_many_delivers_a_burst_in_order() {
+    init_tracing();
+    let (_relay, mut cloud, dev, _link) = network(Transport::Tcp).await;
+    let cloud_id = cloud.id();
+    let burst: Vec<Bytes> = (0..200u32).map(|i| Bytes::from(i.to_be_bytes().to_vec())).collect();
+    within(dev.routed.send_many(&cloud_id, 4, burst.clone())).await.unwrap();
+    for want in &burst {
+        let (from, channel, _, payload, _) = cloud.message().await;
+        assert_eq!((from, channel, &payload), (dev.id(), 4, want));
+    }
+    assert_eq!(dev.routed.stats().messages_out, 200);
+    // To a node without a session: refused, as `send` is.
+    let stranger = node_of(keypair(0x5157).public());
+    let r = within(dev.routed.send_many(&stranger, 4, burst[..3].to_vec())).await;
+    assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
+    assert_eq!(dev.routed.stats().messages_out, 200);
 }

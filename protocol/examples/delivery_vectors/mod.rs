@@ -59,6 +59,7 @@ struct ConfigJson {
     ack_delay_us: u64,
     ack_every: u64,
     ack_every_bytes: usize,
+    custody_probe_us: u64,
 }
 
 #[derive(Serialize)]
@@ -91,7 +92,9 @@ struct ExpiredJson {
 /// - `commit`: the receiving application commits everything delivered;
 /// - `acks`: the receiver's `poll_ack` until it returns nothing (`receiver`); those at the
 ///   indices `deliver` reach the sender, with one `outcomes` entry each;
-/// - `expire`: the sender drops the messages whose time to live passed (`expired`).
+/// - `expire`: the sender drops the messages whose time to live passed (`expired`);
+/// - `custody`: a relay's `Stored` names the packets that last carried the ids `id` to
+///   `id + count - 1` of `channel` (spec §17.9); `held` of them go into custody.
 ///
 /// `window` is the number of messages in the sender's window after the step.
 #[derive(Serialize)]
@@ -110,6 +113,10 @@ struct Step {
     ttl_us: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     sender: Vec<DeliveryMessageJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -240,6 +247,8 @@ fn step(action: &'static str, note: &'static str) -> Step {
         payload: None,
         ttl_us: None,
         id: None,
+        count: None,
+        held: None,
         sender: Vec::new(),
         receiver: Vec::new(),
         deliver: Vec::new(),
@@ -317,6 +326,17 @@ impl Script {
         self.record(Step { receiver, deliver: order, outcomes, ..step("acks", note) });
     }
 
+    fn custody(&mut self, channel: u16, first: u64, count: u64, note: &'static str) {
+        let held = self.out.on_custody(channel, first..first + count, self.now);
+        self.record(Step {
+            channel: Some(channel),
+            id: Some(first),
+            count: Some(count),
+            held: Some(held),
+            ..step("custody", note)
+        });
+    }
+
     fn expire(&mut self, note: &'static str) {
         let expired = self
             .out
@@ -390,6 +410,35 @@ fn exchange() -> Exchange {
     s.commit("");
     s.now = s.now + ACK_DELAY;
     s.acks(all, "");
+    s.connect(Mode::Routed, "a routed connection, through a relay with a spool");
+    s.transmit(all, "");
+    s.now = s.now + ACK_DELAY;
+    s.acks(all, "they confirm the Stream and the Skips");
+    s.push(2, b"b2", None, "");
+    s.transmit(all, "the relay's uplink is down: it spools the packet, then replays it once the uplink is back");
+    s.custody(2, 2, 1, "the relay's Stored for that packet: 2/2 is in custody");
+    let stored = s.now;
+    s.commit("");
+    s.now = s.now + ACK_DELAY;
+    s.acks(|_| Vec::new(), "the Ack is lost on its way back");
+    s.now = stored + DELIVERY_RTO_SECS;
+    s.transmit(all, "custody: 2/2 is not retransmitted at its timeout");
+    s.now = stored + config.custody_probe;
+    s.transmit(all, "CUSTODY_PROBE after the Stored, with no Ack of channel 2 read: a Stream alone asks for one");
+    s.acks(all, "the answer frees 2/2");
+    s.push(2, b"b3", None, "");
+    let b3_sent = s.now;
+    s.transmit(|_| Vec::new(), "the relay spools 2/3, then loses it (its uplink took the replay and failed)");
+    s.custody(2, 3, 1, "the Stored for 2/3");
+    s.push(2, b"b4", None, "");
+    s.transmit(all, "2/4 passes the relay, which keeps a source's packets in order: 2/3 cannot still be in its spool");
+    s.now = s.now + ACK_DELAY;
+    s.acks(all, "2/4 is named received, 2/3 is not: the custody of 2/3 ends");
+    s.now = b3_sent + DELIVERY_RTO_SECS;
+    s.transmit(all, "2/3 goes again at its retransmission timeout, not after CUSTODY_TIMEOUT");
+    s.commit("");
+    s.now = s.now + ACK_DELAY;
+    s.acks(all, "");
     Exchange {
         config: ConfigJson {
             window_messages: config.window_messages,
@@ -401,6 +450,7 @@ fn exchange() -> Exchange {
             ack_delay_us: config.ack_delay.as_micros(),
             ack_every: config.ack_every,
             ack_every_bytes: config.ack_every_bytes,
+            custody_probe_us: config.custody_probe.as_micros(),
         },
         stream: hex::encode(STREAM),
         steps: s.steps,

@@ -29,6 +29,9 @@ pub(super) struct OutMessage {
     forced: bool,
     /// In a relay's custody (spec §17.9): not retransmitted on this connection before this.
     custody_until: Option<Timestamp>,
+    /// The outbox's transmission count when it last went out: orders transmissions on the
+    /// connection (spec §17.9: an `Ack` naming a later one ends custody).
+    sent_seq: u64,
 }
 
 impl OutMessage {
@@ -42,6 +45,7 @@ impl OutMessage {
             marked: false,
             forced: false,
             custody_until: None,
+            sent_seq: 0,
         }
     }
 
@@ -77,6 +81,10 @@ pub(super) struct OutChannel {
     /// Datagram and routed modes: when the `Skip` last went out, and its timeout.
     skip_last: Option<Timestamp>,
     skip_rto: Duration,
+    /// Datagram and routed modes, while messages are in custody (spec §17.9): the last `Ack`
+    /// of the channel read, custody notice or acknowledgement request, and the wait after it.
+    probe_last: Option<Timestamp>,
+    probe_rto: Duration,
 }
 
 impl OutChannel {
@@ -91,7 +99,21 @@ impl OutChannel {
             skip_sent: 0,
             skip_last: None,
             skip_rto: Duration::ZERO,
+            probe_last: None,
+            probe_rto: Duration::ZERO,
         }
+    }
+
+    /// Whether a message sent on this connection is in a relay's custody at `now` (spec §17.9).
+    fn holds_custody(&self, now: Timestamp) -> bool {
+        self.window.iter().take(self.unsent).any(|m| m.custody_until.is_some_and(|c| c > now) && !m.marked)
+    }
+
+    /// spec §17.9: when this channel asks for an acknowledgement next, if it holds messages in
+    /// custody.
+    fn probe_at(&self, now: Timestamp) -> Option<Timestamp> {
+        let last = self.probe_last?;
+        self.holds_custody(now).then(|| last + self.probe_rto)
     }
 
     /// spec §17.2: the lowest id the sender may still send, and whether the receiver still
@@ -160,6 +182,12 @@ pub struct OutboxStats {
     pub acks: u64,
     /// Acknowledgements whose `next` was below an earlier one (spec §17.3: stale).
     pub stale_acks: u64,
+    /// Acknowledgement requests (a `Stream` alone) for messages in custody (spec §17.9);
+    /// also counted in `streams_sent`.
+    pub probes: u64,
+    /// Messages whose custody ended because an `Ack` named as received a message transmitted
+    /// after them: the relay lost them (spec §17.9).
+    pub custody_lost: u64,
 }
 
 /// The sender's delivery state for one peer (spec §17.1): the stream id, per channel the
@@ -184,6 +212,10 @@ pub struct Outbox {
     skip_in_front: Option<u16>,
     /// No retransmission is due before this (a lower bound; `None`: none is pending).
     retransmit_check: Option<Timestamp>,
+    /// No acknowledgement request (spec §17.9) is due before this (a lower bound).
+    probe_check: Option<Timestamp>,
+    /// Transmissions so far ([`OutMessage::sent_seq`]).
+    sent_seq: u64,
     stats: OutboxStats,
 }
 
@@ -212,6 +244,8 @@ impl Outbox {
             stream_in_front: false,
             skip_in_front: None,
             retransmit_check: None,
+            probe_check: None,
+            sent_seq: 0,
             stats: OutboxStats::default(),
         }
     }
@@ -324,6 +358,7 @@ impl Outbox {
     /// `mode` decides the retransmission timeout and whether `Skip`s are repeated.
     pub fn on_connected(&mut self, mode: Mode, _now: Timestamp) {
         let rto = self.initial_rto(mode);
+        let probe = self.config.custody_probe;
         self.conn = Some(Conn { mode, stream_due: true, confirmed: false });
         for ch in self.channels.values_mut() {
             ch.unsent = 0;
@@ -331,6 +366,8 @@ impl Outbox {
             ch.skip_sent = 0;
             ch.skip_last = None;
             ch.skip_rto = rto;
+            ch.probe_last = None;
+            ch.probe_rto = probe;
             for m in &mut ch.window {
                 m.last_sent = None;
                 m.marked = false;
@@ -342,6 +379,7 @@ impl Outbox {
         self.stream_in_front = false;
         self.skip_in_front = None;
         self.retransmit_check = None;
+        self.probe_check = None;
     }
 
     /// The connection ended: nothing is sent until the next [`Outbox::on_connected`]. The
@@ -350,6 +388,7 @@ impl Outbox {
         self.conn = None;
         self.skip_in_front = None;
         self.retransmit_check = None;
+        self.probe_check = None;
     }
 
     /// Routed mode (spec §17.4 rule 4): the route to the peer was announced again after an
@@ -377,9 +416,13 @@ impl Outbox {
     /// `channel` on the current connection (spec §17.9: the caller maps the `Stored` it read to
     /// the Data those packets carried). They are in custody: not retransmitted on timeout or
     /// route back for [`CUSTODY_TIMEOUT`](super::CUSTODY_TIMEOUT), then unacknowledged again.
-    /// Custody frees nothing, and a new connection sends them again. Returns how many messages
-    /// were put in custody.
+    /// Custody frees nothing, and a new connection sends them again. In datagram and routed
+    /// modes, a channel with messages in custody and no `Ack` read for the configured
+    /// `custody_probe` ([`CUSTODY_PROBE`](super::CUSTODY_PROBE)) asks the receiver for its acknowledgements (a
+    /// `Stream` alone, doubling the wait each time), so that a lost `Ack` does not hold them
+    /// until the custody ends. Returns how many messages were put in custody.
     pub fn on_custody(&mut self, channel: u16, ids: core::ops::Range<u64>, now: Timestamp) -> usize {
+        let probe = self.config.custody_probe;
         if self.conn.is_none() {
             return 0;
         }
@@ -396,6 +439,15 @@ impl Outbox {
                 }
             }
         }
+        if n > 0 {
+            // spec §17.9: the wait for an acknowledgement request starts again.
+            ch.probe_last = Some(now);
+            ch.probe_rto = probe;
+            if self.conn.is_some_and(|c| c.mode.is_lossy()) {
+                let at = now + probe;
+                self.probe_check = Some(self.probe_check.map_or(at, |t| t.min(at)));
+            }
+        }
         n
     }
 
@@ -405,7 +457,7 @@ impl Outbox {
     /// # Errors
     /// [`DeliveryError::AckBeyondSent`]: the peer is broken; close the connection with
     /// ProtocolViolation. Nothing changed.
-    pub fn on_ack(&mut self, ack: &Ack, _now: Timestamp) -> Result<usize, DeliveryError> {
+    pub fn on_ack(&mut self, ack: &Ack, now: Timestamp) -> Result<usize, DeliveryError> {
         let channel = ack.channel();
         let next_id = self.next_id(channel);
         // spec §17.3: an id the sender never assigned.
@@ -413,6 +465,7 @@ impl Outbox {
             return Err(DeliveryError::AckBeyondSent);
         }
         self.stats.acks += 1;
+        let probe = self.config.custody_probe;
         let connected = self.conn.is_some();
         if let Some(conn) = self.conn.as_mut() {
             // spec §17.2: a receiver acknowledges on a connection only after its Stream.
@@ -423,6 +476,9 @@ impl Outbox {
         };
         if connected {
             ch.conn_acked = ch.conn_acked.max(ack.next());
+            // spec §17.9: the receiver answers; an acknowledgement request waits again.
+            ch.probe_last = Some(now);
+            ch.probe_rto = probe;
         }
         let mut freed = 0;
         if ack.next() < ch.acked {
@@ -439,17 +495,37 @@ impl Outbox {
         }
         if connected {
             // spec §17.3: marked received on this connection; kept until `next` covers them.
+            let mut latest = 0;
             for r in ack.received() {
                 let from = r.start.max(ch.base);
                 let to = r.end.min(ch.next_id);
                 for id in from..to {
                     if let Some(m) = usize::try_from(id - ch.base).ok().and_then(|i| ch.window.get_mut(i)) {
                         m.marked = true;
+                        latest = latest.max(m.sent_seq);
                     }
                 }
             }
+            // spec §17.9: a relay passes a source's packets on in order, so a message in
+            // custody that went out before one the receiver has, and that the receiver lacks,
+            // was lost after the relay took it: its custody ends.
+            let mut lost = 0;
+            for m in ch.window.iter_mut().take(ch.unsent) {
+                if m.custody_until.is_some() && !m.marked && m.sent_seq < latest {
+                    m.custody_until = None;
+                    lost += 1;
+                }
+            }
+            if lost > 0 {
+                self.stats.custody_lost += lost;
+                self.retransmit_check = Some(now);
+            }
         }
         self.stats.freed += freed as u64;
+        if self.probe_check.is_some() {
+            // spec §17.9: the request this Ack answered, or made moot, moves.
+            self.probe_check = self.channels.values().filter_map(|ch| ch.probe_at(now)).min();
+        }
         Ok(freed)
     }
 
@@ -497,9 +573,26 @@ impl Outbox {
             conn.stream_due = false;
             return Some(self.stream_out());
         }
+        let confirmed = conn.confirmed;
+        // spec §17.9: a channel whose messages wait in custody and that read no Ack for a while
+        // asks for one, in datagram and routed modes where the Ack may have been lost.
+        if mode.is_lossy() && self.probe_due(now) {
+            let custody_max = super::CUSTODY_TIMEOUT;
+            for ch in self.channels.values_mut() {
+                if let Some(at) = ch.probe_at(now) {
+                    if at <= now {
+                        ch.probe_rto = ch.probe_rto.doubled().min(custody_max);
+                    }
+                    ch.probe_last = Some(now);
+                }
+            }
+            self.probe_check = self.channels.values().filter_map(|ch| ch.probe_at(now)).min();
+            self.stats.probes += 1;
+            return Some(self.stream_out());
+        }
         // spec §17.2: in datagram and routed modes the packet with the first Stream may be
         // lost, so a Stream goes in front of every Skip and Data until an Ack is read.
-        let stream_prefix = mode.is_lossy() && !conn.confirmed;
+        let stream_prefix = mode.is_lossy() && !confirmed;
         let rto = self.initial_rto(mode);
         let rto_max = self.config.rto_max;
         // Skips on their own: a new value (every mode), or a timeout (datagram and routed).
@@ -555,6 +648,8 @@ impl Outbox {
         m.custody_until = None;
         m.transmitted = true;
         m.last_sent = Some(now);
+        self.sent_seq += 1;
+        m.sent_seq = self.sent_seq;
         let due = now + m.rto;
         let payload = m.payload.clone();
         self.retransmit_check = Some(self.retransmit_check.map_or(due, |t| t.min(due)));
@@ -562,6 +657,17 @@ impl Outbox {
         self.skip_in_front = None;
         self.turn = channel;
         Some(DeliveryOutput::Data { channel, id, payload })
+    }
+
+    /// Whether a channel's acknowledgement request (spec §17.9) is due. Scans the channels
+    /// only once `probe_check` passes, and moves it to the next request.
+    fn probe_due(&mut self, now: Timestamp) -> bool {
+        if self.probe_check.is_none_or(|t| t > now) {
+            return false;
+        }
+        let next = self.channels.values().filter_map(|ch| ch.probe_at(now)).min();
+        self.probe_check = next;
+        next.is_some_and(|t| t <= now)
     }
 
     fn stream_out(&mut self) -> DeliveryOutput {
@@ -657,6 +763,9 @@ impl Outbox {
                     at(t + ch.skip_rto);
                 }
             }
+        }
+        if let Some(t) = self.probe_check.filter(|_| self.conn.is_some()) {
+            at(t);
         }
         next
     }
@@ -975,6 +1084,128 @@ mod tests {
         o.on_custody(2, 0..3, end);
         o.on_connected(Mode::Routed, end);
         assert_eq!(drain(&mut o, end).iter().filter(|d| matches!(d, DeliveryOutput::Data { .. })).count(), 3);
+    }
+
+    #[test]
+    fn custody_without_an_ack_asks_for_one() {
+        use crate::delivery::{CUSTODY_PROBE, CUSTODY_TIMEOUT};
+        let mut o = outbox();
+        for _ in 0..2 {
+            o.push(4, Bytes::from_static(b"k"), T0, None).unwrap();
+        }
+        o.push(6, Bytes::from_static(b"z"), T0, None).unwrap();
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        o.on_ack(&Ack::cumulative(4, 0), T0).unwrap();
+        o.on_ack(&Ack::cumulative(6, 1), T0).unwrap();
+        let t = T0 + Duration::from_millis(50);
+        assert_eq!(o.on_custody(4, 0..2, t), 2);
+        // The cloud's Ack of both is lost: at CUSTODY_PROBE a Stream alone asks again.
+        assert_eq!(o.poll_timeout(), Some(t + CUSTODY_PROBE));
+        assert!(drain(&mut o, t + Duration::from_micros(CUSTODY_PROBE.as_micros() - 1)).is_empty());
+        let mut now = t + CUSTODY_PROBE;
+        assert_eq!(drain(&mut o, now), [stream()]);
+        assert_eq!((o.stats().probes, o.stats().retransmitted), (1, 0));
+        // Unanswered, the wait doubles: 32 s, then 64 s, 128 s.
+        for wait in [32, 64, 128] {
+            assert_eq!(o.poll_timeout(), Some(now + Duration::from_secs(wait)));
+            now = now + Duration::from_secs(wait);
+            assert_eq!(drain(&mut o, now), [stream()], "after {wait} s");
+        }
+        // An Ack of another channel is no answer for this one; one of this channel resets the
+        // wait even if it frees nothing (the receiver does not have them yet).
+        o.on_ack(&Ack::cumulative(6, 1), now).unwrap();
+        assert_eq!(o.poll_timeout(), Some(t + CUSTODY_TIMEOUT), "custody ends before 256 s more");
+        o.on_ack(&Ack::cumulative(4, 0), now).unwrap();
+        assert_eq!(o.poll_timeout(), Some(now + CUSTODY_PROBE));
+        // The answer to the request frees both, and nothing more is due.
+        now = now + CUSTODY_PROBE;
+        assert_eq!(drain(&mut o, now), [stream()]);
+        assert_eq!(o.on_ack(&Ack::cumulative(4, 2), now), Ok(2));
+        assert_eq!(o.poll_timeout(), None);
+        assert_eq!(o.stats().probes, 5);
+    }
+
+    #[test]
+    fn custody_requests_stop_with_the_custody_and_are_not_made_in_stream_mode() {
+        use crate::delivery::{CUSTODY_PROBE, CUSTODY_TIMEOUT};
+        // Custody over: the retransmission takes over, no request.
+        let mut o = outbox();
+        o.push(1, Bytes::from_static(b"m"), T0, None).unwrap();
+        o.on_connected(Mode::Datagram, T0);
+        drain(&mut o, T0);
+        o.on_ack(&Ack::cumulative(1, 0), T0).unwrap();
+        o.on_custody(1, 0..1, T0);
+        // Requests at 16, 48, 112, 240 s; custody ends at 300 s.
+        let mut probes = 0;
+        let mut now = T0;
+        while let Some(at) = o.poll_timeout() {
+            now = at;
+            let out = drain(&mut o, now);
+            if out == [stream()] {
+                probes += 1;
+            } else {
+                assert_eq!(out, [data(1, 0, b"m")], "retransmitted once custody ends");
+                break;
+            }
+            assert!(probes < 10, "bounded");
+        }
+        assert_eq!((probes, now), (4, T0 + CUSTODY_TIMEOUT));
+        // Stream mode: the carrier loses no Ack, so no request.
+        let mut o = outbox();
+        o.push(1, Bytes::from_static(b"m"), T0, None).unwrap();
+        o.on_connected(Mode::Stream, T0);
+        drain(&mut o, T0);
+        o.on_custody(1, 0..1, T0);
+        assert_eq!(o.poll_timeout(), Some(T0 + CUSTODY_TIMEOUT));
+        assert!(drain(&mut o, T0 + CUSTODY_PROBE).is_empty());
+        // A new connection ends custody and its requests.
+        let mut o = outbox();
+        o.push(1, Bytes::from_static(b"m"), T0, None).unwrap();
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        o.on_custody(1, 0..1, T0);
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        assert_eq!(o.poll_timeout(), Some(T0 + DELIVERY_RTO));
+    }
+
+    #[test]
+    fn custody_ends_when_the_receiver_has_a_message_sent_after_it() {
+        let mut o = outbox();
+        o.push(3, Bytes::from_static(b"k"), T0, None).unwrap();
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        o.on_ack(&Ack::cumulative(3, 0), T0).unwrap();
+        assert_eq!(o.on_custody(3, 0..1, T0), 1);
+        // 3/1 goes after 3/0, through the same relay; the receiver has it but not 3/0: the
+        // relay lost 3/0 after taking it (a replay onto an uplink that failed).
+        let t = T0 + Duration::from_millis(10);
+        o.push(3, Bytes::from_static(b"j"), t, None).unwrap();
+        assert_eq!(drain(&mut o, t), [data(3, 1, b"j")]);
+        o.on_ack(&Ack::new(3, 0, &[(1, 1)]).unwrap(), t).unwrap();
+        assert_eq!(o.stats().custody_lost, 1);
+        // 3/0 is retransmitted at its timeout, not after CUSTODY_TIMEOUT.
+        assert_eq!(o.poll_timeout(), Some(T0 + DELIVERY_RTO));
+        assert_eq!(drain(&mut o, T0 + DELIVERY_RTO), [data(3, 0, b"k")]);
+
+        // A message received that went out *before* the one in custody proves nothing: the
+        // relay may still hold the later packet.
+        let mut o = outbox();
+        for p in [&b"a"[..], b"b"] {
+            o.push(4, Bytes::from_static(p), T0, None).unwrap();
+        }
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        // 4/0 is lost, 4/1 arrives; 4/0's retransmission goes into a spool.
+        o.on_ack(&Ack::new(4, 0, &[(1, 1)]).unwrap(), T0).unwrap();
+        let again = T0 + DELIVERY_RTO;
+        assert_eq!(drain(&mut o, again), [data(4, 0, b"a")]);
+        assert_eq!(o.on_custody(4, 0..1, again), 1);
+        o.on_ack(&Ack::new(4, 0, &[(1, 1)]).unwrap(), again).unwrap();
+        assert_eq!(o.stats().custody_lost, 0, "4/1's last transmission left after 4/0's");
+        let later = again + Duration::from_secs(10);
+        assert!(drain(&mut o, later).iter().all(|d| !matches!(d, DeliveryOutput::Data { id: 0, .. })));
     }
 
     #[test]

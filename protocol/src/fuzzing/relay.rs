@@ -157,6 +157,9 @@ struct PeerView {
     known: BTreeMap<u32, NodeId>,
     /// Handles this peer has named in a `Forward` that passed step 1 (datagram links).
     used: BTreeSet<u32>,
+    /// The uplink came back to the same cloud: the cloud's binding may be announced again,
+    /// once (spec §16.4.1).
+    again: Option<NodeId>,
 }
 
 fn view_peer(views: &BTreeMap<LinkId, PeerView>, id: LinkId) -> Option<NodeId> {
@@ -227,6 +230,7 @@ impl Harness {
             LinkKind::Device => attached.contains(&peer),
             LinkKind::Uplink => self.relay.uplink().is_some(),
         };
+        let back = uplink && !replaces && cloud == Some(peer);
         match self.relay.link_up(self.now, id, peer, kind, lossy, usize::from(max_message)) {
             Ok(()) => {
                 let view = PeerView {
@@ -236,8 +240,14 @@ impl Harness {
                     max_message: usize::from(max_message),
                     known: BTreeMap::new(),
                     used: BTreeSet::new(),
+                    again: None,
                 };
                 assert!(self.views.insert(id, view).is_none(), "a live link id was accepted twice");
+                if back {
+                    for v in self.views.values_mut().filter(|v| v.kind == LinkKind::Device) {
+                        v.again = Some(peer);
+                    }
+                }
                 assert_eq!(self.relay.link_of(&peer), Some(id), "the newest link wins");
             }
             Err(RelayError::DuplicateLink(l)) => assert!(l == id && self.views.contains_key(&id)),
@@ -353,6 +363,12 @@ impl Harness {
             sent.push((id, msg.clone()));
             let view = self.views.get_mut(&id).expect("output for a link the relay does not hold");
             match msg {
+                RoutingMessage::Route { route, node } if view.again == Some(node) => {
+                    // spec §16.4.1: the cloud again, once, after the uplink came back.
+                    view.again = None;
+                    view.known.retain(|r, n| *r != route && *n != node);
+                    view.known.insert(route, node);
+                }
                 RoutingMessage::Route { route, node } => {
                     assert!(!view.used.contains(&route), "announcement repeated after the peer used it");
                     if !view.lossy {

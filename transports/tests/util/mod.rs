@@ -40,6 +40,18 @@ pub async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
+/// Polls `f` until it holds, every 20 ms for at most 10 s.
+#[allow(dead_code)] // not every test file polls
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never: {what}");
+}
+
 /// Limits loose enough for tests that open many connections from one address.
 pub fn open_limits() -> EndpointLimits {
     let mut l = EndpointLimits::default();
