@@ -698,3 +698,51 @@ async fn send_many_with_delivery_waits_for_the_window() {
     device.close();
     cloud.close();
 }
+
+/// spec §17.4 rule 5: a relay drops a device's packets without a word for a while, so the
+/// device's timeout backs off (0.2, 0.4, 0.8, 1.6 s, next 3.2 s); then it says
+/// `Unreachable { Congested }`: the message goes again one `rto` (0.2 s) after the notice,
+/// seconds before its backed-off timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_notice_brings_a_backed_off_retransmission_forward() {
+    init_tracing();
+    let mut opts = options(true);
+    opts.config.rto_max = Duration::from_secs(30).into();
+    let Pair {
+        relay: _relay,
+        peers,
+        spool,
+        cloud_links: _cloud_links,
+        cloud,
+        device_links: _device_links,
+        device,
+        cloud_node,
+    } = pair(opts).await;
+    let mut next = 0u64;
+    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    expect_on_3(&cloud, 1, &mut next).await;
+    eventually("the first message acknowledged", || device.stats().acknowledged == 1).await;
+
+    spool.lock().await.drop_to = Some(cloud_node);
+    within(device.send(&cloud_node, 3, payload(3, 1))).await.unwrap();
+    eventually("four retransmissions dropped", || device.stats().retransmissions >= 4).await;
+    spool.lock().await.drop_to = None;
+    let before = device.stats().retransmissions;
+    // The relay's notice, on the device's link, naming the cloud's handle there.
+    {
+        let s = peers.lock().await;
+        let d = &s[&node_of(keypair(DEVICE).public())];
+        let route = d.table.route_of(&cloud_node).unwrap();
+        d.link.send_routing(RoutingMessage::Unreachable { route, reason: RouteReason::Congested }).await.unwrap();
+    }
+    let noticed = std::time::Instant::now();
+    expect_on_3(&cloud, 2, &mut next).await;
+    let waited = noticed.elapsed();
+    // The backed-off timeout had at least 1.6 s to go (3.2 s after a transmission at most
+    // 1.6 s old); rule 5 makes it 0.2 s.
+    assert!(waited < Duration::from_millis(1_500), "waited {waited:?}");
+    assert_eq!(device.stats().retransmissions, before + 1);
+    assert_eq!(device.stats().unreachable, 1);
+    device.close();
+    cloud.close();
+}
