@@ -243,6 +243,9 @@ fn the_scripted_exchange_replays_through_the_implementation() {
                 let held = out.on_custody(channel, first..first + n(st, "count"), now);
                 assert_eq!(held as u64, n(st, "held"), "step {}", k + 1);
             }
+            "transient" => {
+                assert_eq!(out.on_transient_drop(now) as u64, n(st, "count"), "step {}", k + 1);
+            }
             "expire" => {
                 let expired: Vec<(u64, u64, bool)> =
                     out.expire(now).into_iter().map(|e| (u64::from(e.channel), e.id, e.unconfirmed)).collect();
@@ -262,7 +265,7 @@ fn the_scripted_exchange_replays_through_the_implementation() {
         assert_eq!(out.window_len() as u64, n(st, "window"), "step {}", k + 1);
     }
     // spec §17.11: what the script covers.
-    assert_eq!(actions.len(), 7, "{actions:?}");
+    assert_eq!(actions.len(), 8, "{actions:?}");
     let all_outcomes: Vec<&str> =
         steps.iter().flat_map(|st| list(st, "outcomes")).map(|o| o.as_str().unwrap()).collect();
     for want in ["Buffered", "Duplicate", "Moved", "StartedOver"] {

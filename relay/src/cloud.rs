@@ -422,29 +422,41 @@ async fn link_gauges(links: Links, routed: RoutedEndpoint, stop: CancellationTok
         metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::GATEWAY).set(f64::from(gateways));
         metrics::gauge!(m::CONNECTIONS, labels::ROLE => labels::DEVICE).set(f64::from(devices));
         let s = routed.stats();
-        for (reason, n) in [
-            ("no_route", s.dropped_no_route),
-            ("no_session", s.dropped_no_session),
-            ("unknown_route", s.dropped_unknown_route),
-            ("refused", s.dropped_refused),
-            ("init_limited", s.dropped_init_limited),
-            ("too_many_peers", s.dropped_too_many_peers),
-            ("too_large", s.dropped_too_large),
-            ("table_full", s.dropped_table_full),
-            ("link_messages", s.dropped_link_messages),
-            ("not_a_relay", s.dropped_not_a_relay),
-        ] {
-            metrics::counter!(m::E2E_DROPS, labels::REASON => reason).absolute(n);
-        }
-        for (event, n) in [
-            ("retransmission", s.retransmissions),
-            ("duplicate", s.duplicates_dropped),
-            ("route_back", s.routes_back),
-            ("ack_request", s.ack_requests),
-            ("custody_lost", s.custody_lost),
-        ] {
-            metrics::counter!(m::E2E_DELIVERY, "event" => event).absolute(n);
-        }
+        absolute_by(
+            m::E2E_DROPS,
+            labels::REASON,
+            &[
+                ("no_route", s.dropped_no_route),
+                ("no_session", s.dropped_no_session),
+                ("unknown_route", s.dropped_unknown_route),
+                ("refused", s.dropped_refused),
+                ("init_limited", s.dropped_init_limited),
+                ("too_many_peers", s.dropped_too_many_peers),
+                ("too_large", s.dropped_too_large),
+                ("table_full", s.dropped_table_full),
+                ("link_messages", s.dropped_link_messages),
+                ("not_a_relay", s.dropped_not_a_relay),
+            ],
+        );
+        absolute_by(
+            m::E2E_DELIVERY,
+            "event",
+            &[
+                ("retransmission", s.retransmissions),
+                ("duplicate", s.duplicates_dropped),
+                ("route_back", s.routes_back),
+                ("ack_request", s.ack_requests),
+                ("custody_lost", s.custody_lost),
+            ],
+        );
+    }
+}
+
+/// Sets counter `name` to each value, labelled `key` = its label: counts kept elsewhere (the
+/// routed endpoint's statistics) exported as they stand.
+fn absolute_by(name: &'static str, key: &'static str, values: &[(&'static str, u64)]) {
+    for &(label, n) in values {
+        metrics::counter!(name, key => label).absolute(n);
     }
 }
 

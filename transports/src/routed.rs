@@ -1837,10 +1837,20 @@ impl Actor {
             Ok(node) => {
                 bump(&self.counters.unreachable);
                 let relay = link.relay;
+                let now = self.clock.now();
+                let mut sooner = 0;
                 if let Some(d) = self.deliveries.get_mut(&node) {
                     d.unreachable = true;
+                    if matches!(reason, RouteReason::Congested | RouteReason::SpoolFull) {
+                        // spec §17.4 rule 5: a packet dropped for a passing reason; what is in
+                        // flight goes again soon, not at its backed-off timeout.
+                        sooner = d.outbox.on_transient_drop(now);
+                    }
                 }
                 self.emit(NodeEvent::Unreachable { node, relay, reason });
+                if sooner > 0 {
+                    self.gc(&node);
+                }
             }
             Err(_) => bump(&self.counters.dropped_unknown_route),
         }

@@ -313,7 +313,7 @@ async fn run(shape: Shape, base_seed: u64) {
 
     let cloud_node = within(device.connect(cloud_key)).await.unwrap();
     assert_eq!(cloud_node, node_of(&cloud_key));
-    let device_node = node_of(&device_key);
+    let device_node = node_of(keypair(DEVICE).public());
     if let Some(p) = &lossy {
         let faults = LinkFaults::new().loss(0.1).reorder(0.1).delay(Duration::from_millis(2));
         for d in [Direction::ToServer, Direction::ToClient] {
@@ -480,19 +480,29 @@ async fn expect_on_3(cloud: &RoutedEndpoint, upto: u64, next: &mut u64) {
     }
 }
 
-/// spec §17.9: Data whose packets a relay holds in custody is not retransmitted while the
-/// relay keeps it (here far longer than the retransmission timeout), and reaches the cloud,
-/// once, in order, when the relay passes the packets on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
-    init_tracing();
-    let (relay_ep, peers, spool) = spooling_relay().await;
-    let relay_key = relay_ep.public_key();
-    let relay_addr = relay_ep.local_tcp_addr().unwrap();
+/// A cloud and a device with delivery on, each with a TCP link to a spooling stand-in relay,
+/// and the device's end-to-end session with the cloud up. The cloud's link endpoint also
+/// listens for the device's direct link.
+struct Pair {
+    relay: Endpoint,
+    peers: Peers,
+    spool: Spool,
+    cloud_links: Endpoint,
+    cloud: RoutedEndpoint,
+    device_links: Endpoint,
+    device: RoutedEndpoint,
+    cloud_node: NodeId,
+}
+
+async fn pair(device_options: DeliveryOptions) -> Pair {
+    let (relay, peers, spool) = spooling_relay().await;
+    let relay_key = relay.public_key();
+    let relay_addr = relay.local_tcp_addr().unwrap();
     let device_key = *keypair(DEVICE).public();
     let cloud_links = Endpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([relay_key]))
+        .authorizer(Authorizer::allowlist([relay_key, device_key]))
         .routing(true)
+        .listen_tcp(localhost())
         .bind()
         .await
         .unwrap();
@@ -503,9 +513,28 @@ async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
         .unwrap();
     cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
     let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
-    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
+    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(device_options).build().unwrap();
     device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
     let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    Pair { relay, peers, spool, cloud_links, cloud, device_links, device, cloud_node }
+}
+
+/// spec §17.9: Data whose packets a relay holds in custody is not retransmitted while the
+/// relay keeps it (here far longer than the retransmission timeout), and reaches the cloud,
+/// once, in order, when the relay passes the packets on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
+    init_tracing();
+    let Pair {
+        relay: _relay,
+        peers,
+        spool,
+        cloud_links: _cloud_links,
+        cloud,
+        device_links: _device_links,
+        device,
+        cloud_node,
+    } = pair(options(true)).await;
 
     let mut next = 0u64;
     for i in 0..5 {
@@ -545,29 +574,19 @@ async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_ack_of_data_in_custody_is_asked_for_again() {
     init_tracing();
-    let (relay_ep, peers, spool) = spooling_relay().await;
-    let relay_key = relay_ep.public_key();
-    let relay_addr = relay_ep.local_tcp_addr().unwrap();
-    let device_key = *keypair(DEVICE).public();
-    let cloud_links = Endpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([relay_key]))
-        .routing(true)
-        .bind()
-        .await
-        .unwrap();
-    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([device_key]))
-        .delivery(options(true))
-        .build()
-        .unwrap();
-    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
-    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
     let mut opts = options(true);
     opts.config.custody_probe = Duration::from_millis(500).into();
-    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(opts).build().unwrap();
-    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
-    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
-    let device_node = node_of(&device_key);
+    let Pair {
+        relay: _relay,
+        peers,
+        spool,
+        cloud_links: _cloud_links,
+        cloud,
+        device_links: _device_links,
+        device,
+        cloud_node,
+    } = pair(opts).await;
+    let device_node = node_of(keypair(DEVICE).public());
     let mut next = 0u64;
     within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
     expect_on_3(&cloud, 1, &mut next).await;
@@ -603,27 +622,8 @@ async fn a_lost_ack_of_data_in_custody_is_asked_for_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up() {
     init_tracing();
-    let (relay_ep, _peers, _spool) = spooling_relay().await;
-    let relay_key = relay_ep.public_key();
-    let relay_addr = relay_ep.local_tcp_addr().unwrap();
-    let device_key = *keypair(DEVICE).public();
-    let cloud_links = Endpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([relay_key, device_key]))
-        .routing(true)
-        .listen_tcp(localhost())
-        .bind()
-        .await
-        .unwrap();
-    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([device_key]))
-        .delivery(options(true))
-        .build()
-        .unwrap();
-    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
-    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
-    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
-    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
-    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let Pair { relay: _relay, peers: _peers, spool: _spool, cloud_links, cloud, device_links, device, cloud_node } =
+        pair(options(true)).await;
     let mut next = 0u64;
     let mut sent = 0u64;
     let mut send = |n: u64| {
@@ -675,26 +675,16 @@ async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_many_with_delivery_waits_for_the_window() {
     init_tracing();
-    let (relay_ep, _peers, _spool) = spooling_relay().await;
-    let relay_key = relay_ep.public_key();
-    let relay_addr = relay_ep.local_tcp_addr().unwrap();
-    let device_key = *keypair(DEVICE).public();
-    let cloud_links = Endpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([relay_key]))
-        .routing(true)
-        .bind()
-        .await
-        .unwrap();
-    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
-        .authorizer(Authorizer::allowlist([device_key]))
-        .delivery(options(true))
-        .build()
-        .unwrap();
-    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
-    let device_links = Endpoint::builder(keypair(DEVICE)).routing(true).bind().await.unwrap();
-    let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(options(true)).build().unwrap();
-    device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
-    let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
+    let Pair {
+        relay: _relay,
+        peers: _peers,
+        spool: _spool,
+        cloud_links: _cloud_links,
+        cloud,
+        device_links: _device_links,
+        device,
+        cloud_node,
+    } = pair(options(true)).await;
     let n = 3 * WINDOW as u64;
     let sender = {
         let device = device.clone();
@@ -705,6 +695,54 @@ async fn send_many_with_delivery_waits_for_the_window() {
     within(sender).await.unwrap().unwrap();
     eventually("every message acknowledged", || device.stats().acknowledged == n).await;
     assert!(device.stats().window_waits > 0, "the burst waited for the window");
+    device.close();
+    cloud.close();
+}
+
+/// spec §17.4 rule 5: a relay drops a device's packets without a word for a while, so the
+/// device's timeout backs off (0.2, 0.4, 0.8, 1.6 s, next 3.2 s); then it says
+/// `Unreachable { Congested }`: the message goes again one `rto` (0.2 s) after the notice,
+/// seconds before its backed-off timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_notice_brings_a_backed_off_retransmission_forward() {
+    init_tracing();
+    let mut opts = options(true);
+    opts.config.rto_max = Duration::from_secs(30).into();
+    let Pair {
+        relay: _relay,
+        peers,
+        spool,
+        cloud_links: _cloud_links,
+        cloud,
+        device_links: _device_links,
+        device,
+        cloud_node,
+    } = pair(opts).await;
+    let mut next = 0u64;
+    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    expect_on_3(&cloud, 1, &mut next).await;
+    eventually("the first message acknowledged", || device.stats().acknowledged == 1).await;
+
+    spool.lock().await.drop_to = Some(cloud_node);
+    within(device.send(&cloud_node, 3, payload(3, 1))).await.unwrap();
+    eventually("four retransmissions dropped", || device.stats().retransmissions >= 4).await;
+    spool.lock().await.drop_to = None;
+    let before = device.stats().retransmissions;
+    // The relay's notice, on the device's link, naming the cloud's handle there.
+    {
+        let s = peers.lock().await;
+        let d = &s[&node_of(keypair(DEVICE).public())];
+        let route = d.table.route_of(&cloud_node).unwrap();
+        d.link.send_routing(RoutingMessage::Unreachable { route, reason: RouteReason::Congested }).await.unwrap();
+    }
+    let noticed = std::time::Instant::now();
+    expect_on_3(&cloud, 2, &mut next).await;
+    let waited = noticed.elapsed();
+    // The backed-off timeout had at least 1.6 s to go (3.2 s after a transmission at most
+    // 1.6 s old); rule 5 makes it 0.2 s.
+    assert!(waited < Duration::from_millis(1_500), "waited {waited:?}");
+    assert_eq!(device.stats().retransmissions, before + 1);
+    assert_eq!(device.stats().unreachable, 1);
     device.close();
     cloud.close();
 }

@@ -94,7 +94,9 @@ struct ExpiredJson {
 ///   indices `deliver` reach the sender, with one `outcomes` entry each;
 /// - `expire`: the sender drops the messages whose time to live passed (`expired`);
 /// - `custody`: a relay's `Stored` names the packets that last carried the ids `id` to
-///   `id + count - 1` of `channel` (spec §17.9); `held` of them go into custody.
+///   `id + count - 1` of `channel` (spec §17.9); `held` of them go into custody;
+/// - `transient`: the relay reports a packet dropped for a passing reason (spec §17.4 rule 5);
+///   `count` messages in flight are brought forward.
 ///
 /// `window` is the number of messages in the sender's window after the step.
 #[derive(Serialize)]
@@ -337,6 +339,11 @@ impl Script {
         });
     }
 
+    fn transient(&mut self, note: &'static str) {
+        let n = self.out.on_transient_drop(self.now);
+        self.record(Step { count: Some(n as u64), ..step("transient", note) });
+    }
+
     fn expire(&mut self, note: &'static str) {
         let expired = self
             .out
@@ -436,6 +443,18 @@ fn exchange() -> Exchange {
     s.acks(all, "2/4 is named received, 2/3 is not: the custody of 2/3 ends");
     s.now = b3_sent + DELIVERY_RTO_SECS;
     s.transmit(all, "2/3 goes again at its retransmission timeout, not after CUSTODY_TIMEOUT");
+    s.commit("");
+    s.now = s.now + ACK_DELAY;
+    s.acks(all, "");
+    s.push(2, b"b5", None, "");
+    let b5_sent = s.now;
+    s.transmit(|_| Vec::new(), "a relay with a full uplink queue drops it");
+    s.now = b5_sent + DELIVERY_RTO_SECS;
+    s.transmit(|_| Vec::new(), "its retransmission timeout: dropped again; the next one is 2 s away");
+    s.now = s.now + Duration::from_millis(500);
+    s.transient("the relay says Unreachable { Congested }: 2/5 is due one rto (1 s) from now, not 1.5 s later");
+    s.now = s.now + DELIVERY_RTO_SECS;
+    s.transmit(all, "");
     s.commit("");
     s.now = s.now + ACK_DELAY;
     s.acks(all, "");

@@ -391,6 +391,36 @@ impl Outbox {
         self.probe_check = None;
     }
 
+    /// Routed mode (spec §17.4 rule 5): the relay reported that it dropped a packet toward the
+    /// peer for a passing reason (`Unreachable { Congested }` or `{ SpoolFull }`). Every message
+    /// in flight on the current connection (transmitted, neither freed, marked received nor in
+    /// custody) whose retransmission timeout would run out later than `rto` (the configured
+    /// first timeout) from `now` is due then instead; its timeout doubles again from there.
+    /// Returns how many messages were brought forward.
+    pub fn on_transient_drop(&mut self, now: Timestamp) -> usize {
+        if self.conn.is_none() {
+            return 0;
+        }
+        let rto = self.config.rto;
+        let soon = now + rto;
+        let mut n = 0;
+        for ch in self.channels.values_mut() {
+            for m in ch.window.iter_mut().take(ch.unsent) {
+                let Some(last) = m.last_sent else { continue };
+                if m.marked || m.custody_until.is_some_and(|c| c > now) || last + m.rto <= soon {
+                    continue;
+                }
+                // Due at `soon`: the timeout measured from the last transmission.
+                m.rto = soon - last;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.retransmit_check = Some(self.retransmit_check.map_or(soon, |t| t.min(soon)));
+        }
+        n
+    }
+
     /// Routed mode (spec §17.4 rule 4): the route to the peer was announced again after an
     /// `Unreachable` for it. Every message in flight on the current connection (transmitted,
     /// neither freed nor marked received) and every unconfirmed `Skip` is due at once: the
@@ -1206,6 +1236,39 @@ mod tests {
         assert_eq!(o.stats().custody_lost, 0, "4/1's last transmission left after 4/0's");
         let later = again + Duration::from_secs(10);
         assert!(drain(&mut o, later).iter().all(|d| !matches!(d, DeliveryOutput::Data { id: 0, .. })));
+    }
+
+    #[test]
+    fn a_transient_drop_brings_backed_off_retransmissions_forward() {
+        let mut o = outbox();
+        for p in [&b"a"[..], b"b", b"c"] {
+            o.push(1, Bytes::from_static(p), T0, None).unwrap();
+        }
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        // 1/1 is received; the others back off: retransmitted at 1, 3 and 7 s, next at 15 s.
+        o.on_ack(&Ack::new(1, 0, &[(1, 1)]).unwrap(), T0).unwrap();
+        let mut now = T0;
+        for _ in 0..3 {
+            now = o.poll_timeout().unwrap();
+            drain(&mut o, now);
+        }
+        assert_eq!(now, T0 + Duration::from_secs(7));
+        assert_eq!(o.poll_timeout(), Some(now + Duration::from_secs(8)));
+        // 1/2 goes into custody; then the relay says it dropped a packet (Congested).
+        o.on_custody(1, 2..3, now);
+        let t = now + Duration::from_millis(500);
+        assert_eq!(o.on_transient_drop(t), 1, "not the marked 1/1, not 1/2 in custody");
+        assert_eq!(o.poll_timeout(), Some(t + DELIVERY_RTO));
+        assert_eq!(drain(&mut o, t + DELIVERY_RTO), [data(1, 0, b"a")]);
+        // Its timeout doubles from there (1.5 s → 3 s), capped as usual.
+        assert_eq!(o.poll_timeout(), Some(t + DELIVERY_RTO + Duration::from_secs(3)));
+        // Another notice a little later: due one `rto` after it, if that is sooner.
+        let u = t + DELIVERY_RTO + Duration::from_millis(100);
+        assert_eq!(o.on_transient_drop(u), 1);
+        assert_eq!(o.poll_timeout(), Some(u + DELIVERY_RTO));
+        // A message already due sooner is left alone.
+        assert_eq!(o.on_transient_drop(u + Duration::from_millis(200)), 0);
     }
 
     #[test]
