@@ -448,9 +448,11 @@ impl Outbox {
     /// route back for [`CUSTODY_TIMEOUT`](super::CUSTODY_TIMEOUT), then unacknowledged again.
     /// Custody frees nothing, and a new connection sends them again. In datagram and routed
     /// modes, a channel with messages in custody and no `Ack` read for the configured
-    /// `custody_probe` ([`CUSTODY_PROBE`](super::CUSTODY_PROBE)) asks the receiver for its acknowledgements (a
-    /// `Stream` alone, doubling the wait each time), so that a lost `Ack` does not hold them
-    /// until the custody ends. Returns how many messages were put in custody.
+    /// `custody_probe` ([`CUSTODY_PROBE`](super::CUSTODY_PROBE)) asks the receiver for its
+    /// acknowledgements (a `Stream` alone, doubling the wait each time), so that a lost `Ack`
+    /// does not hold them until the custody ends; an `Ack` that names as received a message
+    /// sent after one in custody ends that custody (the relay lost it). Returns how many
+    /// messages were put in custody.
     pub fn on_custody(&mut self, channel: u16, ids: core::ops::Range<u64>, now: Timestamp) -> usize {
         let probe = self.config.custody_probe;
         if self.conn.is_none() {
@@ -541,7 +543,7 @@ impl Outbox {
             // was lost after the relay took it: its custody ends.
             let mut lost = 0;
             for m in ch.window.iter_mut().take(ch.unsent) {
-                if m.custody_until.is_some() && !m.marked && m.sent_seq < latest {
+                if m.custody_until.is_some_and(|c| c > now) && !m.marked && m.sent_seq < latest {
                     m.custody_until = None;
                     lost += 1;
                 }
