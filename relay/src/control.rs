@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! → {"device":"5b0e…","channel":1,"payload_text":"open valve"}
-//! ← {"ok":true}
+//! ← {"channel":1,"id":4,"ok":true}
 //! → {"device":"nope"}
 //! ← {"ok":false,"error":"device: expected 32 hex digits"}
 //! ```
 //!
 //! A command names the device by node id (32 hex digits, spec §15.2) and carries the
 //! payload as `payload_text` (UTF-8) or `payload_hex`; `channel` defaults to 0. `ok` means
-//! the message was queued on the device's session, not that the device has it.
+//! the command was accepted into the device's outbox (spec §17.7), not that the device has
+//! it; `channel` and `id` name it as the sink's `command` record does if it expires.
 //!
 //! The socket is created with mode 0600 (only the service's user may command devices); a
 //! stale socket file from an earlier run is replaced. Lines are at most
@@ -49,8 +50,9 @@ pub struct ControlCommand {
 pub struct ControlRequest {
     /// The command.
     pub command: ControlCommand,
-    /// `Ok` once queued; `Err` with a reason for the client.
-    pub reply: oneshot::Sender<Result<(), String>>,
+    /// `Ok` with the command's id in its channel once accepted; `Err` with a reason for the
+    /// client.
+    pub reply: oneshot::Sender<Result<u64, String>>,
 }
 
 #[derive(Deserialize)]
@@ -81,9 +83,10 @@ pub fn parse(line: &str) -> Result<ControlCommand, String> {
     Ok(ControlCommand { device: NodeId(id), channel: w.channel, payload })
 }
 
-fn answer(result: &Result<(), String>) -> String {
+/// The answer line (without its newline): `channel` is the command's, when one was parsed.
+fn answer(result: &Result<(u16, u64), String>) -> String {
     match result {
-        Ok(()) => r#"{"ok":true}"#.to_owned(),
+        Ok((channel, id)) => serde_json::json!({ "ok": true, "channel": channel, "id": id }).to_string(),
         Err(e) => serde_json::json!({ "ok": false, "error": e }).to_string(),
     }
 }
@@ -177,11 +180,12 @@ async fn client(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
         }
         let result = match parse(line) {
             Ok(command) => {
+                let channel = command.channel;
                 let (reply, rx) = oneshot::channel();
                 if requests.send(ControlRequest { command, reply }).await.is_err() {
                     Err("shutting down".to_owned())
                 } else {
-                    rx.await.unwrap_or_else(|_| Err("shutting down".to_owned()))
+                    rx.await.unwrap_or_else(|_| Err("shutting down".to_owned())).map(|id| (channel, id))
                 }
             }
             Err(e) => Err(e),
@@ -192,7 +196,7 @@ async fn client(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
     }
 }
 
-fn line_of(result: &Result<(), String>) -> String {
+fn line_of(result: &Result<(u16, u64), String>) -> String {
     let mut s = answer(result);
     s.push('\n');
     s
@@ -236,7 +240,7 @@ mod tests {
         let service = tokio::spawn(async move {
             let mut seen = Vec::new();
             while let Some(req) = rx.recv().await {
-                let r = if req.command.channel == 9 { Err("no such channel".to_owned()) } else { Ok(()) };
+                let r = if req.command.channel == 9 { Err("no such channel".to_owned()) } else { Ok(41) };
                 seen.push(req.command);
                 let _ = req.reply.send(r);
             }
@@ -257,7 +261,7 @@ mod tests {
             let a = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await.unwrap();
             answers.push(a.unwrap().unwrap());
         }
-        assert_eq!(answers[0], r#"{"ok":true}"#);
+        assert_eq!(answers[0], r#"{"channel":0,"id":41,"ok":true}"#);
         assert!(answers[1].contains(r#""ok":false"#) && answers[1].contains("invalid command"), "{}", answers[1]);
         assert!(answers[2].contains("no such channel"), "{}", answers[2]);
         // An over-long line is answered and the client dropped.

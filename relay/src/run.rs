@@ -279,7 +279,7 @@ pub async fn cloud(path: &Path, opts: RunOptions) -> ExitCode {
                         // spec §17.7: through the device's outbox, for at most `command_ttl`.
                         let r = c.send_with_ttl(&req.command.device, req.command.channel, req.command.payload, command_ttl)
                             .await;
-                        let _ = req.reply.send(r.map(|_| ()).map_err(|e| e.to_string()));
+                        let _ = req.reply.send(r.map_err(|e| e.to_string()));
                     });
                 }
             }

@@ -58,7 +58,9 @@ fn node_of(key: &PublicKey) -> NodeId {
 /// Sends a command through the cloud's control socket and waits for it at the device
 /// (skipping other messages); how it came.
 async fn command_reaches(cloud: &CloudProc, d: &SimDevice, key: &PublicKey, channel: u16, text: &str) -> Via {
-    assert_eq!(cloud.command(key, channel, text).await, json!({ "ok": true }), "command {text:?}");
+    let answer = cloud.command(key, channel, text).await;
+    assert_eq!((&answer["ok"], &answer["channel"]), (&json!(true), &json!(channel)), "command {text:?}: {answer}");
+    assert!(answer["id"].is_u64(), "command {text:?}: {answer}");
     within(&format!("command {text:?} at the device"), async {
         loop {
             let (from, ch, payload, via) = next_message(&d.routed).await;
@@ -112,7 +114,8 @@ async fn devices_over_tcp_and_udp_exchange_messages_and_the_gateway_sees_no_plai
     // A node the cloud has no session with: the command waits in its outbox (spec §17.7)
     // until its time to live ends; then the sink records it as expired (checked below).
     let answer = cloud.command(&gw.key, 3, "nobody").await;
-    assert_eq!(answer["ok"], json!(true), "{answer}");
+    assert_eq!((&answer["ok"], &answer["channel"]), (&json!(true), &json!(3)), "{answer}");
+    let nobody_id = answer["id"].as_u64().expect("the command's id");
     let nobody = Instant::now();
 
     // SIGTERM drains the gateway: every device is told ShuttingDown, the process exits 0,
@@ -170,7 +173,11 @@ async fn devices_over_tcp_and_udp_exchange_messages_and_the_gateway_sees_no_plai
     })
     .await;
     assert!(nobody.elapsed() >= Duration::from_secs(util::COMMAND_TTL_SECS), "expired early: {expired}");
-    assert_eq!((expired["channel"].as_u64(), expired["outcome"].as_str()), (Some(3), Some("expired")), "{expired}");
+    assert_eq!(
+        (expired["channel"].as_u64(), expired["id"].as_u64(), expired["outcome"].as_str()),
+        (Some(3), Some(nobody_id), Some("expired")),
+        "the record names the command the socket answered: {expired}"
+    );
     assert_eq!(expired["payload_text"], "nobody");
 }
 
