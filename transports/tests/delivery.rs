@@ -484,7 +484,8 @@ async fn expect_on_3(cloud: &RoutedEndpoint, upto: u64, next: &mut u64) {
 /// and the device's end-to-end session with the cloud up. The cloud's link endpoint also
 /// listens for the device's direct link.
 struct Pair {
-    relay: Endpoint,
+    /// Keeps the stand-in relay's endpoint.
+    _relay: Endpoint,
     peers: Peers,
     spool: Spool,
     cloud_links: Endpoint,
@@ -492,6 +493,15 @@ struct Pair {
     device_links: Endpoint,
     device: RoutedEndpoint,
     cloud_node: NodeId,
+}
+
+impl Pair {
+    /// Message 0 of channel 3 reaches the cloud and its acknowledgement the device.
+    async fn first_message_acknowledged(&self, next: &mut u64) {
+        within(self.device.send(&self.cloud_node, 3, payload(3, 0))).await.unwrap();
+        expect_on_3(&self.cloud, 1, next).await;
+        eventually("the first message acknowledged", || self.device.stats().acknowledged == 1).await;
+    }
 }
 
 async fn pair(device_options: DeliveryOptions) -> Pair {
@@ -516,7 +526,7 @@ async fn pair(device_options: DeliveryOptions) -> Pair {
     let device = RoutedEndpoint::builder(keypair(DEVICE)).delivery(device_options).build().unwrap();
     device.add_relay_link(within(device_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
     let cloud_node = within(device.connect(cloud.public_key())).await.unwrap();
-    Pair { relay, peers, spool, cloud_links, cloud, device_links, device, cloud_node }
+    Pair { _relay: relay, peers, spool, cloud_links, cloud, device_links, device, cloud_node }
 }
 
 /// spec §17.9: Data whose packets a relay holds in custody is not retransmitted while the
@@ -525,28 +535,20 @@ async fn pair(device_options: DeliveryOptions) -> Pair {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
     init_tracing();
-    let Pair {
-        relay: _relay,
-        peers,
-        spool,
-        cloud_links: _cloud_links,
-        cloud,
-        device_links: _device_links,
-        device,
-        cloud_node,
-    } = pair(options(true)).await;
+    let p = pair(options(true)).await;
+    let Pair { peers, spool, cloud, device, cloud_node, .. } = &p;
 
     let mut next = 0u64;
     for i in 0..5 {
-        within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+        within(device.send(cloud_node, 3, payload(3, i))).await.unwrap();
     }
-    expect_on_3(&cloud, 5, &mut next).await;
+    expect_on_3(cloud, 5, &mut next).await;
 
     // The uplink is "down": the relay spools and acknowledges custody.
-    spool.lock().await.held = Some((cloud_node, Vec::new()));
+    spool.lock().await.held = Some((*cloud_node, Vec::new()));
     let before = device.stats();
     for i in 5..25 {
-        within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+        within(device.send(cloud_node, 3, payload(3, i))).await.unwrap();
     }
     // Ten retransmission timeouts (200 ms) go by; nothing is sent again, nothing arrives.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -557,10 +559,10 @@ async fn data_in_a_relays_custody_is_not_retransmitted_and_arrives_on_replay() {
 
     // The uplink is back: the relay replays; every message arrives once, in order, and the
     // acknowledgements free the device's window (a send after it goes straight through).
-    assert!(replay(&peers, &spool).await >= 1);
-    expect_on_3(&cloud, 25, &mut next).await;
-    within(device.send(&cloud_node, 3, payload(3, 25))).await.unwrap();
-    expect_on_3(&cloud, 26, &mut next).await;
+    assert!(replay(peers, spool).await >= 1);
+    expect_on_3(cloud, 25, &mut next).await;
+    within(device.send(cloud_node, 3, payload(3, 25))).await.unwrap();
+    expect_on_3(cloud, 26, &mut next).await;
     assert_eq!(device.stats().retransmissions, before.retransmissions);
     assert_eq!(cloud.stats().duplicates_dropped, 0);
     device.close();
@@ -576,31 +578,21 @@ async fn a_lost_ack_of_data_in_custody_is_asked_for_again() {
     init_tracing();
     let mut opts = options(true);
     opts.config.custody_probe = Duration::from_millis(500).into();
-    let Pair {
-        relay: _relay,
-        peers,
-        spool,
-        cloud_links: _cloud_links,
-        cloud,
-        device_links: _device_links,
-        device,
-        cloud_node,
-    } = pair(opts).await;
+    let p = pair(opts).await;
+    let Pair { peers, spool, cloud, device, cloud_node, .. } = &p;
     let device_node = node_of(keypair(DEVICE).public());
     let mut next = 0u64;
-    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
-    expect_on_3(&cloud, 1, &mut next).await;
-    eventually("the first message acknowledged", || device.stats().acknowledged == 1).await;
+    p.first_message_acknowledged(&mut next).await;
 
-    spool.lock().await.held = Some((cloud_node, Vec::new()));
+    spool.lock().await.held = Some((*cloud_node, Vec::new()));
     for i in 1..21 {
-        within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+        within(device.send(cloud_node, 3, payload(3, i))).await.unwrap();
     }
     eventually("every message in custody", || device.stats().custody >= 20).await;
     // The replay reaches the cloud, but nothing gets back to the device.
     spool.lock().await.drop_to = Some(device_node);
-    assert!(replay(&peers, &spool).await >= 1);
-    expect_on_3(&cloud, 21, &mut next).await;
+    assert!(replay(peers, spool).await >= 1);
+    expect_on_3(cloud, 21, &mut next).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = device.stats();
     assert_eq!(before.acknowledged, 1, "the Acks of 1..21 were lost: {before:?}");
@@ -622,8 +614,8 @@ async fn a_lost_ack_of_data_in_custody_is_asked_for_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up() {
     init_tracing();
-    let Pair { relay: _relay, peers: _peers, spool: _spool, cloud_links, cloud, device_links, device, cloud_node } =
-        pair(options(true)).await;
+    let p = pair(options(true)).await;
+    let Pair { cloud_links, cloud, device_links, device, cloud_node, .. } = &p;
     let mut next = 0u64;
     let mut sent = 0u64;
     let mut send = |n: u64| {
@@ -631,12 +623,12 @@ async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up
         sent += n;
         async move {
             for i in from..from + n {
-                within(device.send(&cloud_node, 3, payload(3, i))).await.unwrap();
+                within(device.send(cloud_node, 3, payload(3, i))).await.unwrap();
             }
         }
     };
     send(10).await;
-    expect_on_3(&cloud, 10, &mut next).await;
+    expect_on_3(cloud, 10, &mut next).await;
 
     // A direct link comes up next to the routed session; delivery moves to it.
     let cloud_addr = cloud_links.local_tcp_addr().unwrap();
@@ -649,12 +641,12 @@ async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up
     device.add_direct(to_cloud.clone());
     cloud.add_direct(from_device);
     send(2 * WINDOW as u64).await;
-    expect_on_3(&cloud, 10 + 2 * WINDOW as u64, &mut next).await;
+    expect_on_3(cloud, 10 + 2 * WINDOW as u64, &mut next).await;
 
     // The direct link goes; the routed session is still up and takes over at once.
     within(to_cloud.close(veil_protocol::CloseReason::Normal)).await.unwrap();
     send(2 * WINDOW as u64).await;
-    expect_on_3(&cloud, 10 + 4 * WINDOW as u64, &mut next).await;
+    expect_on_3(cloud, 10 + 4 * WINDOW as u64, &mut next).await;
     eventually("every message acknowledged", || device.stats().acknowledged == sent).await;
     // The window went again on the routed session (spec §17.4 rule 2): what the cloud had
     // already took it as duplicates, and nothing more reaches the application.
@@ -675,23 +667,15 @@ async fn delivery_moves_between_a_direct_link_and_a_routed_session_that_stays_up
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_many_with_delivery_waits_for_the_window() {
     init_tracing();
-    let Pair {
-        relay: _relay,
-        peers: _peers,
-        spool: _spool,
-        cloud_links: _cloud_links,
-        cloud,
-        device_links: _device_links,
-        device,
-        cloud_node,
-    } = pair(options(true)).await;
+    let p = pair(options(true)).await;
+    let Pair { cloud, device, cloud_node, .. } = &p;
     let n = 3 * WINDOW as u64;
     let sender = {
-        let device = device.clone();
+        let (device, cloud_node) = (device.clone(), *cloud_node);
         tokio::spawn(async move { device.send_many(&cloud_node, 3, (0..n).map(|i| payload(3, i))).await })
     };
     let mut next = 0;
-    expect_on_3(&cloud, n, &mut next).await;
+    expect_on_3(cloud, n, &mut next).await;
     within(sender).await.unwrap().unwrap();
     eventually("every message acknowledged", || device.stats().acknowledged == n).await;
     assert!(device.stats().window_waits > 0, "the burst waited for the window");
@@ -708,23 +692,13 @@ async fn a_congested_notice_brings_a_backed_off_retransmission_forward() {
     init_tracing();
     let mut opts = options(true);
     opts.config.rto_max = Duration::from_secs(30).into();
-    let Pair {
-        relay: _relay,
-        peers,
-        spool,
-        cloud_links: _cloud_links,
-        cloud,
-        device_links: _device_links,
-        device,
-        cloud_node,
-    } = pair(opts).await;
+    let p = pair(opts).await;
+    let Pair { peers, spool, cloud, device, cloud_node, .. } = &p;
     let mut next = 0u64;
-    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
-    expect_on_3(&cloud, 1, &mut next).await;
-    eventually("the first message acknowledged", || device.stats().acknowledged == 1).await;
+    p.first_message_acknowledged(&mut next).await;
 
-    spool.lock().await.drop_to = Some(cloud_node);
-    within(device.send(&cloud_node, 3, payload(3, 1))).await.unwrap();
+    spool.lock().await.drop_to = Some(*cloud_node);
+    within(device.send(cloud_node, 3, payload(3, 1))).await.unwrap();
     eventually("four retransmissions dropped", || device.stats().retransmissions >= 4).await;
     spool.lock().await.drop_to = None;
     let before = device.stats().retransmissions;
@@ -732,11 +706,11 @@ async fn a_congested_notice_brings_a_backed_off_retransmission_forward() {
     {
         let s = peers.lock().await;
         let d = &s[&node_of(keypair(DEVICE).public())];
-        let route = d.table.route_of(&cloud_node).unwrap();
+        let route = d.table.route_of(cloud_node).unwrap();
         d.link.send_routing(RoutingMessage::Unreachable { route, reason: RouteReason::Congested }).await.unwrap();
     }
     let noticed = std::time::Instant::now();
-    expect_on_3(&cloud, 2, &mut next).await;
+    expect_on_3(cloud, 2, &mut next).await;
     let waited = noticed.elapsed();
     // The backed-off timeout had at least 1.6 s to go (3.2 s after a transmission at most
     // 1.6 s old); rule 5 makes it 0.2 s.
