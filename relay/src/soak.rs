@@ -863,7 +863,7 @@ fn schedule(opts: &SoakOptions, rng: &mut StdRng) -> Vec<(f64, Action)> {
 
 /// Gateway counters, added up across its restarts.
 #[derive(Debug, Default, Clone, Copy)]
-struct SpoolTotals {
+struct GatewayTotals {
     refused: f64,
     appended: f64,
     replayed: f64,
@@ -873,10 +873,10 @@ struct SpoolTotals {
     uplink_down: f64,
 }
 
-async fn spool_counts(metrics: SocketAddr) -> Option<SpoolTotals> {
+async fn gateway_counts(metrics: SocketAddr) -> Option<GatewayTotals> {
     let body = scrape(metrics).await?;
     let drops = |reason| sample(&body, ROUTING_DROPS, &[("reason", reason)]).unwrap_or(0.0);
-    Some(SpoolTotals {
+    Some(GatewayTotals {
         refused: sample_sum(&body, SPOOL_REFUSED),
         appended: sample_sum(&body, SPOOL_APPENDED),
         replayed: sample_sum(&body, SPOOL_REPLAYED),
@@ -885,8 +885,8 @@ async fn spool_counts(metrics: SocketAddr) -> Option<SpoolTotals> {
     })
 }
 
-fn add(a: SpoolTotals, b: SpoolTotals) -> SpoolTotals {
-    SpoolTotals {
+fn add(a: GatewayTotals, b: GatewayTotals) -> GatewayTotals {
+    GatewayTotals {
         refused: a.refused + b.refused,
         appended: a.appended + b.appended,
         replayed: a.replayed + b.replayed,
@@ -1026,7 +1026,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
     // The schedule.
     let plan = schedule(opts, &mut rng);
     let mut events = Vec::new();
-    let mut totals = SpoolTotals::default();
+    let mut totals = GatewayTotals::default();
     let log = |events: &mut Vec<(f64, String)>, what: String| {
         let t = t0.elapsed().as_secs_f64();
         if opts.verbose {
@@ -1067,7 +1067,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
                 log(&mut events, "uplink outage ends".into());
             }
             Action::KillGateway => {
-                if let Some(c) = spool_counts(ports.gw_metrics).await {
+                if let Some(c) = gateway_counts(ports.gw_metrics).await {
                     totals = add(totals, c);
                 }
                 gateway.restart().await?;
@@ -1105,7 +1105,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
     // Anything written twice would show within the acknowledgement delays: wait past them.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    if let Some(c) = spool_counts(ports.gw_metrics).await {
+    if let Some(c) = gateway_counts(ports.gw_metrics).await {
         totals = add(totals, c);
     }
     let accepted = accepted(&devices);
