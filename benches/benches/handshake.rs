@@ -7,7 +7,8 @@
 //! spend on a handshake, without the carrier.
 //!
 //! The bound is the handshake's X25519 work, counted from the pattern's Noise tokens: each `ee`,
-//! `es`, `se` or `ss` token is one DH on each side, timed as one x25519-dalek DH in the same run.
+//! `es`, `se` or `ss` token is one DH on each side, timed as one DH of the X25519 that Veil
+//! computes with in this build (`veil_protocol::X25519_IMPLEMENTATION`) in the same run.
 //! The issue's target is ≥ 0.85 of that bound. A stricter bound also counts the two ephemeral
 //! key generations (one fixed-base multiplication per `e` token), which no implementation can
 //! skip either.
@@ -27,8 +28,7 @@ use rand::SeedableRng;
 use veil_benches::pair::{self, dh_cost, Endpoints};
 use veil_benches::timing::{self, format_ns, Plan};
 use veil_benches::{raw, VEIL_BUILD};
-use veil_protocol::{Mode, Pattern, Suite};
-use x25519_dalek::{PublicKey, StaticSecret};
+use veil_protocol::{Mode, Pattern, Suite, X25519_IMPLEMENTATION};
 
 /// The issue's target: handshakes reach this fraction of the DH-only bound.
 const TARGET: f64 = 0.85;
@@ -68,15 +68,27 @@ fn handshake(endpoints: &Endpoints, rng: &mut StdRng, buf: &mut [u8]) {
     }
 }
 
-fn x25519_inputs() -> (StaticSecret, PublicKey) {
-    (StaticSecret::from(raw::random_key()), PublicKey::from(&StaticSecret::from(raw::random_key())))
+/// The X25519 that Veil computes with in this build, for the bound.
+fn x25519() -> raw::X25519 {
+    match raw::X25519::of_veil() {
+        Ok(x) => x,
+        Err(e) => panic!("{X25519_IMPLEMENTATION}: {e}"),
+    }
+}
+
+fn dh(x: &raw::X25519) {
+    assert!(black_box(black_box(x).dh()).is_ok(), "X25519 DH failed");
+}
+
+fn keygen(x: &raw::X25519) {
+    assert!(black_box(black_box(x).keygen()).is_ok(), "X25519 key generation failed");
 }
 
 fn handshakes(c: &mut Criterion) {
-    let (secret, public) = x25519_inputs();
+    let x = x25519();
     let mut group = c.benchmark_group(format!("handshake-{VEIL_BUILD}"));
-    group.bench_function("x25519/dh", |b| b.iter(|| raw::x25519_dh(black_box(&secret), black_box(&public))));
-    group.bench_function("x25519/keygen", |b| b.iter(|| raw::x25519_public(black_box(&secret))));
+    group.bench_function(format!("x25519/dh/{X25519_IMPLEMENTATION}"), |b| b.iter(|| dh(&x)));
+    group.bench_function(format!("x25519/keygen/{X25519_IMPLEMENTATION}"), |b| b.iter(|| keygen(&x)));
     let mut rng = StdRng::seed_from_u64(1);
     let mut buf = pair::packet_buffer();
     for (pattern, suite, cached) in cases() {
@@ -91,12 +103,12 @@ fn handshakes(c: &mut Criterion) {
 /// The ratios, timed interleaved with the DH and key generation they are compared with.
 fn ratios() {
     let Some(plan) = Plan::from_args() else { return };
-    let (secret, public) = x25519_inputs();
+    let x = x25519();
     let mut rng = StdRng::seed_from_u64(2);
     let mut buf = pair::packet_buffer();
     if plan.is_measuring() {
         println!(
-            "\nHandshakes ({VEIL_BUILD} build, stream mode) vs the X25519 bound, interleaved over {} rounds; \
+            "\nHandshakes ({VEIL_BUILD} build, stream mode) vs the X25519 bound ({X25519_IMPLEMENTATION}), interleaved over {} rounds; \
              times are each operation's fastest round, (m …) the median of the per-round ratios:",
             plan.rounds
         );
@@ -113,13 +125,8 @@ fn ratios() {
         let uncached = cached.then(|| self::endpoints(pattern, suite, false));
         let mut rng2 = StdRng::seed_from_u64(3);
         let mut buf2 = pair::packet_buffer();
-        let mut ops: Vec<Box<dyn FnMut() + '_>> = vec![
-            Box::new(|| drop(black_box(raw::x25519_dh(black_box(&secret), black_box(&public))))),
-            Box::new(|| {
-                black_box(raw::x25519_public(black_box(&secret)));
-            }),
-            Box::new(|| handshake(&endpoints, &mut rng, &mut buf)),
-        ];
+        let mut ops: Vec<Box<dyn FnMut() + '_>> =
+            vec![Box::new(|| dh(&x)), Box::new(|| keygen(&x)), Box::new(|| handshake(&endpoints, &mut rng, &mut buf))];
         if let Some(u) = &uncached {
             ops.push(Box::new(move || handshake(u, &mut rng2, &mut buf2)));
         }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use veil_benches::raw::{self, TAG_LEN};
-use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Plaintext sizes: a sensor reading, a typical message, a bulk chunk, and just under Noise's
 /// 65 535-byte message limit once the 16-byte tag is added.
@@ -71,9 +70,17 @@ fn aead_seal_open(c: &mut Criterion) {
 }
 
 fn x25519(c: &mut Criterion) {
-    let secret = StaticSecret::from(raw::random_key());
-    let public = PublicKey::from(&StaticSecret::from(raw::random_key()));
-    c.bench_function("x25519/dh", |b| b.iter(|| raw::x25519_dh(black_box(&secret), black_box(&public))));
+    let mut group = c.benchmark_group("x25519");
+    for implementation in ["x25519-dalek", "aws-lc"] {
+        let Ok(x) = raw::X25519::new(implementation) else { panic!("no X25519 {implementation}") };
+        group.bench_function(BenchmarkId::new("dh", implementation), |b| {
+            b.iter(|| assert!(black_box(black_box(&x).dh()).is_ok(), "X25519 DH failed"))
+        });
+        group.bench_function(BenchmarkId::new("keygen", implementation), |b| {
+            b.iter(|| assert!(black_box(black_box(&x).keygen()).is_ok(), "X25519 key generation failed"))
+        });
+    }
+    group.finish();
 }
 
 fn config() -> Criterion {

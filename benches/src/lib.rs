@@ -30,6 +30,7 @@ pub mod raw {
     use core::fmt;
 
     use aes_gcm::Aes256Gcm;
+    use aws_lc_rs::agreement::{self, PrivateKey};
     use chacha20poly1305::aead::consts::U12;
     use chacha20poly1305::aead::{AeadCore, AeadInPlace, KeyInit, Nonce};
     use chacha20poly1305::ChaCha20Poly1305;
@@ -177,6 +178,101 @@ pub mod raw {
         PublicKey::from(secret)
     }
 
+    /// aws-lc refused an X25519 key or DH, or the implementation's name is unknown: the
+    /// benchmark itself is broken (random keys are never refused).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct X25519Failed;
+
+    impl fmt::Display for X25519Failed {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("X25519 failed")
+        }
+    }
+
+    impl std::error::Error for X25519Failed {}
+
+    /// X25519 as one implementation computes it, for the raw limit of a build
+    /// ([`X25519::of_veil`]): the DH and the key generation that a Veil handshake does.
+    pub enum X25519 {
+        /// x25519-dalek's serial Montgomery ladder and precomputed base-point table.
+        Dalek {
+            /// The private key.
+            secret: StaticSecret,
+            /// The peer's public key.
+            public: PublicKey,
+        },
+        /// aws-lc's (veil-protocol feature `aws-lc`): the secret already in aws-lc's form, as
+        /// Veil keeps its identity; a key generation builds that form from 32 bytes.
+        AwsLc {
+            /// The private key's bytes.
+            secret: [u8; 32],
+            /// The same key in aws-lc's form.
+            key: PrivateKey,
+            /// The peer's public key.
+            public: [u8; 32],
+        },
+    }
+
+    impl X25519 {
+        /// `implementation` (`"x25519-dalek"` or `"aws-lc"`) with a random secret and peer key.
+        ///
+        /// # Errors
+        /// An unknown name, or aws-lc refusing the key.
+        pub fn new(implementation: &str) -> Result<Self, X25519Failed> {
+            let secret = StaticSecret::from(random_key());
+            let public = PublicKey::from(&StaticSecret::from(random_key()));
+            match implementation {
+                "x25519-dalek" => Ok(Self::Dalek { secret, public }),
+                "aws-lc" => {
+                    let bytes = secret.to_bytes();
+                    let key = PrivateKey::from_private_key(&agreement::X25519, &bytes).map_err(|_| X25519Failed)?;
+                    Ok(Self::AwsLc { secret: bytes, key, public: public.to_bytes() })
+                }
+                _ => Err(X25519Failed),
+            }
+        }
+
+        /// The one Veil computes with in this build ([`veil_protocol::X25519_IMPLEMENTATION`]).
+        ///
+        /// # Errors
+        /// As [`X25519::new`].
+        pub fn of_veil() -> Result<Self, X25519Failed> {
+            Self::new(veil_protocol::X25519_IMPLEMENTATION)
+        }
+
+        /// One DH with the secret and the peer key.
+        ///
+        /// # Errors
+        /// aws-lc refused the DH (it does for low-order keys only).
+        pub fn dh(&self) -> Result<[u8; 32], X25519Failed> {
+            match self {
+                Self::Dalek { secret, public } => Ok(x25519_dh(secret, public).to_bytes()),
+                Self::AwsLc { key, public, .. } => agreement::agree(
+                    key,
+                    agreement::UnparsedPublicKey::new(&agreement::X25519, public),
+                    X25519Failed,
+                    |shared| <[u8; 32]>::try_from(shared).map_err(|_| X25519Failed),
+                ),
+            }
+        }
+
+        /// One key generation from the secret's bytes: the public key (and, for aws-lc, the key
+        /// object a DH needs).
+        ///
+        /// # Errors
+        /// aws-lc refused the key.
+        pub fn keygen(&self) -> Result<[u8; 32], X25519Failed> {
+            match self {
+                Self::Dalek { secret, .. } => Ok(x25519_public(secret).to_bytes()),
+                Self::AwsLc { secret, .. } => {
+                    let key = PrivateKey::from_private_key(&agreement::X25519, secret).map_err(|_| X25519Failed)?;
+                    let public = key.compute_public_key().map_err(|_| X25519Failed)?;
+                    <[u8; 32]>::try_from(public.as_ref()).map_err(|_| X25519Failed)
+                }
+            }
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -262,6 +358,18 @@ pub mod raw {
             let ab = x25519_dh(&a, &PublicKey::from(&b));
             let ba = x25519_dh(&b, &PublicKey::from(&a));
             assert_eq!(ab.as_bytes(), ba.as_bytes());
+        }
+
+        #[test]
+        fn both_x25519_implementations_compute_the_same() {
+            let Ok(X25519::Dalek { secret, public }) = X25519::new("x25519-dalek") else { unreachable!() };
+            let key = PrivateKey::from_private_key(&agreement::X25519, &secret.to_bytes()).unwrap();
+            let aws = X25519::AwsLc { secret: secret.to_bytes(), key, public: public.to_bytes() };
+            let dalek = X25519::Dalek { secret, public };
+            assert_eq!(dalek.dh(), aws.dh());
+            assert_eq!(dalek.keygen(), aws.keygen());
+            assert_ne!(dalek.dh(), Ok([0u8; 32]));
+            assert!(X25519::new("curve448").is_err());
         }
 
         #[test]

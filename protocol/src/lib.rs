@@ -80,7 +80,7 @@ pub mod wire;
 
 pub use config::{Config, Limits};
 pub use connection::{Closed, Connection, ConnectionStats, Decision, Event};
-pub use crypto::{Psk, PublicKey, StaticKeypair};
+pub use crypto::{Psk, PublicKey, StaticKeypair, X25519_IMPLEMENTATION};
 #[cfg(feature = "std")]
 pub use dh_cache::StaticDhCache;
 pub use error::{ConnectionError, DecodeError, DeliveryError, DenyReason, HandshakeError, SessionError};
