@@ -12,11 +12,14 @@
 #![forbid(unsafe_code)]
 
 pub mod net;
+#[cfg(feature = "relay")]
 pub mod relay;
 
 /// Which crypto this build of Veil uses: `"ring"` with the `ring` feature (the default), or
-/// `"pure"`, the pure-Rust resolver that `no_std` firmware gets (`--no-default-features`).
-/// Benchmark names carry it, so that criterion never compares one build with the other.
+/// `"pure"`, the pure-Rust resolver that `no_std` firmware gets (`--no-default-features`, which
+/// also leaves out veil-relay: it is built with ring). Benchmark names carry it, so that
+/// criterion never compares one build with the other. Which X25519 the build computes with is
+/// [`veil_protocol::X25519_IMPLEMENTATION`].
 pub const VEIL_BUILD: &str = if cfg!(feature = "ring") { "ring" } else { "pure" };
 
 pub mod raw {
