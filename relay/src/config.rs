@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use veil_protocol::trust::{CertRole, CLOCK_SKEW_SECS, MAX_CLOCK_SKEW_SECS, MAX_TRUST_ANCHORS};
+use veil_protocol::Suite;
 use veil_transports::{EndpointLimits, PeerRoles, Transport};
 
 /// Largest configuration file accepted.
@@ -313,6 +314,13 @@ pub struct UplinkConfig {
     /// `uplink.cloud_key` (required): the cloud's public key file (`node-public`), for the IK
     /// handshake.
     pub cloud_key: PathBuf,
+    /// `uplink.suite`: the cipher suite the uplink offers (spec §4.3), by its Noise name:
+    /// `"25519_ChaChaPoly_BLAKE2s"` (default: fast on any CPU) or `"25519_AESGCM_SHA256"`
+    /// (≈ 4× the throughput where both ends have AES instructions, as x86-64 servers do). It
+    /// changes only the link session to the cloud: each device picks the suites of its own
+    /// link and end-to-end session.
+    #[serde(default = "default_suite", deserialize_with = "suite")]
+    pub suite: Suite,
     /// `uplink.backoff_initial_ms`: the first wait before reconnecting after the uplink fails;
     /// it doubles with each failure. Default 200, at least 1.
     #[serde(default = "default_backoff_initial")]
@@ -339,6 +347,9 @@ impl UplinkConfig {
 
 const fn default_transport() -> Transport {
     Transport::Tcp
+}
+const fn default_suite() -> Suite {
+    Suite::ChaChaPolyBlake2s
 }
 const fn default_backoff_initial() -> u64 {
     DEFAULT_BACKOFF_INITIAL_MS
@@ -614,6 +625,14 @@ fn transport<'de, D: Deserializer<'de>>(d: D) -> Result<Transport, D::Error> {
         "udp" => Ok(Transport::Udp),
         _ => Err(invalid(format!("unknown transport {s:?}, expected \"tcp\" or \"udp\""))),
     }
+}
+
+fn suite<'de, D: Deserializer<'de>>(d: D) -> Result<Suite, D::Error> {
+    let s = String::deserialize(d)?;
+    Suite::ALL.into_iter().find(|suite| suite.noise_name() == s).ok_or_else(|| {
+        let names: Vec<String> = Suite::ALL.iter().map(|suite| format!("{:?}", suite.noise_name())).collect();
+        invalid(format!("unknown suite {s:?}, expected {}", names.join(" or ")))
+    })
 }
 
 /// A path or an array of paths.

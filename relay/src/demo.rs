@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use veil_protocol::trust::{CertRole, NodeId, RoleSet};
 use veil_protocol::wire::TYPE_HANDSHAKE_INIT;
-use veil_protocol::{Mode, PublicKey, Role, Timestamp};
+use veil_protocol::{Mode, PublicKey, Role, Suite, Timestamp};
 use veil_transports::{Authorizer, DeliveryOptions, Endpoint, NodeEvent, PeerRoles, RoutedEndpoint, Transport};
 
 use crate::cloud::{Cloud, CloudSettings};
@@ -107,6 +107,9 @@ pub struct DemoReport {
     pub device_hop_bytes: f64,
     /// Wire bytes per reading on the uplink (gateway → cloud), handshakes excluded.
     pub uplink_hop_bytes: f64,
+    /// The uplink's cipher suite at the end (the gateway's `uplink.suite`; `None` if the
+    /// uplink was down).
+    pub uplink_suite: Option<Suite>,
     /// End-to-end packets the gateway passed on (its audit tap).
     pub gateway_packets: u64,
     /// Of them, packets containing the plaintext marker (must be 0).
@@ -160,8 +163,11 @@ impl std::fmt::Display for DemoReport {
         )?;
         writeln!(
             f,
-            "wire bytes/reading  device -> gateway {:.1} B, gateway -> cloud {:.1} B ({READING_LEN} B payload)",
-            self.device_hop_bytes, self.uplink_hop_bytes
+            "wire bytes/reading  device -> gateway {:.1} B, gateway -> cloud {:.1} B ({READING_LEN} B payload; \
+             uplink {})",
+            self.device_hop_bytes,
+            self.uplink_hop_bytes,
+            self.uplink_suite.map_or("down", Suite::noise_name)
         )?;
         writeln!(
             f,
@@ -249,7 +255,7 @@ pub fn provision(dir: &Path, devices: usize) -> Result<Fleet, DemoError> {
 }
 
 /// Writes the gateway's configuration: devices on `127.0.0.1:0` (TCP and UDP), its uplink to
-/// `cloud` over TCP.
+/// `cloud` over TCP with AES-GCM (`uplink.suite`: both ends are servers).
 ///
 /// # Errors
 /// [`DemoError::Provision`].
@@ -259,7 +265,8 @@ pub fn write_gateway_config(fleet: &Fleet, cloud: SocketAddr) -> Result<PathBuf,
         "role = \"gateway\"\n\n[node]\nkey = \"gateway.key\"\ncertificate = \"gateway.cert\"\n\n\
          [trust]\nmode = \"ca\"\nca = \"ca/ca.pub\"\ncrl = \"ca/ca.crl\"\n\n\
          [listen]\ntcp = \"127.0.0.1:0\"\nudp = \"127.0.0.1:0\"\n\n\
-         [uplink]\naddress = \"{cloud}\"\ncloud_key = \"cloud.key.pub\"\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n"
+         [uplink]\naddress = \"{cloud}\"\ncloud_key = \"cloud.key.pub\"\nsuite = \"25519_AESGCM_SHA256\"\n\
+         backoff_initial_ms = 50\nbackoff_max_ms = 1000\n"
     );
     std::fs::write(&path, text).map_err(|e| DemoError::Provision(format!("{}: {e}", path.display())))?;
     Ok(path)
@@ -451,6 +458,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     while devices.join_next().await.is_some() {}
     ticker.abort();
     let up_after = gateway.uplink_stats().map_or(up_before, |s| s.bytes_sent);
+    let uplink_suite = gateway.uplink_suite();
     bar.finish_and_clear();
 
     // Let the last readings and commands land (bounded).
@@ -500,6 +508,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         throughput: delivered as f64 / opts.duration.as_secs_f64().max(1e-3),
         device_hop_bytes: per(link_bytes.load(Ordering::Relaxed), expected),
         uplink_hop_bytes: per(up_after.saturating_sub(up_before), delivered),
+        uplink_suite,
         gateway_packets,
         marker_leaks,
         inits_tried,

@@ -41,7 +41,7 @@ use tracing::Instrument;
 use veil_protocol::relay::{LinkId, LinkKind, Relay, RelayLimits, Verdict};
 use veil_protocol::routing::{RouteReason, RoutingError, RoutingMessage};
 use veil_protocol::trust::{CertificateChain, NodeId};
-use veil_protocol::{CloseReason, PublicKey, StaticKeypair};
+use veil_protocol::{CloseReason, PublicKey, StaticKeypair, Suite};
 use veil_transports::{
     Authorizer, Clock, Connection, Endpoint, EndpointLimits, Error as TransportError, Received, Transport, TrySendError,
 };
@@ -65,6 +65,8 @@ pub struct GatewaySettings {
     pub uplink_transport: Transport,
     /// The cloud's static key (the uplink is pinned to it).
     pub cloud_key: PublicKey,
+    /// The cipher suite the uplink offers (the gateway connects nothing else).
+    pub uplink_suite: Suite,
     /// First reconnect delay; doubles up to `backoff_max`, with full jitter.
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
@@ -93,6 +95,7 @@ impl std::fmt::Debug for GatewaySettings {
             .field("listen_udp", &self.listen_udp)
             .field("uplink", &self.uplink)
             .field("uplink_transport", &self.uplink_transport)
+            .field("uplink_suite", &self.uplink_suite)
             .field("cloud_key", &self.cloud_key)
             .finish_non_exhaustive()
     }
@@ -111,6 +114,7 @@ impl GatewaySettings {
             uplink,
             uplink_transport: Transport::Tcp,
             cloud_key,
+            uplink_suite: Suite::ChaChaPolyBlake2s,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             limits: EndpointLimits::default(),
@@ -135,6 +139,7 @@ impl GatewaySettings {
         s.listen_tcp = config.listen.tcp;
         s.listen_udp = config.listen.udp;
         s.uplink_transport = uplink.transport;
+        s.uplink_suite = uplink.suite;
         s.backoff_initial = uplink.backoff_initial();
         s.backoff_max = uplink.backoff_max();
         s.limits = node.limits.clone();
@@ -253,6 +258,7 @@ impl Gateway {
             .authorizer(settings.authorizer.clone())
             .protocol_limits(settings.protocol_limits)
             .limits(settings.limits.clone())
+            .suite(settings.uplink_suite)
             .routing(true);
         if let Some(chain) = &settings.certificate_chain {
             b = b.certificate_chain(chain);
@@ -381,6 +387,13 @@ impl Gateway {
     pub fn uplink_stats(&self) -> Option<veil_protocol::ConnectionStats> {
         let up = self.uplink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         up.as_ref().filter(|c| !c.is_closed()).map(Connection::stats)
+    }
+
+    /// The current uplink's cipher suite (`uplink.suite`), if it is up.
+    #[must_use]
+    pub fn uplink_suite(&self) -> Option<Suite> {
+        let up = self.uplink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        up.as_ref().filter(|c| !c.is_closed()).and_then(Connection::suite)
     }
 
     /// Graceful drain (SIGTERM): stops taking devices, lets every device link and the uplink
@@ -1050,7 +1063,8 @@ async fn uplink_loop(
                 }
                 counters.uplink_up.store(true, Ordering::Relaxed);
                 metrics::gauge!(m::UPLINK_UP).set(1.0);
-                tracing::info!(link, addr = %s.uplink, "uplink connected");
+                let suite = conn.suite().map_or("unknown", Suite::noise_name);
+                tracing::info!(link, addr = %s.uplink, suite, "uplink connected");
                 if tx.send(Input::Up { link, conn: conn.clone(), kind: LinkKind::Uplink }).await.is_err() {
                     return;
                 }

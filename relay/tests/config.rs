@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use veil_protocol::trust::{CaPublicKey, CertRole, Certificate, CertificateChain, TrustStore};
-use veil_protocol::{CloseReason, StaticKeypair};
+use veil_protocol::{CloseReason, StaticKeypair, Suite};
 use veil_relay::config::{Config, ConfigError, LimitsConfig, LogLevel, NodeRole, SinkKind, TrustMode};
 use veil_relay::keyfile::{self, KeyKind};
 use veil_relay::tooling::{self, IssueRequest, RevokeRequest};
@@ -67,6 +67,7 @@ fn the_documented_examples_parse_with_the_documented_defaults() {
     let up = gw.uplink.as_ref().unwrap();
     assert_eq!(up.address, "198.51.100.7:7401".parse().unwrap());
     assert_eq!(up.transport, Transport::Tcp);
+    assert_eq!(up.suite, Suite::ChaChaPolyBlake2s);
     assert_eq!((up.backoff_initial(), up.backoff_max()), (Duration::from_millis(200), Duration::from_secs(30)));
     assert_eq!(gw.metrics.as_ref().unwrap().listen, "127.0.0.1:9464".parse().unwrap());
     assert_eq!(gw.log.level, LogLevel::Info);
@@ -87,6 +88,9 @@ fn the_documented_examples_parse_with_the_documented_defaults() {
     assert_eq!(small.limits, LimitsConfig::default());
     assert_eq!(small.uplink.as_ref().unwrap().transport, Transport::Tcp);
     assert_eq!(small.uplink.as_ref().unwrap().backoff_max_ms, 30_000);
+    assert_eq!(small.uplink.as_ref().unwrap().suite, Suite::ChaChaPolyBlake2s);
+    let aes = parse(&gateway_with(("cloud_key", "suite = \"25519_AESGCM_SHA256\"\ncloud_key"), "")).unwrap();
+    assert_eq!(aes.uplink.as_ref().unwrap().suite, Suite::AesGcmSha256);
     assert!(small.metrics.is_none() && small.listen.tcp.is_none());
     assert_eq!(small.log.level, LogLevel::Info);
     // A cloud without [sink] writes to standard output.
@@ -131,6 +135,7 @@ fn every_kind_of_error_names_its_key() {
         (gateway_with(("\"allowlist\"\nallow", "\"pki\"\nallow"), ""), "trust.mode", "unknown variant `pki`"),
         (gateway("[log]\nlevel = \"loud\"\n"), "log.level", "unknown variant `loud`"),
         (gateway_with(("cloud_key", "transport = \"quic\"\ncloud_key"), ""), "uplink.transport", "\"quic\""),
+        (gateway_with(("cloud_key", "suite = \"AES\"\ncloud_key"), ""), "uplink.suite", "\"25519_AESGCM_SHA256\""),
         (gateway("[limits]\nmax_connections = \"many\"\n"), "limits.max_connections", "invalid type"),
         (gateway("[limits]\nmax_connections = -1\n"), "limits.max_connections", "invalid value"),
         (gateway_with(("\"allow\"", "[\"a\", 3]"), ""), "trust.allowlist", "invalid type"),

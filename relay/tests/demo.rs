@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use veil_protocol::Suite;
 use veil_relay::demo::{run, DemoOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,5 +21,7 @@ async fn the_demo_passes_every_check() {
     assert_eq!(report.marker_leaks, 0, "{report}");
     assert_eq!((report.inits_tried, report.inits_opened), (8, 0), "{report}");
     assert!(report.device_hop_bytes > 32.0 && report.uplink_hop_bytes > 32.0, "{report}");
+    // The demo's gateway configuration picks AES-GCM for its uplink (`uplink.suite`).
+    assert_eq!(report.uplink_suite, Some(Suite::AesGcmSha256), "{report}");
     assert!(report.passed(), "{report}");
 }

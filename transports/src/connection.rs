@@ -21,7 +21,7 @@ use veil_protocol::delivery::DeliveryMessage;
 use veil_protocol::handshake::HANDSHAKE_HASH_LEN;
 use veil_protocol::routing::RoutingMessage;
 use veil_protocol::trust::{Authorized, MAX_REVOCATION_LIST_LEN};
-use veil_protocol::{CloseReason, ConnectionStats, PublicKey, Role};
+use veil_protocol::{CloseReason, ConnectionStats, PublicKey, Role, Suite};
 
 use crate::config::Transport;
 use crate::error::Error;
@@ -145,6 +145,7 @@ pub(crate) struct ConnShared {
     pub(crate) transport: Transport,
     pub(crate) role: Role,
     pub(crate) remote_static: PublicKey,
+    pub(crate) suite: Option<Suite>,
     /// Who the trust check said the peer is (spec §15.6).
     pub(crate) peer: Option<Box<Authorized>>,
     /// What changes during the connection (one lock for the three: they are read rarely).
@@ -181,6 +182,7 @@ pub(crate) struct Published {
     pub(crate) transport: Transport,
     pub(crate) role: Role,
     pub(crate) remote_static: PublicKey,
+    pub(crate) suite: Option<Suite>,
     pub(crate) peer: Option<Box<Authorized>>,
     pub(crate) info: Info,
     pub(crate) max_payload: usize,
@@ -193,6 +195,7 @@ impl ConnShared {
             transport: p.transport,
             role: p.role,
             remote_static: p.remote_static,
+            suite: p.suite,
             peer: p.peer,
             info: Mutex::new(p.info),
             max_payload: p.max_payload.into(),
@@ -610,6 +613,13 @@ impl Connection {
         self.shared.remote_static
     }
 
+    /// The session's cipher suite (spec §4.3: the initiator's choice, fixed for the
+    /// connection). `Some` for every connection that `accept` or `connect` hands out.
+    #[must_use]
+    pub fn suite(&self) -> Option<Suite> {
+        self.shared.suite
+    }
+
     /// Who the peer is, as the trust check found it (spec §15.6): its allowlist name, or its
     /// verified certificate (name, role, groups, serial, issuer, validity). `None` when no
     /// trust check ran (a callback [`Authorizer`](crate::Authorizer)).
@@ -686,6 +696,7 @@ mod tests {
             transport: Transport::Tcp,
             role: Role::Responder,
             remote_static: *StaticKeypair::from_secret_bytes([3; 32]).public(),
+            suite: Some(Suite::ChaChaPolyBlake2s),
             peer: None,
             info: Info {
                 remote_addr: SocketAddr::from(([127, 0, 0, 1], 9)),

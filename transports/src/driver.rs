@@ -1007,6 +1007,8 @@ impl Driver {
                     transport: self.transport,
                     role: self.core.role(),
                     remote_static,
+                    // Connected is reported once the session exists.
+                    suite: self.core.session().map(veil_protocol::Session::suite),
                     peer: self.trust.as_ref().map(|t| Box::new(t.peer.clone())),
                     info: Info { remote_addr: self.remote_addr, handshake_hash, stats: self.core.stats() },
                     max_payload: self.max_payload(),

@@ -36,6 +36,7 @@ async fn every_pattern_round_trips_over_tcp_and_udp() {
             assert_eq!(c.remote_static(), server_key, "{ctx}");
             assert_eq!(c.handshake_hash(), s.handshake_hash(), "{ctx}");
             assert_eq!((c.transport(), s.transport()), (transport, transport));
+            assert_eq!((c.suite(), s.suite()), (Some(suite), Some(suite)), "{ctx}");
 
             c.send_on(3, Bytes::from(format!("up {ctx}"))).await.unwrap();
             let m = within(s.recv()).await.unwrap();
