@@ -42,6 +42,8 @@
 //! `cargo bench -p veil-benches --bench relay`; figures go to `benches/RESULTS.md`.
 //! `VEIL_RELAY_WINDOW` overrides the window (messages). `VEIL_RELAY_BATCH=n` (n > 1) sends
 //! with `RoutedEndpoint::send_many`, n messages per call (within the window), on every path.
+//! `VEIL_RELAY_UPLINK_SUITE=25519_AESGCM_SHA256` gives the gateway's uplink AES-GCM
+//! (`uplink.suite`); the devices' links and end-to-end sessions stay ChaChaPoly.
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -57,6 +59,7 @@ use veil_benches::relay::{DirectDevice, Received, RelayFleet, SimDevice, Tally};
 use veil_benches::timing::{self, Plan};
 use veil_benches::VEIL_BUILD;
 use veil_protocol::trust::NodeId;
+use veil_protocol::Suite;
 use veil_relay::cloud::Cloud;
 use veil_relay::gateway::Gateway;
 use veil_transports::{Connection, DeliveryOptions, RoutedEndpoint, Transport};
@@ -95,6 +98,14 @@ fn window() -> u64 {
 /// Messages per `send_many` call; 1 (the default): `send`, one message per call.
 fn batch() -> u64 {
     std::env::var("VEIL_RELAY_BATCH").ok().and_then(|w| w.parse().ok()).filter(|w| *w > 0).unwrap_or(1)
+}
+
+/// The gateway uplink's suite: `uplink.suite`'s default (ChaChaPoly), or the Noise suite name in
+/// `VEIL_RELAY_UPLINK_SUITE` (`25519_AESGCM_SHA256`, as servers with AES instructions use). The
+/// devices keep ChaChaPoly on every path.
+fn uplink_suite() -> Suite {
+    let name = std::env::var("VEIL_RELAY_UPLINK_SUITE").unwrap_or_default();
+    Suite::ALL.into_iter().find(|s| s.noise_name() == name).unwrap_or(Suite::ChaChaPolyBlake2s)
 }
 
 /// One way from a device to the cloud application.
@@ -227,7 +238,9 @@ impl Rig {
             let tally = Tally::spawn(Arc::clone(&cloud));
             let cloud_addr = cloud.local_tcp_addr().ok_or_else(|| broken("the cloud has no TCP listener"))?;
             let config = fleet.write_gateway_config(cloud_addr, net::localhost(), 16)?;
-            let gateway = Gateway::start(fleet.gateway_settings(&config)?).await.map_err(broken)?;
+            let mut settings = fleet.gateway_settings(&config)?;
+            settings.uplink_suite = uplink_suite();
+            let gateway = Gateway::start(settings).await.map_err(broken)?;
             let gw_tcp = gateway.local_tcp_addr().ok_or_else(|| broken("the gateway has no TCP listener"))?;
             let gw_udp = gateway.local_udp_addr().ok_or_else(|| broken("the gateway has no UDP socket"))?;
             let (gw_key, cloud_key) = (fleet.gateway_key, fleet.cloud_key);
@@ -350,9 +363,10 @@ fn ratios(rig: &mut Rig, plan: Plan) {
             continue;
         }
         println!(
-            "\nDevice -> cloud, {size} B messages, {count} per transfer, at most {window} in flight, interleaved \
-             over {} rounds of ~{} ms per subject; rates in each subject's fastest round, (m …) the median of the \
-             per-round ratios:",
+            "\nDevice -> cloud, {size} B messages, {count} per transfer, at most {window} in flight, uplink {}, \
+             interleaved over {} rounds of ~{} ms per subject; rates in each subject's fastest round, (m …) the \
+             median of the per-round ratios:",
+            uplink_suite(),
             plan.rounds,
             plan.batch.as_millis()
         );
