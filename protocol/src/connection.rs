@@ -803,6 +803,13 @@ impl Connection {
         }
     }
 
+    /// Ends the connection at once, locally, sending nothing (spec §7.6), as its idle timeout
+    /// would: for a driver that judges the peer gone before that (spec §17.4 rule 6).
+    /// [`Event::Closed`] follows with `by_peer: false`.
+    pub fn abandon(&mut self, now: Timestamp, reason: CloseReason) {
+        self.finish(now, reason, false, None);
+    }
+
     /// Answers [`Event::AuthorizationRequired`] (spec §5.5).
     ///
     /// # Errors

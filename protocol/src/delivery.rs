@@ -120,6 +120,10 @@ pub const CUSTODY_TIMEOUT: Duration = Duration::from_secs(300);
 /// this long asks for one (a `Stream` alone); the interval doubles at each request without an
 /// answer, up to [`CUSTODY_TIMEOUT`].
 pub const CUSTODY_PROBE: Duration = Duration::from_secs(16);
+/// spec §17.4 rule 6: a sender whose route came back with messages in its window, and that
+/// then authenticates nothing in the end-to-end session for this long, ends the session (the
+/// peer may have restarted during the outage).
+pub const ROUTE_BACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// spec §17.9: a relay sends at most one `Stored` per link each `STORED_DELAY` while more are
 /// waiting ([`crate::relay::custody::StoredCoalescer`]).
 pub const STORED_DELAY: Duration = Duration::from_millis(10);

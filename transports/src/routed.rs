@@ -249,11 +249,22 @@ pub struct DeliveryOptions {
     /// Data messages remembered per peer with the packet that carried them, so that a
     /// relay's `Stored` (spec §17.9) can be mapped to the messages in its custody.
     pub custody_memory: usize,
+    /// spec §17.4 rule 6: after a route comes back with messages in the window, how long the
+    /// end-to-end session may stay without an authenticated packet before it is ended (as by
+    /// an idle timeout: [`NodeEvent::Closed`] with `IdleTimeout`), so that the application can
+    /// open a new one. Default `ROUTE_BACK_TIMEOUT`, 3 s.
+    pub route_back_timeout: Duration,
 }
 
 impl Default for DeliveryOptions {
     fn default() -> Self {
-        Self { config: DeliveryConfig::default(), auto_commit: false, max_peers: 65_536, custody_memory: 2_048 }
+        Self {
+            config: DeliveryConfig::default(),
+            auto_commit: false,
+            max_peers: 65_536,
+            custody_memory: 2_048,
+            route_back_timeout: Duration::from_micros(veil_protocol::delivery::ROUTE_BACK_TIMEOUT.as_micros()),
+        }
     }
 }
 
@@ -440,6 +451,10 @@ pub struct RoutedStats {
     /// Delivery (spec §17.4 rule 4): routes announced again after an `Unreachable` (a relay's
     /// uplink came back), each of which sent at once what was in flight.
     pub routes_back: u64,
+    /// Delivery (spec §17.4 rule 6): end-to-end sessions ended because nothing authenticated
+    /// came back within `route_back_timeout` of a route's return (the peer had likely
+    /// restarted during the outage).
+    pub route_back_timeouts: u64,
     /// Delivery (spec §17.9): acknowledgement requests (a `Stream` alone) for messages in a
     /// relay's custody whose `Ack` did not come.
     pub ack_requests: u64,
@@ -489,6 +504,7 @@ struct Counters {
     expired: AtomicU64,
     custody: AtomicU64,
     routes_back: AtomicU64,
+    route_back_timeouts: AtomicU64,
     ack_requests: AtomicU64,
     custody_lost: AtomicU64,
     acknowledged: AtomicU64,
@@ -535,6 +551,7 @@ impl Counters {
             expired: g(&self.expired),
             custody: g(&self.custody),
             routes_back: g(&self.routes_back),
+            route_back_timeouts: g(&self.route_back_timeouts),
             ack_requests: g(&self.ack_requests),
             custody_lost: g(&self.custody_lost),
             acknowledged: g(&self.acknowledged),
@@ -1223,6 +1240,9 @@ struct NodeDelivery {
     carried: VecDeque<(bool, u32, u16, u64)>,
     /// An `Unreachable` was read for the node since its route was last announced.
     unreachable: bool,
+    /// spec §17.4 rule 6: after a route back, when to look, and the routed session's count of
+    /// authenticated packets then.
+    route_back_check: Option<(Timestamp, u64)>,
 }
 
 impl NodeDelivery {
@@ -1236,6 +1256,7 @@ impl NodeDelivery {
             queued: VecDeque::new(),
             carried: VecDeque::new(),
             unreachable: false,
+            route_back_check: None,
         }
     }
 
@@ -1625,6 +1646,7 @@ impl Actor {
                 // spec §17.1, §17.4 rule 2: a new connection to the peer.
                 d.outbox.on_connected(mode, now);
                 d.inbox.on_connected();
+                d.route_back_check = None;
                 d.session = Some(DeliverySession::Direct(id));
                 d.mode = mode;
                 d.queued.clear();
@@ -1657,6 +1679,7 @@ impl Actor {
                     // direct link is the node's connection now; the Stream and the window go
                     // on it.
                     d.outbox.on_connected(Mode::Routed, now);
+                    d.route_back_check = None;
                     d.session = Some(DeliverySession::Routed);
                     d.mode = Mode::Routed;
                 } else {
@@ -2118,6 +2141,7 @@ impl Actor {
                     // the window go on it.
                     d.outbox.on_connected(Mode::Routed, now);
                     d.inbox.on_connected();
+                    d.route_back_check = None;
                     d.session = Some(DeliverySession::Routed);
                     d.mode = Mode::Routed;
                     d.queued.clear();
@@ -2166,6 +2190,7 @@ impl Actor {
                                 d.outbox.on_disconnected();
                                 // No acknowledgement is due until a Stream on the next session.
                                 d.inbox.on_connected();
+                                d.route_back_check = None;
                                 d.session = None;
                             }
                         }
@@ -2801,15 +2826,43 @@ impl Actor {
     }
 
     /// spec §17.4 rule 4: the route to a node came back after an `Unreachable`: what is in
-    /// flight goes again at once.
+    /// flight goes again at once. Rule 6: if the routed session then authenticates nothing for
+    /// `route_back_timeout`, it is ended ([`Self::check_route_back`]).
     fn route_back(&mut self, node: &NodeId) {
         let now = self.clock.now();
+        let wait = self.delivery.map(|o| proto_duration(o.route_back_timeout));
+        let received = self.demux.connection(node, Slot::Current).map(|c| c.stats().packets_received);
         if let Some(d) = self.deliveries.get_mut(node) {
             if std::mem::take(&mut d.unreachable) {
                 d.outbox.on_route_back(now);
                 bump(&self.counters.routes_back);
+                if let (Some(wait), Some(received)) = (wait, received) {
+                    if d.session == Some(DeliverySession::Routed) && d.outbox.window_len() > 0 {
+                        d.route_back_check = Some((now + wait, received));
+                    }
+                }
             }
         }
+    }
+
+    /// spec §17.4 rule 6: the route came back `route_back_timeout` ago with messages in the
+    /// window; if the routed session has authenticated nothing since, the peer most likely
+    /// lost the session (it restarted during the outage): the session ends as by an idle
+    /// timeout, and the application opens another, on which the window goes again.
+    fn check_route_back(&mut self, node: &NodeId, now: Timestamp) {
+        let Some(d) = self.deliveries.get_mut(node) else { return };
+        let Some((_, received)) = d.route_back_check.filter(|(at, _)| *at <= now) else { return };
+        d.route_back_check = None;
+        if d.session != Some(DeliverySession::Routed) {
+            return;
+        }
+        let Some(c) = self.demux.connection_mut(node, Slot::Current) else { return };
+        if c.stats().packets_received != received {
+            return;
+        }
+        bump(&self.counters.route_back_timeouts);
+        tracing::info!(%node, "nothing authenticated since the route came back: end-to-end session ended");
+        c.abandon(now, CloseReason::IdleTimeout);
     }
 
     /// spec §17.7: the application's commits; acknowledgements follow.
@@ -2829,6 +2882,7 @@ impl Actor {
         let now = self.clock.now();
         let due: Vec<NodeId> = self.timers.iter().take_while(|(t, _)| *t <= now).map(|(_, n)| *n).collect();
         for node in due {
+            self.check_route_back(&node, now);
             for slot in [Slot::Current, Slot::Candidate] {
                 if let Some(c) = self.demux.connection_mut(&node, slot) {
                     c.handle_timeout(now);
@@ -2900,12 +2954,16 @@ impl Actor {
         let delivery = self.deliveries.get(node).and_then(|d| {
             // A due time that could not be served otherwise is looked at again a little
             // later, not in a loop.
+            let check = d.route_back_check.map(|(t, _)| t);
             [d.outbox.poll_timeout(), d.inbox.poll_timeout()]
                 .into_iter()
                 .flatten()
                 .filter(|t| !stalled || *t > now)
                 .min()
                 .map(|t| t.max(now + proto_duration(DELIVERY_RETRY)))
+                .into_iter()
+                .chain(check)
+                .min()
         });
         let next = [Slot::Current, Slot::Candidate]
             .into_iter()

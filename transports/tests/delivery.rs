@@ -24,7 +24,7 @@ use util::*;
 use veil_protocol::delivery::DeliveryConfig;
 use veil_protocol::routing::{RouteReason, RouteTable, RoutingMessage};
 use veil_protocol::trust::NodeId;
-use veil_protocol::{PublicKey, Timestamp};
+use veil_protocol::{CloseReason, PublicKey, Timestamp};
 use veil_transports::chaos::{ChaosConfig, ChaosProxy};
 use veil_transports::fault::{Direction, LinkFaults, LossyProxy, ProxyConfig};
 use veil_transports::{
@@ -717,6 +717,111 @@ async fn a_congested_notice_brings_a_backed_off_retransmission_forward() {
     assert!(waited < Duration::from_millis(1_500), "waited {waited:?}");
     assert_eq!(device.stats().retransmissions, before + 1);
     assert_eq!(device.stats().unreachable, 1);
+    device.close();
+    cloud.close();
+}
+
+/// spec §17.4 rule 6: the cloud restarts while its route is gone (its link to the relay
+/// drops, the relay withdraws it), so the device's end-to-end session outlives the cloud's
+/// keys. When the new cloud attaches and the route comes back, what the device sends again in
+/// the old session is dropped unread; `route_back_timeout` after the route's return with
+/// nothing authenticated, the device ends the session (as an idle timeout would, 60 s later
+/// here), opens another, and the message reaches the new cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_restarted_during_an_outage_is_reached_again_after_the_route_back_timeout() {
+    init_tracing();
+    let mut opts = options(true);
+    opts.route_back_timeout = Duration::from_millis(500);
+    let Pair { _relay, peers, cloud_links, cloud, device, device_links: _device_links, cloud_node, .. } =
+        pair(opts).await;
+    // The cloud goes away with its keys; the relay withdraws its route.
+    cloud.close();
+    cloud_links.close();
+    drop((cloud, cloud_links));
+    eventually("the relay dropped the cloud", || peers.try_lock().is_ok_and(|s| !s.contains_key(&cloud_node))).await;
+    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    assert_eq!(device.stats().sessions, 1, "the end-to-end session outlives the route");
+
+    // The same cloud key, a new process: no session, no delivery state.
+    let relay_key = _relay.public_key();
+    let cloud_links = Endpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([relay_key]))
+        .routing(true)
+        .bind()
+        .await
+        .unwrap();
+    let cloud = RoutedEndpoint::builder(keypair(CLOUD))
+        .authorizer(Authorizer::allowlist([*keypair(DEVICE).public()]))
+        .delivery(options(true))
+        .build()
+        .unwrap();
+    let relay_addr = _relay.local_tcp_addr().unwrap();
+    cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
+    let back = std::time::Instant::now();
+    eventually("the route came back", || device.stats().routes_back == 1).await;
+
+    // The old session ends within route_back_timeout; the application opens another.
+    loop {
+        match within(device.next_event()).await.unwrap() {
+            NodeEvent::Closed { node, outcome, .. } if node == cloud_node => {
+                assert!(
+                    matches!(
+                        outcome,
+                        veil_transports::Error::Closed { reason: CloseReason::IdleTimeout, by_peer: false }
+                    ),
+                    "{outcome}"
+                );
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(device.stats().route_back_timeouts, 1);
+    within(device.connect(cloud.public_key())).await.unwrap();
+    let mut next = 0;
+    expect_on_3(&cloud, 1, &mut next).await;
+    let waited = back.elapsed();
+    assert!(waited < Duration::from_secs(5), "waited {waited:?} (the idle timeout is 60 s)");
+    eventually("message 0 acknowledged by the new cloud", || device.stats().acknowledged == 1).await;
+    device.close();
+    cloud.close();
+}
+
+/// spec §17.4 rule 6, the other way: after an outage the cloud kept its session, so it
+/// acknowledges what the device sends again when the route comes back, and the session stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_back_to_a_cloud_that_kept_its_session_keeps_the_session() {
+    init_tracing();
+    let mut opts = options(true);
+    opts.route_back_timeout = Duration::from_millis(300);
+    let p = pair(opts).await;
+    let Pair { peers, cloud, device, cloud_node, .. } = &p;
+    let mut next = 0u64;
+    p.first_message_acknowledged(&mut next).await;
+    // The relay's uplink "goes down": it says so and drops what the device sends.
+    let route = {
+        let s = peers.lock().await;
+        let d = &s[&node_of(keypair(DEVICE).public())];
+        let route = d.table.route_of(cloud_node).unwrap();
+        d.link.send_routing(RoutingMessage::Unreachable { route, reason: RouteReason::UplinkDown }).await.unwrap();
+        route
+    };
+    eventually("the notice read", || device.stats().unreachable == 1).await;
+    p.spool.lock().await.drop_to = Some(*cloud_node);
+    within(device.send(cloud_node, 3, payload(3, 1))).await.unwrap();
+    // Back: the same route announced again; the message goes again and is acknowledged.
+    p.spool.lock().await.drop_to = None;
+    {
+        let s = peers.lock().await;
+        let d = &s[&node_of(keypair(DEVICE).public())];
+        d.link.send_routing(RoutingMessage::Route { route, node: *cloud_node }).await.unwrap();
+    }
+    expect_on_3(cloud, 2, &mut next).await;
+    eventually("message 1 acknowledged", || device.stats().acknowledged == 2).await;
+    assert_eq!(device.stats().routes_back, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stats = device.stats();
+    assert_eq!((stats.route_back_timeouts, stats.sessions), (0, 1));
     device.close();
     cloud.close();
 }
