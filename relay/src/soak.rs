@@ -357,6 +357,9 @@ pub struct SoakReport {
     /// End-to-end sessions with the cloud that ended and were opened again (a cloud restart,
     /// or an idle timeout while the uplink was down).
     pub sessions_closed: u64,
+    /// Of them, sessions the devices ended because nothing came back within the route-back
+    /// timeout after the uplink's return (spec §17.4 rule 6: the cloud had restarted).
+    pub route_back_timeouts: u64,
     /// Device packets for the cloud the gateway dropped (all its runs): its uplink queue
     /// full (`Congested`), and the uplink down with no spool room (`UplinkDown`); the devices
     /// send them again.
@@ -409,13 +412,14 @@ impl fmt::Display for SoakReport {
             f,
             "gateway dropped {} (uplink queue full) and {} (uplink down); devices: {} routes back, {} \
              acknowledgement requests, {} custody messages found lost, {} end-to-end sessions ended and opened \
-             again",
+             again ({} after a route back without an answer)",
             self.gateway_drops.0,
             self.gateway_drops.1,
             self.routes_back,
             self.ack_requests,
             self.custody_lost,
-            self.sessions_closed
+            self.sessions_closed,
+            self.route_back_timeouts
         )?;
         writeln!(
             f,
@@ -1110,7 +1114,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
     }
     let accepted = accepted(&devices);
     let (mut retransmissions, mut window_waits, mut routes_back, mut ack_requests) = (0, 0, 0, 0);
-    let mut custody_lost = 0;
+    let (mut custody_lost, mut route_back_timeouts) = (0, 0);
     for d in &mut devices {
         let s = d.routed.stats();
         retransmissions += s.retransmissions;
@@ -1118,6 +1122,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
         routes_back += s.routes_back;
         ack_requests += s.ack_requests;
         custody_lost += s.custody_lost;
+        route_back_timeouts += s.route_back_timeouts;
         d.routed.close();
         d.endpoint.close();
         d.tasks.abort_all();
@@ -1156,6 +1161,7 @@ pub async fn run(opts: &SoakOptions) -> Result<SoakReport, SoakError> {
         routes_back,
         ack_requests,
         custody_lost,
+        route_back_timeouts,
         sessions_closed: counters.sessions_closed.load(Ordering::Relaxed),
         gateway_drops: (count(totals.congested), count(totals.uplink_down)),
         udp_faults,

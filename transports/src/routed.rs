@@ -1240,9 +1240,12 @@ struct NodeDelivery {
     carried: VecDeque<(bool, u32, u16, u64)>,
     /// An `Unreachable` was read for the node since its route was last announced.
     unreachable: bool,
-    /// spec §17.4 rule 6: after a route back, when to look, and the routed session's count of
-    /// authenticated packets then.
-    route_back_check: Option<(Timestamp, u64)>,
+    /// spec §17.4 rule 6: the routed session's count of authenticated packets when the route
+    /// came back, until the session answers or is checked.
+    route_back: Option<u64>,
+    /// When to check: `route_back_timeout` after the route came back with messages in the
+    /// window, or after the first message sent since.
+    route_back_check: Option<Timestamp>,
 }
 
 impl NodeDelivery {
@@ -1256,6 +1259,7 @@ impl NodeDelivery {
             queued: VecDeque::new(),
             carried: VecDeque::new(),
             unreachable: false,
+            route_back: None,
             route_back_check: None,
         }
     }
@@ -1646,6 +1650,7 @@ impl Actor {
                 // spec §17.1, §17.4 rule 2: a new connection to the peer.
                 d.outbox.on_connected(mode, now);
                 d.inbox.on_connected();
+                d.route_back = None;
                 d.route_back_check = None;
                 d.session = Some(DeliverySession::Direct(id));
                 d.mode = mode;
@@ -1679,6 +1684,7 @@ impl Actor {
                     // direct link is the node's connection now; the Stream and the window go
                     // on it.
                     d.outbox.on_connected(Mode::Routed, now);
+                    d.route_back = None;
                     d.route_back_check = None;
                     d.session = Some(DeliverySession::Routed);
                     d.mode = Mode::Routed;
@@ -2141,6 +2147,7 @@ impl Actor {
                     // the window go on it.
                     d.outbox.on_connected(Mode::Routed, now);
                     d.inbox.on_connected();
+                    d.route_back = None;
                     d.route_back_check = None;
                     d.session = Some(DeliverySession::Routed);
                     d.mode = Mode::Routed;
@@ -2190,6 +2197,7 @@ impl Actor {
                                 d.outbox.on_disconnected();
                                 // No acknowledgement is due until a Stream on the next session.
                                 d.inbox.on_connected();
+                                d.route_back = None;
                                 d.route_back_check = None;
                                 d.session = None;
                             }
@@ -2595,6 +2603,9 @@ impl Actor {
                 }
             }
         }
+        if let Some(wait) = self.delivery.map(|o| proto_duration(o.route_back_timeout)) {
+            Self::arm_route_back(d, self.demux.connection(node, Slot::Current), now + wait);
+        }
         match d.session {
             Some(DeliverySession::Routed) => {
                 let conn = self.demux.connection_mut(node, Slot::Current).filter(|c| c.is_connected());
@@ -2826,33 +2837,48 @@ impl Actor {
     }
 
     /// spec §17.4 rule 4: the route to a node came back after an `Unreachable`: what is in
-    /// flight goes again at once. Rule 6: if the routed session then authenticates nothing for
-    /// `route_back_timeout`, it is ended ([`Self::check_route_back`]).
+    /// flight goes again at once. Rule 6: the routed session must then answer (see
+    /// [`Self::arm_route_back`] and [`Self::check_route_back`]).
     fn route_back(&mut self, node: &NodeId) {
         let now = self.clock.now();
-        let wait = self.delivery.map(|o| proto_duration(o.route_back_timeout));
         let received = self.demux.connection(node, Slot::Current).map(|c| c.stats().packets_received);
         if let Some(d) = self.deliveries.get_mut(node) {
             if std::mem::take(&mut d.unreachable) {
                 d.outbox.on_route_back(now);
                 bump(&self.counters.routes_back);
-                if let (Some(wait), Some(received)) = (wait, received) {
-                    if d.session == Some(DeliverySession::Routed) && d.outbox.window_len() > 0 {
-                        d.route_back_check = Some((now + wait, received));
-                    }
+                if d.session == Some(DeliverySession::Routed) {
+                    d.route_back = received;
+                    d.route_back_check = None;
                 }
             }
         }
     }
 
-    /// spec §17.4 rule 6: the route came back `route_back_timeout` ago with messages in the
-    /// window; if the routed session has authenticated nothing since, the peer most likely
-    /// lost the session (it restarted during the outage): the session ends as by an idle
-    /// timeout, and the application opens another, on which the window goes again.
+    /// spec §17.4 rule 6: once the route is back and the window holds a message (then, or at
+    /// the first send since), the routed session has `route_back_timeout` to authenticate a
+    /// packet. A session that already did since the route came back needs no check.
+    fn arm_route_back(d: &mut NodeDelivery, conn: Option<&veil_protocol::Connection>, at: Timestamp) {
+        let Some(seen) = d.route_back.filter(|_| d.route_back_check.is_none() && d.outbox.window_len() > 0) else {
+            return;
+        };
+        if conn.map(|c| c.stats().packets_received) == Some(seen) {
+            d.route_back_check = Some(at);
+        } else {
+            d.route_back = None;
+        }
+    }
+
+    /// spec §17.4 rule 6: the check is due; if the routed session has authenticated nothing
+    /// since the route came back, the peer most likely lost the session (it restarted during
+    /// the outage): the session ends as by an idle timeout, and the application opens
+    /// another, on which the window goes again.
     fn check_route_back(&mut self, node: &NodeId, now: Timestamp) {
         let Some(d) = self.deliveries.get_mut(node) else { return };
-        let Some((_, received)) = d.route_back_check.filter(|(at, _)| *at <= now) else { return };
+        if d.route_back_check.is_none_or(|at| at > now) {
+            return;
+        }
         d.route_back_check = None;
+        let Some(received) = d.route_back.take() else { return };
         if d.session != Some(DeliverySession::Routed) {
             return;
         }
@@ -2954,7 +2980,7 @@ impl Actor {
         let delivery = self.deliveries.get(node).and_then(|d| {
             // A due time that could not be served otherwise is looked at again a little
             // later, not in a loop.
-            let check = d.route_back_check.map(|(t, _)| t);
+            let check = d.route_back_check;
             [d.outbox.poll_timeout(), d.inbox.poll_timeout()]
                 .into_iter()
                 .flatten()

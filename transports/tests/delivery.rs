@@ -723,12 +723,23 @@ async fn a_congested_notice_brings_a_backed_off_retransmission_forward() {
 
 /// spec §17.4 rule 6: the cloud restarts while its route is gone (its link to the relay
 /// drops, the relay withdraws it), so the device's end-to-end session outlives the cloud's
-/// keys. When the new cloud attaches and the route comes back, what the device sends again in
-/// the old session is dropped unread; `route_back_timeout` after the route's return with
-/// nothing authenticated, the device ends the session (as an idle timeout would, 60 s later
-/// here), opens another, and the message reaches the new cloud.
+/// keys. When the new cloud attaches and the route comes back, what the device sends (again)
+/// in the old session is dropped unread; `route_back_timeout` after the route's return with
+/// a message in the window, or after the first send since, with nothing authenticated, the
+/// device ends the session (as an idle timeout would, 60 s later here), opens another, and
+/// the message reaches the new cloud.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloud_that_restarted_during_an_outage_is_reached_again_after_the_route_back_timeout() {
+    cloud_restarts_during_an_outage(true).await;
+}
+
+/// The same, with the message sent only after the route came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_restarted_is_reached_again_when_the_first_send_after_the_route_back_goes_unanswered() {
+    cloud_restarts_during_an_outage(false).await;
+}
+
+async fn cloud_restarts_during_an_outage(send_during_the_outage: bool) {
     init_tracing();
     let mut opts = options(true);
     opts.route_back_timeout = Duration::from_millis(500);
@@ -739,7 +750,9 @@ async fn a_cloud_that_restarted_during_an_outage_is_reached_again_after_the_rout
     cloud_links.close();
     drop((cloud, cloud_links));
     eventually("the relay dropped the cloud", || peers.try_lock().is_ok_and(|s| !s.contains_key(&cloud_node))).await;
-    within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    if send_during_the_outage {
+        within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    }
     assert_eq!(device.stats().sessions, 1, "the end-to-end session outlives the route");
 
     // The same cloud key, a new process: no session, no delivery state.
@@ -759,6 +772,11 @@ async fn a_cloud_that_restarted_during_an_outage_is_reached_again_after_the_rout
     cloud.add_relay_link(within(cloud_links.connect(Transport::Tcp, relay_addr, Some(relay_key))).await.unwrap());
     let back = std::time::Instant::now();
     eventually("the route came back", || device.stats().routes_back == 1).await;
+    if !send_during_the_outage {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(device.stats().route_back_timeouts, 0, "nothing to answer yet");
+        within(device.send(&cloud_node, 3, payload(3, 0))).await.unwrap();
+    }
 
     // The old session ends within route_back_timeout; the application opens another.
     loop {
