@@ -424,6 +424,31 @@ fn idle_timeout_closes_a_connection_that_hears_nothing() {
     }
 }
 
+/// `Connection::abandon` (spec §17.4 rule 6): a local close, as the idle timeout's: `Closed`
+/// with the reason and `by_peer: false`, queued data dropped, nothing sent, no timer left;
+/// the peer hears nothing. A second call changes nothing.
+#[test]
+fn abandon_closes_locally_and_sends_nothing() {
+    for mode in MODES {
+        let mut pair = connected(Pattern::IK, Suite::ChaChaPolyBlake2s, mode);
+        pair.a.send(1, bytes::Bytes::from_static(b"never sent")).unwrap();
+        pair.a.abandon(pair.now, CloseReason::IdleTimeout);
+        pair.a.abandon(pair.now, CloseReason::Normal);
+        assert!(pair.a.is_closed(), "{mode:?}");
+        assert_eq!(pair.a.poll_transmit(pair.now, &mut pair.buf), Ok(None), "{mode:?}");
+        assert_eq!(pair.a.poll_timeout(), None, "{mode:?}");
+        pair.events();
+        assert_eq!(
+            closed(&pair.a_events),
+            Some(&Closed { reason: CloseReason::IdleTimeout, by_peer: false, error: None }),
+            "{mode:?}"
+        );
+        pair.drive();
+        assert!(pair.b.is_connected() && closed(&pair.b_events).is_none(), "{mode:?}: the peer heard nothing");
+        assert!(pair.b_messages().is_empty(), "{mode:?}");
+    }
+}
+
 #[test]
 fn keepalives_keep_an_idle_connection_up() {
     for mode in MODES {
