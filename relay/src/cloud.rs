@@ -445,6 +445,7 @@ async fn link_gauges(links: Links, routed: RoutedEndpoint, stop: CancellationTok
                 ("retransmission", s.retransmissions),
                 ("duplicate", s.duplicates_dropped),
                 ("route_back", s.routes_back),
+                ("route_back_timeout", s.route_back_timeouts),
                 ("ack_request", s.ack_requests),
                 ("custody_lost", s.custody_lost),
             ],
