@@ -424,10 +424,15 @@ impl Outbox {
     /// Routed mode (spec §17.4 rule 4): the route to the peer was announced again after an
     /// `Unreachable` for it. Every message in flight on the current connection (transmitted,
     /// neither freed nor marked received) and every unconfirmed `Skip` is due at once: the
-    /// sender cannot tell which went out while the route was down.
+    /// sender cannot tell which went out while the route was down. With messages in the
+    /// window, the `Stream` goes again first: a live receiver answers it at once with an
+    /// `Ack` per channel it holds (spec §17.2), so that the session shows whether the peer
+    /// still has it (rule 6).
     pub fn on_route_back(&mut self, now: Timestamp) {
-        if self.conn.is_none() {
-            return;
+        let in_window = self.window_len() > 0;
+        let Some(conn) = self.conn.as_mut() else { return };
+        if in_window {
+            conn.stream_due = true;
         }
         for ch in self.channels.values_mut() {
             for m in ch.window.iter_mut().take(ch.unsent) {
@@ -1084,10 +1089,22 @@ mod tests {
         let t = T0 + Duration::from_millis(300);
         assert!(drain(&mut o, t).is_empty());
         o.on_route_back(t);
-        assert_eq!(drain(&mut o, t), [data(5, 0, b"r"), data(5, 2, b"r")]);
+        assert_eq!(drain(&mut o, t), [stream(), data(5, 0, b"r"), data(5, 2, b"r")]);
         // Not a timeout: the timeout did not double.
         assert_eq!(o.poll_timeout(), Some(t + DELIVERY_RTO));
         assert_eq!(o.stats().retransmitted, 2);
+    }
+
+    #[test]
+    fn a_route_back_with_an_empty_window_sends_nothing() {
+        let mut o = outbox();
+        o.push(5, Bytes::from_static(b"r"), T0, None).unwrap();
+        o.on_connected(Mode::Routed, T0);
+        drain(&mut o, T0);
+        o.on_ack(&Ack::cumulative(5, 1), T0).unwrap();
+        assert_eq!(o.window_len(), 0);
+        o.on_route_back(T0 + DELIVERY_RTO);
+        assert!(drain(&mut o, T0 + DELIVERY_RTO).is_empty());
     }
 
     #[test]
@@ -1105,7 +1122,7 @@ mod tests {
         // Only 2 goes at its timeout; a route back does not resend the others either.
         assert_eq!(drain(&mut o, T0 + DELIVERY_RTO), [data(2, 2, b"c")]);
         o.on_route_back(T0 + DELIVERY_RTO);
-        assert_eq!(drain(&mut o, T0 + DELIVERY_RTO), [data(2, 2, b"c")], "in flight, not in custody");
+        assert_eq!(drain(&mut o, T0 + DELIVERY_RTO), [stream(), data(2, 2, b"c")], "in flight, not in custody");
         assert_eq!(o.window_len(), 3, "custody frees nothing");
         // After CUSTODY_TIMEOUT they are unacknowledged again.
         let end = t + crate::delivery::CUSTODY_TIMEOUT;
