@@ -6,7 +6,10 @@
 //!   same records (41 B header + packet) appended to a file and synced once per batch;
 //! - **replay**: draining 4 096 stored packets, 256 at a time (`peek` + `remove`, one durable
 //!   commit per chunk), vs reading the same records back from the file and syncing an 8-byte
-//!   "consumed up to" mark once per chunk.
+//!   "consumed up to" mark once per chunk;
+//! - **replay behind another cloud**: the same drain, with [`BEHIND`] packets for another
+//!   cloud stored ahead of them (a gateway whose cloud key changed keeps those until their ttl),
+//!   which the replay must pass over (criterion only).
 //!
 //! criterion times each; afterwards the ratios are printed from interleaved rounds
 //! (`veil_benches::timing`), in packets per second. The files live in a temporary directory
@@ -29,6 +32,9 @@ const REPLAY: usize = 4_096;
 const CHUNK: usize = 256;
 const SOURCES: u8 = 50;
 const CLOUD: NodeId = NodeId([0xC; 16]);
+const OTHER_CLOUD: NodeId = NodeId([0xD; 16]);
+/// Packets for another cloud ahead of the replayed ones.
+const BEHIND: usize = 65_536;
 
 fn spool_at(dir: &Path, name: &str) -> Spool {
     let config = SpoolConfig::new(dir.join(name)).max_bytes(1 << 40).max_bytes_per_source(1 << 40);
@@ -177,6 +183,26 @@ fn benches(c: &mut Criterion) {
             spent
         });
     });
+    let mut behind = spool_at(dir.path(), "behind.redb");
+    let p = vec![4u8; PACKET];
+    for _ in 0..BEHIND / CHUNK {
+        let batch: Vec<(NodeId, NodeId, &[u8])> =
+            (0..CHUNK).map(|_| (NodeId([0xE; 16]), OTHER_CLOUD, p.as_slice())).collect();
+        behind.append(&batch, 1).unwrap();
+    }
+    group.bench_function("replay/spool-behind-another-cloud", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                spool_fill(&mut behind);
+                let start = std::time::Instant::now();
+                assert_eq!(spool_drain(&mut behind), REPLAY);
+                spent += start.elapsed();
+            }
+            spent
+        });
+    });
+    drop(behind);
     let mut file = OpenOptions::new()
         .create(true)
         .read(true)

@@ -197,7 +197,18 @@ pub struct Spool {
     next_seq: u64,
     total: Usage,
     per_source: HashMap<NodeId, Usage>,
+    /// Per destination: its entries, and a sequence number no entry of it is below, where
+    /// [`Spool::peek`] starts reading. Entries for another node (a cloud whose key changed)
+    /// then cost nothing to the current cloud's replay: without it, every batch read them
+    /// again, and a spool holding only theirs was read whole each time the gateway looked.
+    per_destination: HashMap<NodeId, Destination>,
     corrupt_removed: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Destination {
+    entries: u64,
+    first: u64,
 }
 
 fn cost(packet_len: usize) -> u64 {
@@ -241,8 +252,15 @@ impl Spool {
         }
         let db = Database::create(&config.path)
             .map_err(|e| SpoolError::Open { path: config.path.clone(), source: Box::new(e) })?;
-        let mut spool =
-            Self { db, config, next_seq: 0, total: Usage::default(), per_source: HashMap::new(), corrupt_removed: 0 };
+        let mut spool = Self {
+            db,
+            config,
+            next_seq: 0,
+            total: Usage::default(),
+            per_source: HashMap::new(),
+            per_destination: HashMap::new(),
+            corrupt_removed: 0,
+        };
         spool.scan()?;
         Ok(spool)
     }
@@ -257,7 +275,10 @@ impl Spool {
                 let seq = k.value();
                 self.next_seq = self.next_seq.max(seq.saturating_add(1));
                 match decode(seq, v.value()) {
-                    Some(e) => self.count_in(&e.source, e.packet.len()),
+                    Some(e) => {
+                        self.count_in(&e.source, e.packet.len());
+                        self.destination_in(&e.destination, seq);
+                    }
                     None => corrupt.push(seq),
                 }
             }
@@ -277,6 +298,21 @@ impl Spool {
         let u = self.per_source.entry(*source).or_default();
         u.entries += 1;
         u.bytes += c;
+    }
+
+    fn destination_in(&mut self, destination: &NodeId, seq: u64) {
+        let d = self.per_destination.entry(*destination).or_insert(Destination { entries: 0, first: seq });
+        d.entries += 1;
+        d.first = d.first.min(seq);
+    }
+
+    fn destination_out(&mut self, destination: &NodeId) {
+        if let Some(d) = self.per_destination.get_mut(destination) {
+            d.entries = d.entries.saturating_sub(1);
+            if d.entries == 0 {
+                self.per_destination.remove(destination);
+            }
+        }
     }
 
     fn count_out(&mut self, source: &NodeId, packet_len: usize) {
@@ -304,6 +340,7 @@ impl Spool {
         let mut planned = self.per_source.clone();
         let mut total = self.total;
         let mut next_seq = self.next_seq;
+        let mut stored = Vec::with_capacity(batch.len());
         let txn = self.db.begin_write().map_err(SpoolError::storage)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(SpoolError::storage)?;
@@ -332,6 +369,7 @@ impl Spool {
                 u.bytes += c;
                 total.entries += 1;
                 total.bytes += c;
+                stored.push((*destination, seq));
                 outcomes.push(Appended::Stored { seq });
             }
         }
@@ -339,6 +377,9 @@ impl Spool {
         self.per_source = planned;
         self.total = total;
         self.next_seq = next_seq;
+        for (destination, seq) in stored {
+            self.destination_in(&destination, seq);
+        }
         Ok(outcomes)
     }
 
@@ -354,8 +395,9 @@ impl Spool {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(SpoolError::storage(e)),
         };
+        let Some(first) = self.per_destination.get(destination).map(|d| d.first) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for item in table.iter().map_err(SpoolError::storage)? {
+        for item in table.range(first..).map_err(SpoolError::storage)? {
             if out.len() >= max {
                 break;
             }
@@ -409,7 +451,7 @@ impl Spool {
         pick: impl Fn(&Entry) -> bool,
         keys: Option<&[u64]>,
     ) -> Result<HashMap<NodeId, u64>, SpoolError> {
-        let mut removed: Vec<(NodeId, usize)> = Vec::new();
+        let mut removed: Vec<(NodeId, NodeId, usize)> = Vec::new();
         let txn = self.db.begin_write().map_err(SpoolError::storage)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(SpoolError::storage)?;
@@ -429,7 +471,7 @@ impl Spool {
             for seq in candidates {
                 let Some(old) = table.remove(seq).map_err(SpoolError::storage)? else { continue };
                 match decode(seq, old.value()) {
-                    Some(e) if pick(&e) => removed.push((e.source, e.packet.len())),
+                    Some(e) if pick(&e) => removed.push((e.source, e.destination, e.packet.len())),
                     Some(_) => {
                         // Not selected after all: put it back unchanged.
                         let bytes = old.value().to_vec();
@@ -442,8 +484,9 @@ impl Spool {
         }
         txn.commit().map_err(SpoolError::storage)?;
         let mut per_source = HashMap::new();
-        for (source, len) in removed {
+        for (source, destination, len) in removed {
             self.count_out(&source, len);
+            self.destination_out(&destination);
             *per_source.entry(source).or_insert(0) += 1;
         }
         Ok(per_source)
@@ -486,6 +529,41 @@ mod tests {
 
     fn config(dir: &tempfile::TempDir) -> SpoolConfig {
         SpoolConfig::new(dir.path().join("spool.redb"))
+    }
+
+    /// Entries for another cloud ahead of the current cloud's (its key changed) are passed
+    /// over, not read again for every batch; a destination with none reads nothing. The
+    /// bookkeeping follows appends, removals, expiry and reopening.
+    #[test]
+    fn peek_starts_at_the_destinations_first_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(config(&dir)).unwrap();
+        let old: Vec<(NodeId, NodeId, &[u8])> = (0..300).map(|_| (A, OTHER_CLOUD, &b"old"[..])).collect();
+        spool.append(&old, 1).unwrap();
+        assert!(spool.peek(&CLOUD, 10).unwrap().is_empty());
+        assert_eq!(spool.per_destination.get(&CLOUD).map(|d| d.entries), None);
+        let new: Vec<(NodeId, NodeId, &[u8])> = (0..5).map(|_| (B, CLOUD, &b"new"[..])).collect();
+        spool.append(&new, 2).unwrap();
+        assert_eq!(spool.per_destination[&CLOUD].first, 300);
+        let got = spool.peek(&CLOUD, 3).unwrap();
+        assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [300, 301, 302]);
+        spool.remove(&[300, 301, 302]).unwrap();
+        assert_eq!(spool.peek(&CLOUD, 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [303, 304]);
+        drop(spool);
+
+        let mut spool = Spool::open(config(&dir)).unwrap();
+        assert_eq!(spool.per_destination[&CLOUD].first, 303);
+        assert_eq!(spool.per_destination[&OTHER_CLOUD].entries, 300);
+        spool.remove(&[303, 304]).unwrap();
+        assert!(spool.peek(&CLOUD, 10).unwrap().is_empty());
+        assert!(!spool.per_destination.contains_key(&CLOUD));
+        // The old cloud's entries expire with their ttl, and its bookkeeping with them.
+        spool.expire(1 + 86_400_001).unwrap();
+        assert!(spool.per_destination.is_empty());
+        assert_eq!(spool.stats().entries, 0);
+        // A destination that comes back starts at its new first entry.
+        spool.append(&[(A, OTHER_CLOUD, b"again")], 2).unwrap();
+        assert_eq!(spool.peek(&OTHER_CLOUD, 10).unwrap()[0].packet, &b"again"[..]);
     }
 
     #[test]
