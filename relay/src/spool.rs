@@ -337,7 +337,8 @@ impl Spool {
     /// [`SpoolError::Storage`] if the commit fails; then nothing of the batch is stored.
     pub fn append(&mut self, batch: &[(NodeId, NodeId, &[u8])], now_ms: u64) -> Result<Vec<Appended>, SpoolError> {
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut planned = self.per_source.clone();
+        // What this batch adds per source; the spool's own counts change only once it is durable.
+        let mut added: HashMap<NodeId, Usage> = HashMap::new();
         let mut total = self.total;
         let mut next_seq = self.next_seq;
         let mut stored = Vec::with_capacity(batch.len());
@@ -350,7 +351,8 @@ impl Spool {
                     continue;
                 }
                 let c = cost(packet.len());
-                let used = planned.get(source).map_or(0, |u| u.bytes);
+                let used =
+                    self.per_source.get(source).map_or(0, |u| u.bytes) + added.get(source).map_or(0, |u| u.bytes);
                 if total.bytes + c > self.config.max_bytes {
                     outcomes.push(Appended::Full(FullReason::Total));
                     continue;
@@ -364,7 +366,7 @@ impl Spool {
                 table
                     .insert(seq, encode(source, destination, now_ms, packet).as_slice())
                     .map_err(SpoolError::storage)?;
-                let u = planned.entry(*source).or_default();
+                let u = added.entry(*source).or_default();
                 u.entries += 1;
                 u.bytes += c;
                 total.entries += 1;
@@ -374,7 +376,11 @@ impl Spool {
             }
         }
         txn.commit().map_err(SpoolError::storage)?;
-        self.per_source = planned;
+        for (source, a) in added {
+            let u = self.per_source.entry(source).or_default();
+            u.entries += a.entries;
+            u.bytes += a.bytes;
+        }
         self.total = total;
         self.next_seq = next_seq;
         for (destination, seq) in stored {
