@@ -249,10 +249,11 @@ pub struct DeliveryOptions {
     /// Data messages remembered per peer with the packet that carried them, so that a
     /// relay's `Stored` (spec §17.9) can be mapped to the messages in its custody.
     pub custody_memory: usize,
-    /// spec §17.4 rule 6: after a route comes back with messages in the window, how long the
-    /// end-to-end session may stay without an authenticated packet before it is ended (as by
-    /// an idle timeout: [`NodeEvent::Closed`] with `IdleTimeout`), so that the application can
-    /// open a new one. Default `ROUTE_BACK_TIMEOUT`, 3 s.
+    /// spec §17.4 rule 6: after a route comes back (from the return if the window holds a
+    /// message then, else from the first send after it), how long the end-to-end session may
+    /// stay without an authenticated packet before it is ended (as by an idle timeout:
+    /// [`NodeEvent::Closed`] with `IdleTimeout`), so that the application can open a new one.
+    /// Default `ROUTE_BACK_TIMEOUT`, 3 s.
     pub route_back_timeout: Duration,
 }
 
