@@ -689,8 +689,10 @@ impl<P: Policy> Relay<P> {
         if !self.policy.allows(&source, source_kind, &dst, dst_kind) {
             return self.drop_forward(now, link, route, RoutingError::Unreachable(RouteReason::NotAllowed));
         }
-        // spec §17.9, order: behind what the source already has in the spool.
-        if self.spooling.contains(&(source, dst)) {
+        // spec §17.9, order: behind what the source already has in the spool. The spool holds
+        // device packets only: a node on the uplink that was a device before (its pair still
+        // marked) is not spooled.
+        if source_kind == LinkKind::Device && self.spooling.contains(&(source, dst)) {
             if let Some(v) = self.spool(link, source, dst, route, &packet) {
                 return v;
             }

@@ -481,6 +481,29 @@ pub fn relay_ops(ops: impl IntoIterator<Item = RelayOp>) {
 mod tests {
     use super::*;
 
+    /// A fuzz finding: a device's packets toward the cloud were spooled (its pair marked), then
+    /// that node came back as the cloud, on the uplink, and the old cloud as a device. Its
+    /// `Forward` from the uplink to that device matched the marked pair and was spooled, and
+    /// the `Stored` went out on the uplink. The spool holds device packets only (spec §17.9).
+    #[test]
+    fn a_former_devices_packets_from_the_uplink_are_not_spooled() {
+        let up = |link, node, max_message| RelayOp::LinkUp { link, node, uplink: true, lossy: false, max_message };
+        let dev = |link, node, max_message| RelayOp::LinkUp { link, node, uplink: false, lossy: false, max_message };
+        relay_ops([
+            dev(1, 7, 50),
+            up(0, 0, 300),
+            dev(3, 1, 300),
+            RelayOp::LinkDown { link: 0 },
+            // Stored: spooled, its pair (node 7 -> node 0) marked.
+            RelayOp::Forward { link: 1, route: 0, len: 30 },
+            RelayOp::LinkDown { link: 1 },
+            up(0, 7, 0),
+            dev(6, 0, 290),
+            RelayOp::Forward { link: 0, route: 1, len: 60 },
+            RelayOp::Advance { millis: 0 },
+        ]);
+    }
+
     #[test]
     fn a_script_reaches_custody_and_its_invariants_hold() {
         let up = RelayOp::LinkUp { link: 0, node: 0, uplink: true, lossy: false, max_message: 1_000 };
