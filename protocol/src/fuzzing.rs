@@ -617,7 +617,8 @@ pub const RESPONDER_THIRD: u8 = 0x20;
 /// Invariants: only the initiator's real static key is ever authenticated, and only from
 /// its genuine messages; no `Connected` or data before that; in datagram and routed mode an
 /// injected packet never ends a handshake in progress and is answered with nothing but the
-/// negotiation REJECTs of spec §4.3 or a byte-identical resend of RESP (spec §5.7.2,
+/// negotiation REJECTs of spec §4.3, REJECT(Malformed) for an INIT longer than
+/// `max_packet_len` (spec §10.2 #5), or a byte-identical resend of RESP (spec §5.7.2,
 /// §10.1), and every packet sent has the mode's layout (routed: datagram handshake layouts,
 /// no COOKIE_REPLY, a 4-byte transport header, spec §16.2); and after any number of forged
 /// FINALs the genuine FINAL still completes the handshake (a failed decrypt changes no
@@ -652,7 +653,7 @@ impl Watch {
             let mut progress = false;
             while let Ok(Some(n)) = b.poll_transmit(T0, &mut buf) {
                 progress = true;
-                self.check_output(mode, &buf[..n], resp);
+                self.check_output(mode, &buf[..n], resp, packet.len());
             }
             while let Some(e) = b.poll_event() {
                 progress = true;
@@ -688,7 +689,8 @@ impl Watch {
         }
     }
 
-    fn check_output(&mut self, mode: Mode, out: &[u8], resp: Option<&[u8]>) {
+    /// `read` is the length of the packet the responder was given last.
+    fn check_output(&mut self, mode: Mode, out: &[u8], resp: Option<&[u8]>, read: usize) {
         // spec §4.2, §16.2: whatever it sends has its own mode's layout.
         let parsed = wire::parse(mode, MAX_PACKET_LEN, out);
         assert!(parsed.is_ok(), "the responder sent a packet its mode does not parse: {parsed:?}");
@@ -700,7 +702,8 @@ impl Watch {
                 }
             }
             Some(TYPE_HANDSHAKE_REJECT) => {
-                // spec §10.2: in datagram mode only the negotiation REJECTs of §4.3 are sent.
+                // spec §10.2: in datagram mode only the negotiation REJECTs of §4.3 are sent,
+                // and Malformed for an INIT longer than `max_packet_len` (#5).
                 let reason = RejectReason::from_code(out.last().copied().unwrap_or(0));
                 assert!(
                     mode == Mode::Stream
@@ -709,8 +712,9 @@ impl Watch {
                             RejectReason::UnsupportedVersion
                                 | RejectReason::UnsupportedPattern
                                 | RejectReason::UnsupportedSuite
-                        ),
-                    "datagram responder answered with REJECT({reason})"
+                        )
+                        || (reason == RejectReason::Malformed && read > RESPONDER_MAX_PACKET_LEN),
+                    "datagram responder answered with REJECT({reason}) to a {read}-byte packet"
                 );
             }
             Some(t) if t & !0x03 == TYPE_TRANSPORT => {
