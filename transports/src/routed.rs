@@ -38,7 +38,12 @@
 //!   a peer's acknowledgements go once per batch;
 //! - [`RoutedEndpoint::send`] waits while the node's end-to-end queue is full (its link is
 //!   stalled); at most [`RoutedLimits::command_queue`] sends wait at once, beyond that every
-//!   handle call waits;
+//!   handle call waits. Without delivery, once a node's session took a message, the next
+//!   sends to it are queued for the actor without waiting for its answer (the handles share
+//!   which nodes' sessions take messages, and up to which size), so that a sender and the
+//!   actor do not wake each other once per message; a message the session no longer takes
+//!   when its turn comes is dropped like a packet in flight and counted
+//!   ([`RoutedStats::sends_dropped`]);
 //! - events go to the application through one queue of [`RoutedLimits::event_queue`].
 //!   **When the application does not read [`RoutedEndpoint::next_event`], the actor waits**:
 //!   nothing is dropped, and nothing else moves until the application reads — `connect` and
@@ -439,6 +444,10 @@ pub struct RoutedStats {
     pub link_stalls: u64,
     /// Sends that waited for room in their session.
     pub sends_waited: u64,
+    /// Without delivery: sends `send` took at once (the session had taken one before) and
+    /// the endpoint then dropped, because the session ended or its route changed before it
+    /// got to them (see [`RoutedEndpoint::send`]).
+    pub sends_dropped: u64,
     /// Delivery (spec §17.4): Data retransmitted (timeouts, new sessions, route back).
     pub retransmissions: u64,
     /// Delivery (spec §17.5): Data received again and dropped.
@@ -499,6 +508,7 @@ struct Counters {
     dropped_too_large: AtomicU64,
     link_stalls: AtomicU64,
     sends_waited: AtomicU64,
+    sends_dropped: AtomicU64,
     retransmissions: AtomicU64,
     duplicates_dropped: AtomicU64,
     window_waits: AtomicU64,
@@ -546,6 +556,7 @@ impl Counters {
             dropped_too_large: g(&self.dropped_too_large),
             link_stalls: g(&self.link_stalls),
             sends_waited: g(&self.sends_waited),
+            sends_dropped: g(&self.sends_dropped),
             retransmissions: g(&self.retransmissions),
             duplicates_dropped: g(&self.duplicates_dropped),
             window_waits: g(&self.window_waits),
@@ -727,6 +738,7 @@ impl RoutedBuilder {
         let (events_tx, events_rx) = mpsc::channel(limits.event_queue.max(1));
         let counters = Arc::new(Counters::default());
         let direct = Arc::new(Mutex::new(HashMap::new()));
+        let ready = Arc::new(Mutex::new(HashMap::new()));
         let stop = CancellationToken::new();
         let trust_changes = self.authorizer.trust_state().map(crate::trust::TrustState::subscribe);
         let commits = Arc::new(Mutex::new(HashMap::new()));
@@ -762,6 +774,7 @@ impl RoutedBuilder {
             input_tx: input_tx.clone(),
             events_tx,
             direct: Arc::clone(&direct),
+            ready: Arc::clone(&ready),
             counters: Arc::clone(&counters),
             stop: stop.clone(),
             runtime: runtime.clone(),
@@ -779,6 +792,7 @@ impl RoutedBuilder {
                 input: input_tx,
                 events: tokio::sync::Mutex::new(events_rx),
                 direct,
+                ready,
                 counters,
                 stop,
                 runtime,
@@ -804,6 +818,9 @@ struct Shared {
     events: tokio::sync::Mutex<mpsc::Receiver<NodeEvent>>,
     /// Direct links by node, for sends that need no actor.
     direct: Arc<Mutex<HashMap<NodeId, (LinkId, Connection)>>>,
+    /// Without delivery: nodes whose end-to-end session took a send, with the largest
+    /// payload it takes on its route (see [`Command::Post`]).
+    ready: Arc<Mutex<HashMap<NodeId, usize>>>,
     counters: Arc<Counters>,
     stop: CancellationToken,
     runtime: tokio::runtime::Handle,
@@ -922,6 +939,14 @@ impl RoutedEndpoint {
     /// queued, not once the peer has it (routed sessions, like datagram ones, may lose
     /// packets: spec §16.2).
     ///
+    /// Once the node's session took a message, the following sends to it (of payloads that
+    /// fit its route) are handed to the endpoint's task without waiting for its answer, so
+    /// that a sender's messages share its wake-ups. Such a message, if the session ends or
+    /// its route changes before the task gets to it, is dropped as a packet in flight would
+    /// be, and counted in [`RoutedStats::sends_dropped`]; the change itself is reported
+    /// ([`NodeEvent::Closed`], [`NodeEvent::RouteChanged`]), and the next `send` reports
+    /// errors again.
+    ///
     /// # Errors
     /// [`Error::NoSession`] without a session with the node (connect first);
     /// [`Error::NoRoute`] when the session is up but no link announces the node any more;
@@ -942,6 +967,10 @@ impl RoutedEndpoint {
                 link.send_on(channel, payload).await?;
                 self.inner.counters.message_out(len);
                 return Ok(());
+            }
+            let max = lock(&self.inner.ready).get(node).copied();
+            if max.is_some_and(|max| payload.len() <= max) {
+                return self.command(Command::Post { node: *node, channel, payload }).await;
             }
         }
         self.send_command(node, channel, payload, None).await.map(|_| ())
@@ -1138,6 +1167,15 @@ enum Command {
         ttl: Option<Duration>,
         reply: oneshot::Sender<Result<Option<u64>, Error>>,
     },
+    /// Without delivery, a `send` to a node whose session took one before, of a payload that
+    /// fits: nobody waits for the answer (the caller's next message can follow at once). If
+    /// the session or its route changed meanwhile and the message is refused, it is dropped,
+    /// as a packet on the way would be, and counted (`sends_dropped`).
+    Post {
+        node: NodeId,
+        channel: u16,
+        payload: Bytes,
+    },
     /// [`RoutedEndpoint::send_many`]: each message as a `Send` without a time to live.
     SendMany {
         node: NodeId,
@@ -1207,7 +1245,8 @@ struct Parked {
     payload: Bytes,
     /// With delivery: when its time to live ends (spec §17.6), counted from the `send`.
     deadline: Option<Timestamp>,
-    reply: oneshot::Sender<Result<Option<u64>, Error>>,
+    /// `None` for a [`Command::Post`].
+    reply: Option<SendReply>,
 }
 
 /// What a direct link's delivery writer hands to the link.
@@ -1385,6 +1424,9 @@ struct Actor {
     /// Relay links, oldest first.
     links: BTreeMap<LinkId, RelayLink>,
     directs: HashMap<LinkId, (NodeId, Connection)>,
+    /// Shared with the handles: see [`Command::Post`]. An entry goes whenever its node's
+    /// session or route changes, before anything reports the change.
+    ready: Arc<Mutex<HashMap<NodeId, usize>>>,
     /// spec §16.6: every node's most recently announced route.
     best: HashMap<NodeId, (LinkId, u32)>,
     nodes: HashMap<NodeId, NodeState>,
@@ -1805,6 +1847,9 @@ impl Actor {
             }
         }
         let previous = self.best.insert(node, (id, route));
+        if previous != Some((id, route)) {
+            self.unready(&node);
+        }
         self.route_back(&node);
         if previous.is_some_and(|(l, _)| l == id) {
             self.pump(&node);
@@ -1841,6 +1886,7 @@ impl Actor {
         match alternative {
             Some((id, route, relay)) => {
                 self.best.insert(node, (id, route));
+                self.unready(&node);
                 self.route_back(&node);
                 if up {
                     self.emit(NodeEvent::RouteChanged { node, relay: Some(relay) });
@@ -1849,6 +1895,7 @@ impl Actor {
             }
             None => {
                 self.best.remove(&node);
+                self.unready(&node);
                 // spec §17.4 rule 4: what goes out now is lost; when a route comes back, what
                 // is in flight goes again at once.
                 if let Some(d) = self.deliveries.get_mut(&node) {
@@ -2064,21 +2111,22 @@ impl Actor {
     fn unpark(&mut self, node: &NodeId) -> bool {
         let Some(st) = self.nodes.get_mut(node) else { return false };
         let mut any = false;
+        let mut refused = None;
         while let Some(p) = st.parked.pop_front() {
             self.parked_total -= 1;
-            if p.reply.is_closed() {
+            if p.reply.as_ref().is_some_and(oneshot::Sender::is_closed) {
                 continue;
             }
             let conn = self.demux.connection_mut(node, Slot::Current).filter(|c| c.is_connected());
             let Some(conn) = conn else {
-                let _ = p.reply.send(Err(Error::NoSession));
+                refused = answer(p.reply, Err(Error::NoSession)).or(refused);
                 continue;
             };
             let len = p.payload.len();
             match conn.send(p.channel, p.payload.clone()) {
                 Ok(_) => {
                     self.counters.message_out(len);
-                    let _ = p.reply.send(Ok(None));
+                    answer(p.reply, Ok(None));
                     any = true;
                 }
                 Err(ConnectionError::QueueFull) => {
@@ -2087,14 +2135,32 @@ impl Actor {
                     break;
                 }
                 Err(ConnectionError::Closed) => {
-                    let _ = p.reply.send(Err(Error::NoSession));
+                    refused = answer(p.reply, Err(Error::NoSession)).or(refused);
                 }
                 Err(e) => {
-                    let _ = p.reply.send(Err(e.into()));
+                    refused = answer(p.reply, Err(e.into())).or(refused);
                 }
             }
         }
+        if let Some(e) = refused {
+            self.post_refused(node, &e);
+        }
         any
+    }
+
+    /// A [`Command::Post`] was refused (its session or route changed since its caller looked):
+    /// it is dropped, and the node's next `send` waits for its answer again.
+    fn post_refused(&mut self, node: &NodeId, error: &Error) {
+        self.unready(node);
+        bump(&self.counters.sends_dropped);
+        tracing::debug!(%node, %error, "a posted send was refused: dropped");
+    }
+
+    /// The node's session or route changed: its next `send` waits for the actor's answer.
+    fn unready(&self, node: &NodeId) {
+        if self.delivery.is_none() {
+            lock(&self.ready).remove(node);
+        }
     }
 
     /// Drains `node`'s session events; `via` is the link the last packet came on.
@@ -2136,6 +2202,8 @@ impl Actor {
                 let peer = st.auth[0].as_ref().and_then(|a| a.peer.clone());
                 let expires = st.auth[0].as_ref().and_then(|a| a.recheck.as_ref()).and_then(|r| r.expires);
                 let waiters = std::mem::take(&mut st.waiters);
+                // A new session may take other payloads than the one before.
+                self.unready(&node);
                 self.trust_deadline = [self.trust_deadline, expires].into_iter().flatten().min();
                 self.connecting.remove(&node);
                 self.release_waiters(waiters, &Ok(node));
@@ -2206,9 +2274,12 @@ impl Actor {
                         self.counters.sessions.fetch_sub(1, Ordering::Relaxed);
                         let parked = std::mem::take(&mut st.parked);
                         self.parked_total -= parked.len();
+                        let mut dropped = 0;
                         for p in parked {
-                            let _ = p.reply.send(Err(Error::NoSession));
+                            dropped += u64::from(answer(p.reply, Err(Error::NoSession)).is_some());
                         }
+                        self.counters.sends_dropped.fetch_add(dropped, Ordering::Relaxed);
+                        self.unready(&node);
                         tracing::info!(%node, %outcome, "end-to-end session closed");
                         self.emit(NodeEvent::Closed { node, direct: false, outcome });
                     }
@@ -2360,15 +2431,16 @@ impl Actor {
                 if self.delivery.is_some() {
                     self.on_send_delivery(node, channel, payload, ttl, reply);
                 } else {
-                    self.on_send(node, channel, payload, reply);
+                    self.on_send(node, channel, payload, Some(reply));
                 }
             }
+            Command::Post { node, channel, payload } => self.on_send(node, channel, payload, None),
             Command::SendMany { node, channel, items } => {
                 for (payload, reply) in items {
                     if self.delivery.is_some() {
                         self.on_send_delivery(node, channel, payload, None, reply);
                     } else {
-                        self.on_send(node, channel, payload, reply);
+                        self.on_send(node, channel, payload, Some(reply));
                     }
                 }
             }
@@ -2408,13 +2480,8 @@ impl Actor {
         }
     }
 
-    fn on_send(
-        &mut self,
-        node: NodeId,
-        channel: u16,
-        payload: Bytes,
-        reply: oneshot::Sender<Result<Option<u64>, Error>>,
-    ) {
+    /// A send without delivery; `reply` is `None` for a [`Command::Post`].
+    fn on_send(&mut self, node: NodeId, channel: u16, payload: Bytes, reply: Option<SendReply>) {
         let direct = self.nodes.get(&node).and_then(|s| s.direct).and_then(|id| self.directs.get(&id));
         if let Some((_, link)) = direct {
             // The handle found no direct link a moment ago; one came since.
@@ -2424,25 +2491,38 @@ impl Actor {
                 let r = link.send_on(channel, payload).await;
                 if r.is_ok() {
                     counters.message_out(len);
+                } else if reply.is_none() {
+                    bump(&counters.sends_dropped);
                 }
-                let _ = reply.send(r.map(|()| None));
+                answer(reply, r.map(|()| None));
             });
             return;
         }
+        if let Err(e) = self.send_routed(node, channel, payload, reply) {
+            self.post_refused(&node, &e);
+        }
+    }
+
+    /// [`Actor::on_send`] on the node's end-to-end session. `Err` for a refused post.
+    fn send_routed(
+        &mut self,
+        node: NodeId,
+        channel: u16,
+        payload: Bytes,
+        reply: Option<SendReply>,
+    ) -> Result<(), Error> {
         let route = self.best.get(&node).copied();
         let Some(conn) = self.demux.connection_mut(&node, Slot::Current).filter(|c| c.is_connected()) else {
-            let _ = reply.send(Err(Error::NoSession));
-            return;
+            return answer(reply, Err(Error::NoSession)).map_or(Ok(()), Err);
         };
         let Some((id, _)) = route else {
-            let _ = reply.send(Err(Error::NoRoute));
-            return;
+            return answer(reply, Err(Error::NoRoute)).map_or(Ok(()), Err);
         };
         let cap = self.links.get(&id).map_or(0, |l| l.max_routed);
         let max = conn.max_message_payload().min(cap.saturating_sub(ROUTED_DATA_OVERHEAD));
         if payload.len() > max {
-            let _ = reply.send(Err(Error::MessageTooLarge { len: payload.len(), max }));
-            return;
+            let e = Error::MessageTooLarge { len: payload.len(), max };
+            return answer(reply, Err(e)).map_or(Ok(()), Err);
         }
         let st = self.nodes.entry(node).or_default();
         if st.parked.is_empty() {
@@ -2450,25 +2530,24 @@ impl Actor {
             match conn.send(channel, payload.clone()) {
                 Ok(_) => {
                     self.counters.message_out(len);
-                    let _ = reply.send(Ok(None));
+                    if reply.is_some() {
+                        // The next sends to the node need no answer while this holds.
+                        lock(&self.ready).insert(node, max);
+                    }
+                    answer(reply, Ok(None));
                     self.pump(&node);
-                    return;
+                    return Ok(());
                 }
                 Err(ConnectionError::QueueFull) => {}
-                Err(ConnectionError::Closed) => {
-                    let _ = reply.send(Err(Error::NoSession));
-                    return;
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                    return;
-                }
+                Err(ConnectionError::Closed) => return answer(reply, Err(Error::NoSession)).map_or(Ok(()), Err),
+                Err(e) => return answer(reply, Err(e.into())).map_or(Ok(()), Err),
             }
         }
         // The session's queue is full (its link is slow): the send waits its turn.
         st.parked.push_back(Parked { channel, payload, deadline: None, reply });
         self.parked_total += 1;
         bump(&self.counters.sends_waited);
+        Ok(())
     }
 
     // -------------------------------------------------------------------------------
@@ -2553,7 +2632,7 @@ impl Actor {
             }
         }
         // spec §17.4: the window is full; the send waits for acknowledgements.
-        d.waiting.push_back(Parked { channel, payload, deadline, reply });
+        d.waiting.push_back(Parked { channel, payload, deadline, reply: Some(reply) });
         self.parked_total += 1;
         bump(&counters.window_waits);
     }
@@ -2584,7 +2663,7 @@ impl Actor {
         }
         // spec §17.4: waiting sends take the room acknowledgements made.
         while let Some(p) = d.waiting.front() {
-            if p.reply.is_closed() {
+            if p.reply.as_ref().is_some_and(oneshot::Sender::is_closed) {
                 d.waiting.pop_front();
                 self.parked_total -= 1;
                 continue;
@@ -2599,7 +2678,7 @@ impl Actor {
                         if r.is_ok() {
                             self.counters.message_out(len);
                         }
-                        let _ = p.reply.send(r.map(Some).map_err(Error::Delivery));
+                        answer(p.reply, r.map(Some).map_err(Error::Delivery));
                     }
                 }
             }
@@ -3059,12 +3138,12 @@ impl Actor {
                 let _ = w.send(Err(Error::EndpointClosed));
             }
             for p in st.parked.drain(..) {
-                let _ = p.reply.send(Err(Error::EndpointClosed));
+                answer(p.reply, Err(Error::EndpointClosed));
             }
         }
         for d in self.deliveries.values_mut() {
             for p in d.waiting.drain(..) {
-                let _ = p.reply.send(Err(Error::EndpointClosed));
+                answer(p.reply, Err(Error::EndpointClosed));
             }
         }
         self.direct_tx.clear();
@@ -3091,6 +3170,18 @@ impl Actor {
 /// An event for the application: straight into its queue while that has room and nothing is
 /// pending before it (so that a batch's messages reach the application as they come), else
 /// after the pending ones ([`Actor::flush`] waits for room).
+/// Answers a send. A [`Command::Post`] has nobody waiting: its refusal is returned instead.
+fn answer(reply: Option<SendReply>, result: Result<Option<u64>, Error>) -> Option<Error> {
+    match (reply, result) {
+        (Some(reply), result) => {
+            let _ = reply.send(result);
+            None
+        }
+        (None, Ok(_)) => None,
+        (None, Err(e)) => Some(e),
+    }
+}
+
 fn emit_to(out: &mut VecDeque<NodeEvent>, events: &mpsc::Sender<NodeEvent>, e: NodeEvent) {
     if !out.is_empty() {
         out.push_back(e);
@@ -3117,5 +3208,33 @@ async fn changed(rx: Option<&mut watch::Receiver<u64>>) {
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race [`Command::Post`] allows: a caller read the shared entry of a node just before
+    /// the actor found the session gone. Its message is dropped and counted, the entry goes,
+    /// and the node's next sends wait for the actor's answer again (and get the error).
+    #[tokio::test]
+    async fn a_post_its_session_refuses_is_dropped_counted_and_sends_wait_for_answers_again() {
+        let endpoint = RoutedEndpoint::builder(StaticKeypair::from_secret_bytes([7; 32])).build().unwrap();
+        let node = NodeId::from_public_key(StaticKeypair::from_secret_bytes([8; 32]).public());
+        // No session with `node`: a stale entry, as if one had just ended.
+        lock(&endpoint.inner.ready).insert(node, 8);
+        endpoint.send(&node, 1, Bytes::from_static(b"raced")).await.unwrap();
+        // Longer than the entry allows: this one waits for its answer, which comes after the
+        // post's turn (commands are taken in order).
+        let r = endpoint.send(&node, 1, Bytes::from_static(b"too long to post")).await;
+        assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
+        let stats = endpoint.stats();
+        assert_eq!((stats.sends_dropped, stats.messages_out), (1, 0), "{stats:?}");
+        assert!(!lock(&endpoint.inner.ready).contains_key(&node), "the stale entry stayed");
+        let r = endpoint.send(&node, 1, Bytes::from_static(b"short")).await;
+        assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
+        assert_eq!(endpoint.stats().sends_dropped, 1);
+        endpoint.close();
     }
 }

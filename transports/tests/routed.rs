@@ -597,6 +597,11 @@ async fn end_to_end_sessions_follow_the_trust_state() {
         }
         other => panic!("{other:?}"),
     }
+    // The session took a message, so the device's next sends go without waiting for an
+    // answer: the end of the session must still turn them back into errors.
+    within(dev.routed.send(&cloud_id, 1, Bytes::from_static(b"while allowed"))).await.unwrap();
+    let (from, _, _, _, _) = cloud.message().await;
+    assert_eq!(from, dev_id);
     // spec §15.8: the device leaves the allowlist; its live end-to-end session closes.
     trust.replace(Trust::Allowlist(Allowlist::new())).unwrap();
     let closed = cloud.until("closed", |e| matches!(e, NodeEvent::Closed { .. })).await;
@@ -612,6 +617,7 @@ async fn end_to_end_sessions_follow_the_trust_state() {
     assert_eq!((cloud.routed.stats().sessions, dev.routed.stats().sessions), (0, 0));
     let r = dev.routed.send(&cloud_id, 1, Bytes::from_static(b"still there?")).await;
     assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
+    assert_eq!(dev.routed.stats().sends_dropped, 0);
 }
 
 /// spec §11.11: the end-to-end sessions share the static-static DH cache idea with links. A
