@@ -671,3 +671,61 @@ async fn send_many_delivers_a_burst_in_order() {
     assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
     assert_eq!(dev.routed.stats().messages_out, 200);
 }
+
+/// Without delivery, once a node's session took a message, `send` hands the next ones to the
+/// endpoint without waiting for its answer. Whatever happens to the route meanwhile, every
+/// message is accounted for: queued in the session (`messages_out`), dropped and counted
+/// (`sends_dropped`: its route went while it waited for its turn), or refused with an error.
+/// The relay link drops and comes back twice while the device sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_best_effort_send_is_queued_counted_as_dropped_or_refused_while_the_route_flaps() {
+    init_tracing();
+    const N: u64 = 4_000;
+    let (relay, cloud, dev, mut link) = network(Transport::Tcp).await;
+    let cloud_id = cloud.id();
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Both ends' events are read (an endpoint whose events pile up waits).
+    for (routed, count) in [(cloud.routed.clone(), Some(Arc::clone(&received))), (dev.routed.clone(), None)] {
+        tokio::spawn(async move {
+            while let Ok(e) = routed.next_event().await {
+                if let (NodeEvent::Message { .. }, Some(c)) = (&e, &count) {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let sender = dev.routed.clone();
+    let sending = tokio::spawn(async move {
+        let mut refused = 0u64;
+        for i in 0..N {
+            match sender.send(&cloud_id, 2, Bytes::from(i.to_be_bytes().to_vec())).await {
+                Ok(()) => {}
+                Err(Error::NoRoute) => refused += 1,
+                Err(e) => panic!("message {i}: {e}"),
+            }
+            if i % 100 == 99 {
+                // Spread the sends over the flaps below.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        refused
+    });
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(8)).await;
+        within(link.close(CloseReason::Normal)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        link = dev.attach(&relay, Transport::Tcp).await;
+    }
+    let refused = within(sending).await.unwrap();
+    let accounted = || {
+        let s = dev.routed.stats();
+        s.messages_out + s.sends_dropped + refused
+    };
+    eventually("every send accounted for", || accounted() >= N).await;
+    let s = dev.routed.stats();
+    println!("refused {refused}; device {s:?}; cloud got {}", received.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(accounted(), N, "a message was counted twice: {s:?}");
+    assert!(received.load(std::sync::atomic::Ordering::Relaxed) <= s.messages_out);
+    // The session lived through the flaps.
+    assert_eq!((s.sessions, s.handshakes_started), (1, 1), "{s:?}");
+}
