@@ -159,6 +159,19 @@ fn raw_drain(file: &mut File) -> usize {
     drained
 }
 
+/// `iters` replays of `store`: `fill` untimed, then `drain` timed (it must drain [`REPLAY`]
+/// packets).
+fn timed_replay<S>(iters: u64, store: &mut S, fill: fn(&mut S), drain: fn(&mut S) -> usize) -> Duration {
+    let mut spent = Duration::ZERO;
+    for _ in 0..iters {
+        fill(store);
+        let start = std::time::Instant::now();
+        assert_eq!(drain(store), REPLAY);
+        spent += start.elapsed();
+    }
+    spent
+}
+
 fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut group = c.benchmark_group("spool");
@@ -172,16 +185,7 @@ fn benches(c: &mut Criterion) {
     group.throughput(Throughput::Elements(REPLAY as u64));
     let mut spool = spool_at(dir.path(), "replay.redb");
     group.bench_function("replay/spool", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                spool_fill(&mut spool);
-                let start = std::time::Instant::now();
-                assert_eq!(spool_drain(&mut spool), REPLAY);
-                spent += start.elapsed();
-            }
-            spent
-        });
+        b.iter_custom(|iters| timed_replay(iters, &mut spool, spool_fill, spool_drain));
     });
     let mut behind = spool_at(dir.path(), "behind.redb");
     let p = vec![4u8; PACKET];
@@ -191,16 +195,7 @@ fn benches(c: &mut Criterion) {
         behind.append(&batch, 1).unwrap();
     }
     group.bench_function("replay/spool-behind-another-cloud", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                spool_fill(&mut behind);
-                let start = std::time::Instant::now();
-                assert_eq!(spool_drain(&mut behind), REPLAY);
-                spent += start.elapsed();
-            }
-            spent
-        });
+        b.iter_custom(|iters| timed_replay(iters, &mut behind, spool_fill, spool_drain));
     });
     drop(behind);
     let mut file = OpenOptions::new()
@@ -211,16 +206,7 @@ fn benches(c: &mut Criterion) {
         .open(dir.path().join("replay.raw"))
         .unwrap();
     group.bench_function("replay/raw-file", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                raw_fill(&mut file);
-                let start = std::time::Instant::now();
-                assert_eq!(raw_drain(&mut file), REPLAY);
-                spent += start.elapsed();
-            }
-            spent
-        });
+        b.iter_custom(|iters| timed_replay(iters, &mut file, raw_fill, raw_drain));
     });
     group.finish();
 }
