@@ -2111,7 +2111,8 @@ impl Actor {
     fn unpark(&mut self, node: &NodeId) -> bool {
         let Some(st) = self.nodes.get_mut(node) else { return false };
         let mut any = false;
-        let mut refused = None;
+        // Posts refused here: how many, and the last reason.
+        let (mut refused, mut reason) = (0, None);
         while let Some(p) = st.parked.pop_front() {
             self.parked_total -= 1;
             if p.reply.as_ref().is_some_and(oneshot::Sender::is_closed) {
@@ -2119,7 +2120,9 @@ impl Actor {
             }
             let conn = self.demux.connection_mut(node, Slot::Current).filter(|c| c.is_connected());
             let Some(conn) = conn else {
-                refused = answer(p.reply, Err(Error::NoSession)).or(refused);
+                if let Some(e) = answer(p.reply, Err(Error::NoSession)) {
+                    (refused, reason) = (refused + 1, Some(e));
+                }
                 continue;
             };
             let len = p.payload.len();
@@ -2134,26 +2137,26 @@ impl Actor {
                     self.parked_total += 1;
                     break;
                 }
-                Err(ConnectionError::Closed) => {
-                    refused = answer(p.reply, Err(Error::NoSession)).or(refused);
-                }
                 Err(e) => {
-                    refused = answer(p.reply, Err(e.into())).or(refused);
+                    let e = if e == ConnectionError::Closed { Error::NoSession } else { e.into() };
+                    if let Some(e) = answer(p.reply, Err(e)) {
+                        (refused, reason) = (refused + 1, Some(e));
+                    }
                 }
             }
         }
-        if let Some(e) = refused {
-            self.post_refused(node, &e);
+        if let Some(e) = reason {
+            self.posts_refused(node, refused, &e);
         }
         any
     }
 
-    /// A [`Command::Post`] was refused (its session or route changed since its caller looked):
-    /// it is dropped, and the node's next `send` waits for its answer again.
-    fn post_refused(&mut self, node: &NodeId, error: &Error) {
+    /// `n` [`Command::Post`]s were refused (their session or route changed since their caller
+    /// looked): they are dropped, and the node's next `send` waits for its answer again.
+    fn posts_refused(&mut self, node: &NodeId, n: u64, error: &Error) {
         self.unready(node);
-        bump(&self.counters.sends_dropped);
-        tracing::debug!(%node, %error, "a posted send was refused: dropped");
+        self.counters.sends_dropped.fetch_add(n, Ordering::Relaxed);
+        tracing::debug!(%node, n, %error, "posted sends refused: dropped");
     }
 
     /// The node's session or route changed: its next `send` waits for the actor's answer.
@@ -2499,7 +2502,7 @@ impl Actor {
             return;
         }
         if let Err(e) = self.send_routed(node, channel, payload, reply) {
-            self.post_refused(&node, &e);
+            self.posts_refused(&node, 1, &e);
         }
     }
 
