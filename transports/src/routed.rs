@@ -38,12 +38,11 @@
 //!   a peer's acknowledgements go once per batch;
 //! - [`RoutedEndpoint::send`] waits while the node's end-to-end queue is full (its link is
 //!   stalled); at most [`RoutedLimits::command_queue`] sends wait at once, beyond that every
-//!   handle call waits. Without delivery, once a node's session took a message, the next
-//!   sends to it are queued for the actor without waiting for its answer (the handles share
-//!   which nodes' sessions take messages, and up to which size), so that a sender and the
-//!   actor do not wake each other once per message; a message the session no longer takes
-//!   when its turn comes is dropped like a packet in flight and counted
-//!   ([`RoutedStats::sends_dropped`]);
+//!   handle call waits. Once a node took a message, the next sends to it are queued for the
+//!   actor without waiting for its answer (the handles share which nodes take messages, and
+//!   up to which size), so that a sender and the actor do not wake each other once per
+//!   message; a message the actor can no longer take when its turn comes is given back
+//!   ([`NodeEvent::Refused`]);
 //! - events go to the application through one queue of [`RoutedLimits::event_queue`].
 //!   **When the application does not read [`RoutedEndpoint::next_event`], the actor waits**:
 //!   nothing is dropped, and nothing else moves until the application reads — `connect` and
@@ -352,6 +351,22 @@ pub enum NodeEvent {
         /// the acknowledgement been lost). `false`: it never left this node.
         unconfirmed: bool,
     },
+    /// A message [`RoutedEndpoint::send`] took without waiting for the endpoint's answer,
+    /// which the endpoint could not queue when its turn came: without delivery, its session
+    /// ended or its route changed in between; with delivery, its route changed to one that
+    /// carries less than its size, or no delivery state was free for its node. Nothing of it
+    /// was sent: the payload comes back, and the application decides whether to send it
+    /// again. `error` is what `send` would have returned.
+    Refused {
+        /// The destination.
+        node: NodeId,
+        /// Application channel.
+        channel: u16,
+        /// The payload.
+        payload: Bytes,
+        /// Why.
+        error: Error,
+    },
     /// The route to a node with an end-to-end session changed (spec §16.6, "routes change,
     /// sessions stay"): it now goes through `relay`, or no link announces the node any more
     /// (`None`: sends fail with [`Error::NoRoute`] until one does). Reported only for nodes
@@ -444,10 +459,9 @@ pub struct RoutedStats {
     pub link_stalls: u64,
     /// Sends that waited for room in their session.
     pub sends_waited: u64,
-    /// Without delivery: sends `send` took at once (the session had taken one before) and
-    /// the endpoint then dropped, because the session ended or its route changed before it
-    /// got to them (see [`RoutedEndpoint::send`]).
-    pub sends_dropped: u64,
+    /// Messages `send` took without waiting for the endpoint's answer that the endpoint then
+    /// refused, each given back as a [`NodeEvent::Refused`] (see [`RoutedEndpoint::send`]).
+    pub sends_refused: u64,
     /// Delivery (spec §17.4): Data retransmitted (timeouts, new sessions, route back).
     pub retransmissions: u64,
     /// Delivery (spec §17.5): Data received again and dropped.
@@ -508,7 +522,7 @@ struct Counters {
     dropped_too_large: AtomicU64,
     link_stalls: AtomicU64,
     sends_waited: AtomicU64,
-    sends_dropped: AtomicU64,
+    sends_refused: AtomicU64,
     retransmissions: AtomicU64,
     duplicates_dropped: AtomicU64,
     window_waits: AtomicU64,
@@ -556,7 +570,7 @@ impl Counters {
             dropped_too_large: g(&self.dropped_too_large),
             link_stalls: g(&self.link_stalls),
             sends_waited: g(&self.sends_waited),
-            sends_dropped: g(&self.sends_dropped),
+            sends_refused: g(&self.sends_refused),
             retransmissions: g(&self.retransmissions),
             duplicates_dropped: g(&self.duplicates_dropped),
             window_waits: g(&self.window_waits),
@@ -767,6 +781,7 @@ impl RoutedBuilder {
             connecting: HashMap::new(),
             pending_connects: 0,
             parked_total: 0,
+            parked_posts: 0,
             out: VecDeque::new(),
             buf: vec![0; MAX_PACKET_LEN],
             cmd_rx,
@@ -818,8 +833,8 @@ struct Shared {
     events: tokio::sync::Mutex<mpsc::Receiver<NodeEvent>>,
     /// Direct links by node, for sends that need no actor.
     direct: Arc<Mutex<HashMap<NodeId, (LinkId, Connection)>>>,
-    /// Without delivery: nodes whose end-to-end session took a send, with the largest
-    /// payload it takes on its route (see [`Command::Post`]).
+    /// Nodes that took a send (their end-to-end session, or with delivery their outbox), with
+    /// the largest payload they take now (see [`Command::Post`]).
     ready: Arc<Mutex<HashMap<NodeId, usize>>>,
     counters: Arc<Counters>,
     stop: CancellationToken,
@@ -939,13 +954,13 @@ impl RoutedEndpoint {
     /// queued, not once the peer has it (routed sessions, like datagram ones, may lose
     /// packets: spec §16.2).
     ///
-    /// Once the node's session took a message, the following sends to it (of payloads that
-    /// fit its route) are handed to the endpoint's task without waiting for its answer, so
-    /// that a sender's messages share its wake-ups. Such a message, if the session ends or
-    /// its route changes before the task gets to it, is dropped as a packet in flight would
-    /// be, and counted in [`RoutedStats::sends_dropped`]; the change itself is reported
-    /// ([`NodeEvent::Closed`], [`NodeEvent::RouteChanged`]), and the next `send` reports
-    /// errors again.
+    /// Once the node took a message, the following sends to it (of payloads that fit its
+    /// route) are handed to the endpoint's task without waiting for its answer, so that a
+    /// sender's messages share its wake-ups. If the node's session or route changes before
+    /// the task gets to such a message and the task cannot take it any more, the message
+    /// comes back as a [`NodeEvent::Refused`] (counted in [`RoutedStats::sends_refused`]);
+    /// the change itself is reported ([`NodeEvent::Closed`], [`NodeEvent::RouteChanged`]),
+    /// and from then on `send` waits for the answer and returns the error again.
     ///
     /// # Errors
     /// [`Error::NoSession`] without a session with the node (connect first);
@@ -968,10 +983,10 @@ impl RoutedEndpoint {
                 self.inner.counters.message_out(len);
                 return Ok(());
             }
-            let max = lock(&self.inner.ready).get(node).copied();
-            if max.is_some_and(|max| payload.len() <= max) {
-                return self.command(Command::Post { node: *node, channel, payload }).await;
-            }
+        }
+        let max = lock(&self.inner.ready).get(node).copied();
+        if max.is_some_and(|max| payload.len() <= max) {
+            return self.command(Command::Post { node: *node, channel, payload }).await;
         }
         self.send_command(node, channel, payload, None).await.map(|_| ())
     }
@@ -1167,10 +1182,10 @@ enum Command {
         ttl: Option<Duration>,
         reply: oneshot::Sender<Result<Option<u64>, Error>>,
     },
-    /// Without delivery, a `send` to a node whose session took one before, of a payload that
-    /// fits: nobody waits for the answer (the caller's next message can follow at once). If
-    /// the session or its route changed meanwhile and the message is refused, it is dropped,
-    /// as a packet on the way would be, and counted (`sends_dropped`).
+    /// A `send` to a node that took one before, of a payload that fits: nobody waits for the
+    /// answer (the caller's next message can follow at once). If the node's session or route
+    /// changed meanwhile and the message is refused, it goes back to the application as a
+    /// [`NodeEvent::Refused`].
     Post {
         node: NodeId,
         channel: u16,
@@ -1438,6 +1453,9 @@ struct Actor {
     connecting: HashMap<NodeId, Instant>,
     pending_connects: usize,
     parked_total: usize,
+    /// Of those, [`Command::Post`]s. They do not hold commands back: a post that has to wait
+    /// makes its node's next sends wait for answers, so at most a command queue of them wait.
+    parked_posts: usize,
     out: VecDeque<NodeEvent>,
     buf: Vec<u8>,
     cmd_rx: mpsc::Receiver<Command>,
@@ -1485,7 +1503,7 @@ impl Actor {
                 break;
             }
             let timer = self.next_deadline();
-            let take_commands = self.parked_total < self.limits.command_queue.max(1);
+            let take_commands = self.takes_commands();
             let watch_trust = self.trust_changes.is_some();
             let wake = {
                 let Self { stop, input_rx, cmd_rx, trust_changes, commit_wake, .. } = &mut self;
@@ -1547,7 +1565,7 @@ impl Actor {
         let mut command_turn = false;
         while taken < BATCH {
             // Waiting sends fill the allowance: no more commands until some go.
-            let commands = self.parked_total < self.limits.command_queue.max(1);
+            let commands = self.takes_commands();
             let command = if commands && command_turn { self.cmd_rx.try_recv().ok() } else { None };
             command_turn = !command_turn;
             if let Some(c) = command {
@@ -1569,6 +1587,12 @@ impl Actor {
             yielded = false;
         }
         !self.stop.is_cancelled()
+    }
+
+    /// Whether the actor takes commands: not while [`RoutedLimits::command_queue`] sends wait
+    /// for their answer.
+    fn takes_commands(&self) -> bool {
+        self.parked_total - self.parked_posts < self.limits.command_queue.max(1)
     }
 
     /// Hands the pending events to the application, waiting while its queue is full.
@@ -1701,6 +1725,8 @@ impl Actor {
             }
         }
         self.directs.insert(id, (node, conn));
+        // With delivery, sends to the node go on the direct link now, with its limit.
+        self.unready(&node);
         self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
         let st = self.nodes.entry(node).or_default();
         st.direct = Some(id);
@@ -1713,6 +1739,7 @@ impl Actor {
 
     fn direct_down(&mut self, id: LinkId, outcome: Error) {
         let Some((node, _)) = self.directs.remove(&id) else { return };
+        self.unready(&node);
         self.counters.direct_links.store(self.directs.len(), Ordering::Relaxed);
         self.direct_tx.remove(&id);
         let routed_up = self.demux.connection(&node, Slot::Current).is_some_and(|c| c.is_connected());
@@ -2111,17 +2138,17 @@ impl Actor {
     fn unpark(&mut self, node: &NodeId) -> bool {
         let Some(st) = self.nodes.get_mut(node) else { return false };
         let mut any = false;
-        // Posts refused here: how many, and the last reason.
-        let (mut refused, mut reason) = (0, None);
+        let mut refused = Vec::new();
         while let Some(p) = st.parked.pop_front() {
             self.parked_total -= 1;
+            self.parked_posts -= usize::from(p.reply.is_none());
             if p.reply.as_ref().is_some_and(oneshot::Sender::is_closed) {
                 continue;
             }
             let conn = self.demux.connection_mut(node, Slot::Current).filter(|c| c.is_connected());
             let Some(conn) = conn else {
                 if let Some(e) = answer(p.reply, Err(Error::NoSession)) {
-                    (refused, reason) = (refused + 1, Some(e));
+                    refused.push((p.channel, p.payload, e));
                 }
                 continue;
             };
@@ -2133,37 +2160,46 @@ impl Actor {
                     any = true;
                 }
                 Err(ConnectionError::QueueFull) => {
-                    st.parked.push_front(p);
                     self.parked_total += 1;
+                    self.parked_posts += usize::from(p.reply.is_none());
+                    st.parked.push_front(p);
                     break;
                 }
                 Err(e) => {
                     let e = if e == ConnectionError::Closed { Error::NoSession } else { e.into() };
                     if let Some(e) = answer(p.reply, Err(e)) {
-                        (refused, reason) = (refused + 1, Some(e));
+                        refused.push((p.channel, p.payload, e));
                     }
                 }
             }
         }
-        if let Some(e) = reason {
-            self.posts_refused(node, refused, &e);
+        for (channel, payload, error) in refused {
+            self.give_back(*node, channel, payload, error);
         }
         any
     }
 
-    /// `n` [`Command::Post`]s were refused (their session or route changed since their caller
-    /// looked): they are dropped, and the node's next `send` waits for its answer again.
-    fn posts_refused(&mut self, node: &NodeId, n: u64, error: &Error) {
-        self.unready(node);
-        self.counters.sends_dropped.fetch_add(n, Ordering::Relaxed);
-        tracing::debug!(%node, n, %error, "posted sends refused: dropped");
+    /// Answers a send with `error`; a [`Command::Post`], which nobody waits for, is given back.
+    fn refuse(&mut self, node: NodeId, channel: u16, payload: Bytes, reply: Option<SendReply>, error: Error) {
+        if let Some(error) = answer(reply, Err(error)) {
+            self.give_back(node, channel, payload, error);
+        }
     }
 
-    /// The node's session or route changed: its next `send` waits for the actor's answer.
+    /// A [`Command::Post`] was refused (the node's session or route changed since its caller
+    /// looked): it goes back to the application, and the node's next `send` waits for its
+    /// answer again.
+    fn give_back(&mut self, node: NodeId, channel: u16, payload: Bytes, error: Error) {
+        self.unready(&node);
+        bump(&self.counters.sends_refused);
+        tracing::debug!(%node, %error, "a send taken without an answer was refused: given back");
+        self.emit(NodeEvent::Refused { node, channel, payload, error });
+    }
+
+    /// The node's session, route or delivery state changed: its next `send` waits for the
+    /// actor's answer.
     fn unready(&self, node: &NodeId) {
-        if self.delivery.is_none() {
-            lock(&self.ready).remove(node);
-        }
+        lock(&self.ready).remove(node);
     }
 
     /// Drains `node`'s session events; `via` is the link the last packet came on.
@@ -2277,12 +2313,11 @@ impl Actor {
                         self.counters.sessions.fetch_sub(1, Ordering::Relaxed);
                         let parked = std::mem::take(&mut st.parked);
                         self.parked_total -= parked.len();
-                        let mut dropped = 0;
-                        for p in parked {
-                            dropped += u64::from(answer(p.reply, Err(Error::NoSession)).is_some());
-                        }
-                        self.counters.sends_dropped.fetch_add(dropped, Ordering::Relaxed);
+                        self.parked_posts -= parked.iter().filter(|p| p.reply.is_none()).count();
                         self.unready(&node);
+                        for p in parked {
+                            self.refuse(node, p.channel, p.payload, p.reply, Error::NoSession);
+                        }
                         tracing::info!(%node, %outcome, "end-to-end session closed");
                         self.emit(NodeEvent::Closed { node, direct: false, outcome });
                     }
@@ -2432,16 +2467,22 @@ impl Actor {
             Command::Connect { remote, reply } => self.on_connect(remote, reply),
             Command::Send { node, channel, payload, ttl, reply } => {
                 if self.delivery.is_some() {
-                    self.on_send_delivery(node, channel, payload, ttl, reply);
+                    self.on_send_delivery(node, channel, payload, ttl, Some(reply));
                 } else {
                     self.on_send(node, channel, payload, Some(reply));
                 }
             }
-            Command::Post { node, channel, payload } => self.on_send(node, channel, payload, None),
+            Command::Post { node, channel, payload } => {
+                if self.delivery.is_some() {
+                    self.on_send_delivery(node, channel, payload, None, None);
+                } else {
+                    self.on_send(node, channel, payload, None);
+                }
+            }
             Command::SendMany { node, channel, items } => {
                 for (payload, reply) in items {
                     if self.delivery.is_some() {
-                        self.on_send_delivery(node, channel, payload, None, reply);
+                        self.on_send_delivery(node, channel, payload, None, Some(reply));
                     } else {
                         self.on_send(node, channel, payload, Some(reply));
                     }
@@ -2488,44 +2529,37 @@ impl Actor {
         let direct = self.nodes.get(&node).and_then(|s| s.direct).and_then(|id| self.directs.get(&id));
         if let Some((_, link)) = direct {
             // The handle found no direct link a moment ago; one came since.
-            let (link, counters) = (link.clone(), Arc::clone(&self.counters));
+            let (link, counters, events) = (link.clone(), Arc::clone(&self.counters), self.events_tx.clone());
             self.runtime.spawn(async move {
                 let len = payload.len();
-                let r = link.send_on(channel, payload).await;
+                let r = link.send_on(channel, payload.clone()).await;
                 if r.is_ok() {
                     counters.message_out(len);
-                } else if reply.is_none() {
-                    bump(&counters.sends_dropped);
                 }
-                answer(reply, r.map(|()| None));
+                if let Some(error) = answer(reply, r.map(|()| None)) {
+                    bump(&counters.sends_refused);
+                    let _ = events.send(NodeEvent::Refused { node, channel, payload, error }).await;
+                }
             });
             return;
         }
-        if let Err(e) = self.send_routed(node, channel, payload, reply) {
-            self.posts_refused(&node, 1, &e);
-        }
+        self.send_routed(node, channel, payload, reply);
     }
 
-    /// [`Actor::on_send`] on the node's end-to-end session. `Err` for a refused post.
-    fn send_routed(
-        &mut self,
-        node: NodeId,
-        channel: u16,
-        payload: Bytes,
-        reply: Option<SendReply>,
-    ) -> Result<(), Error> {
+    /// [`Actor::on_send`] on the node's end-to-end session.
+    fn send_routed(&mut self, node: NodeId, channel: u16, payload: Bytes, reply: Option<SendReply>) {
         let route = self.best.get(&node).copied();
         let Some(conn) = self.demux.connection_mut(&node, Slot::Current).filter(|c| c.is_connected()) else {
-            return answer(reply, Err(Error::NoSession)).map_or(Ok(()), Err);
+            return self.refuse(node, channel, payload, reply, Error::NoSession);
         };
         let Some((id, _)) = route else {
-            return answer(reply, Err(Error::NoRoute)).map_or(Ok(()), Err);
+            return self.refuse(node, channel, payload, reply, Error::NoRoute);
         };
         let cap = self.links.get(&id).map_or(0, |l| l.max_routed);
         let max = conn.max_message_payload().min(cap.saturating_sub(ROUTED_DATA_OVERHEAD));
         if payload.len() > max {
             let e = Error::MessageTooLarge { len: payload.len(), max };
-            return answer(reply, Err(e)).map_or(Ok(()), Err);
+            return self.refuse(node, channel, payload, reply, e);
         }
         let st = self.nodes.entry(node).or_default();
         if st.parked.is_empty() {
@@ -2539,18 +2573,20 @@ impl Actor {
                     }
                     answer(reply, Ok(None));
                     self.pump(&node);
-                    return Ok(());
+                    return;
                 }
                 Err(ConnectionError::QueueFull) => {}
-                Err(ConnectionError::Closed) => return answer(reply, Err(Error::NoSession)).map_or(Ok(()), Err),
-                Err(e) => return answer(reply, Err(e.into())).map_or(Ok(()), Err),
+                Err(ConnectionError::Closed) => return self.refuse(node, channel, payload, reply, Error::NoSession),
+                Err(e) => return self.refuse(node, channel, payload, reply, e.into()),
             }
         }
-        // The session's queue is full (its link is slow): the send waits its turn.
+        // The session's queue is full (its link is slow): the send waits its turn, and the
+        // node's next sends wait for their answers until one finds room at once.
+        self.parked_posts += usize::from(reply.is_none());
         st.parked.push_back(Parked { channel, payload, deadline: None, reply });
         self.parked_total += 1;
         bump(&self.counters.sends_waited);
-        Ok(())
+        self.unready(&node);
     }
 
     // -------------------------------------------------------------------------------
@@ -2569,6 +2605,7 @@ impl Actor {
                     return None;
                 };
                 self.deliveries.remove(&idle);
+                lock(&self.ready).remove(&idle);
             }
             let mut stream = [0u8; veil_protocol::delivery::STREAM_ID_LEN];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut stream);
@@ -2604,40 +2641,44 @@ impl Actor {
         channel: u16,
         payload: Bytes,
         ttl: Option<Duration>,
-        reply: oneshot::Sender<Result<Option<u64>, Error>>,
+        reply: Option<SendReply>,
     ) {
         let max = self.delivery_max_payload(&node);
         if payload.len() > max {
-            let _ = reply.send(Err(Error::MessageTooLarge { len: payload.len(), max }));
-            return;
+            let e = Error::MessageTooLarge { len: payload.len(), max };
+            return self.refuse(node, channel, payload, reply, e);
         }
         let now = self.clock.now();
         let deadline = ttl.map(|t| now + proto_duration(t));
         let counters = Arc::clone(&self.counters);
         let Some(d) = self.delivery_state(&node) else {
-            let _ = reply.send(Err(Error::TooManyConnections));
-            return;
+            return self.refuse(node, channel, payload, reply, Error::TooManyConnections);
         };
         if d.waiting.is_empty() {
             let len = payload.len();
             match d.outbox.push(channel, payload.clone(), now, ttl.map(proto_duration)) {
                 Ok(id) => {
                     counters.message_out(len);
-                    let _ = reply.send(Ok(Some(id)));
+                    if reply.is_some() {
+                        // The next sends to the node need no answer while this holds.
+                        lock(&self.ready).insert(node, max);
+                    }
+                    answer(reply, Ok(Some(id)));
                     self.pump(&node);
                     return;
                 }
                 Err(DeliveryError::WindowFull) => {}
-                Err(e) => {
-                    let _ = reply.send(Err(Error::Delivery(e)));
-                    return;
-                }
+                Err(e) => return self.refuse(node, channel, payload, reply, Error::Delivery(e)),
             }
         }
-        // spec §17.4: the window is full; the send waits for acknowledgements.
-        d.waiting.push_back(Parked { channel, payload, deadline, reply: Some(reply) });
+        // spec §17.4: the window is full; the send waits for acknowledgements, and the node's
+        // next sends wait for their answers until one finds room at once.
+        let post = reply.is_none();
+        d.waiting.push_back(Parked { channel, payload, deadline, reply });
+        self.parked_posts += usize::from(post);
         self.parked_total += 1;
         bump(&counters.window_waits);
+        self.unready(&node);
     }
 
     /// Everything the node's delivery state has to do now: expiry, waiting sends, acks and
@@ -2678,10 +2719,18 @@ impl Actor {
                     let len = p.payload.len();
                     if let Some(p) = d.waiting.pop_front() {
                         self.parked_total -= 1;
+                        self.parked_posts -= usize::from(p.reply.is_none());
                         if r.is_ok() {
                             self.counters.message_out(len);
                         }
-                        answer(p.reply, r.map(Some).map_err(Error::Delivery));
+                        if let Some(error) = answer(p.reply, r.map(Some).map_err(Error::Delivery)) {
+                            // A post the outbox refused (as `give_back`, on the fields it uses).
+                            lock(&self.ready).remove(node);
+                            bump(&self.counters.sends_refused);
+                            let (channel, payload) = (p.channel, p.payload);
+                            let e = NodeEvent::Refused { node: *node, channel, payload, error };
+                            emit_to(&mut self.out, &self.events_tx, e);
+                        }
                     }
                 }
             }
@@ -3219,10 +3268,11 @@ mod tests {
     use super::*;
 
     /// The race [`Command::Post`] allows: a caller read the shared entry of a node just before
-    /// the actor found the session gone. Its message is dropped and counted, the entry goes,
-    /// and the node's next sends wait for the actor's answer again (and get the error).
+    /// the actor found the session gone. Its message comes back as a `Refused` event, the
+    /// entry goes, and the node's next sends wait for the actor's answer again (and get the
+    /// error).
     #[tokio::test]
-    async fn a_post_its_session_refuses_is_dropped_counted_and_sends_wait_for_answers_again() {
+    async fn a_post_its_session_refuses_comes_back_and_sends_wait_for_answers_again() {
         let endpoint = RoutedEndpoint::builder(StaticKeypair::from_secret_bytes([7; 32])).build().unwrap();
         let node = NodeId::from_public_key(StaticKeypair::from_secret_bytes([8; 32]).public());
         // No session with `node`: a stale entry, as if one had just ended.
@@ -3233,11 +3283,88 @@ mod tests {
         let r = endpoint.send(&node, 1, Bytes::from_static(b"too long to post")).await;
         assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
         let stats = endpoint.stats();
-        assert_eq!((stats.sends_dropped, stats.messages_out), (1, 0), "{stats:?}");
+        assert_eq!((stats.sends_refused, stats.messages_out), (1, 0), "{stats:?}");
         assert!(!lock(&endpoint.inner.ready).contains_key(&node), "the stale entry stayed");
+        match endpoint.next_event().await.unwrap() {
+            NodeEvent::Refused { node: n, channel: 1, payload, error: Error::NoSession } => {
+                assert_eq!((n, &payload[..]), (node, &b"raced"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
         let r = endpoint.send(&node, 1, Bytes::from_static(b"short")).await;
         assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
-        assert_eq!(endpoint.stats().sends_dropped, 1);
+        assert_eq!(endpoint.stats().sends_refused, 1);
+        endpoint.close();
+    }
+
+    /// With delivery and no peer to acknowledge, the window fills. The posts that find it full
+    /// wait in the actor, but they do not hold its commands back (as waiting `send`s would
+    /// beyond `command_queue`): the node's next sends wait for their answers instead, and a
+    /// `connect` is still served. (A device whose session died would otherwise never open
+    /// another.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn posts_that_wait_for_the_window_do_not_hold_commands_back() {
+        let mut options = DeliveryOptions::default();
+        options.config.window_messages = 4;
+        let limits =
+            RoutedLimits { command_queue: 8, connect_timeout: Duration::from_millis(50), ..Default::default() };
+        let endpoint = RoutedEndpoint::builder(StaticKeypair::from_secret_bytes([7; 32]))
+            .delivery(options)
+            .limits(limits)
+            .build()
+            .unwrap();
+        let node = NodeId::from_public_key(StaticKeypair::from_secret_bytes([8; 32]).public());
+        let sender = endpoint.clone();
+        let sending = tokio::spawn(async move {
+            for i in 0..1_000u32 {
+                sender.send(&node, 1, Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
+            }
+        });
+        for _ in 0..500 {
+            if endpoint.stats().window_waits > 0 && lock(&endpoint.inner.ready).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let stats = endpoint.stats();
+        assert!(stats.window_waits > 0, "{stats:?}");
+        assert!(lock(&endpoint.inner.ready).is_empty(), "a full window left the node ready");
+        let other = *StaticKeypair::from_secret_bytes([9; 32]).public();
+        let r = tokio::time::timeout(Duration::from_secs(5), endpoint.connect(other)).await;
+        assert!(matches!(r, Ok(Err(Error::NoRoute))), "{r:?}");
+        assert!(!sending.is_finished(), "sends to a node that acknowledges nothing all went");
+        sending.abort();
+        endpoint.close();
+    }
+
+    /// The same race with delivery: a message posted for a route that then carries less than
+    /// its size is given back, not lost; the next send of that size gets the error.
+    #[tokio::test]
+    async fn with_delivery_a_post_that_no_longer_fits_comes_back() {
+        let endpoint = RoutedEndpoint::builder(StaticKeypair::from_secret_bytes([7; 32]))
+            .delivery(DeliveryOptions::default())
+            .build()
+            .unwrap();
+        let node = NodeId::from_public_key(StaticKeypair::from_secret_bytes([8; 32]).public());
+        // Without a route, a message to `node` may be as large as a routed packet allows.
+        let max = RoutedLimits::default().max_routed_packet - ROUTED_DATA_OVERHEAD;
+        endpoint.send(&node, 2, Bytes::from_static(b"first")).await.unwrap();
+        assert_eq!(lock(&endpoint.inner.ready).get(&node), Some(&max));
+        // A stale entry, as if the route had just shrunk.
+        lock(&endpoint.inner.ready).insert(node, max + 100);
+        let big = Bytes::from(vec![7; max + 50]);
+        endpoint.send(&node, 2, big.clone()).await.unwrap();
+        // Longer than the entry allows: waits for its answer, after the post's turn.
+        let r = endpoint.send(&node, 2, Bytes::from(vec![7; max + 200])).await;
+        assert!(matches!(r, Err(Error::MessageTooLarge { .. })), "{r:?}");
+        match endpoint.next_event().await.unwrap() {
+            NodeEvent::Refused { node: n, channel: 2, payload, error: Error::MessageTooLarge { .. } } => {
+                assert_eq!((n, payload), (node, big));
+            }
+            other => panic!("{other:?}"),
+        }
+        let stats = endpoint.stats();
+        assert_eq!((stats.sends_refused, stats.messages_out), (1, 1), "{stats:?}");
         endpoint.close();
     }
 }

@@ -617,7 +617,7 @@ async fn end_to_end_sessions_follow_the_trust_state() {
     assert_eq!((cloud.routed.stats().sessions, dev.routed.stats().sessions), (0, 0));
     let r = dev.routed.send(&cloud_id, 1, Bytes::from_static(b"still there?")).await;
     assert!(matches!(r, Err(Error::NoSession)), "{r:?}");
-    assert_eq!(dev.routed.stats().sends_dropped, 0);
+    assert_eq!(dev.routed.stats().sends_refused, 0);
 }
 
 /// spec §11.11: the end-to-end sessions share the static-static DH cache idea with links. A
@@ -674,22 +674,26 @@ async fn send_many_delivers_a_burst_in_order() {
 
 /// Without delivery, once a node's session took a message, `send` hands the next ones to the
 /// endpoint without waiting for its answer. Whatever happens to the route meanwhile, every
-/// message is accounted for: queued in the session (`messages_out`), dropped and counted
-/// (`sends_dropped`: its route went while it waited for its turn), or refused with an error.
-/// The relay link drops and comes back twice while the device sends.
+/// message is accounted for, once: queued in the session (`messages_out`), given back as a
+/// `Refused` event (its route went while it waited for its turn), or refused by `send` with
+/// an error. The relay link drops and comes back twice while the device sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_best_effort_send_is_queued_counted_as_dropped_or_refused_while_the_route_flaps() {
+async fn every_best_effort_send_is_queued_given_back_or_refused_while_the_route_flaps() {
     init_tracing();
     const N: u64 = 4_000;
     let (relay, cloud, dev, mut link) = network(Transport::Tcp).await;
     let cloud_id = cloud.id();
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // Both ends' events are read (an endpoint whose events pile up waits).
-    for (routed, count) in [(cloud.routed.clone(), Some(Arc::clone(&received))), (dev.routed.clone(), None)] {
+    let given_back = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Both ends' events are read (an endpoint whose events pile up waits): the cloud's
+    // messages, the device's refused sends.
+    for (routed, count) in
+        [(cloud.routed.clone(), Arc::clone(&received)), (dev.routed.clone(), Arc::clone(&given_back))]
+    {
         tokio::spawn(async move {
             while let Ok(e) = routed.next_event().await {
-                if let (NodeEvent::Message { .. }, Some(c)) = (&e, &count) {
-                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if matches!(e, NodeEvent::Message { .. } | NodeEvent::Refused { channel: 2, .. }) {
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         });
@@ -717,14 +721,13 @@ async fn every_best_effort_send_is_queued_counted_as_dropped_or_refused_while_th
         link = dev.attach(&relay, Transport::Tcp).await;
     }
     let refused = within(sending).await.unwrap();
-    let accounted = || {
-        let s = dev.routed.stats();
-        s.messages_out + s.sends_dropped + refused
-    };
+    let given_back = || given_back.load(std::sync::atomic::Ordering::Relaxed);
+    let accounted = || dev.routed.stats().messages_out + given_back() + refused;
     eventually("every send accounted for", || accounted() >= N).await;
     let s = dev.routed.stats();
     println!("refused {refused}; device {s:?}; cloud got {}", received.load(std::sync::atomic::Ordering::Relaxed));
     assert_eq!(accounted(), N, "a message was counted twice: {s:?}");
+    assert_eq!(s.sends_refused, given_back(), "{s:?}");
     assert!(received.load(std::sync::atomic::Ordering::Relaxed) <= s.messages_out);
     // The session lived through the flaps.
     assert_eq!((s.sessions, s.handshakes_started), (1, 1), "{s:?}");
