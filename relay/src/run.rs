@@ -396,6 +396,12 @@ async fn deliver(sink: &mut Sink, ev: &NodeEvent) -> std::io::Result<()> {
             tracing::info!(%node, %outcome, "device session closed");
             Ok(())
         }
+        NodeEvent::Refused { node, channel, error, .. } => {
+            // Commands go with `send_with_ttl`, which answers every refusal itself: a message
+            // given back here came from an embedding application's `send`.
+            tracing::warn!(device = %node, channel, %error, "a message to a device was refused after it was taken");
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
