@@ -2706,6 +2706,7 @@ impl Actor {
             );
         }
         // spec §17.4: waiting sends take the room acknowledgements made.
+        let mut refused = Vec::new();
         while let Some(p) = d.waiting.front() {
             if p.reply.as_ref().is_some_and(oneshot::Sender::is_closed) {
                 d.waiting.pop_front();
@@ -2724,12 +2725,7 @@ impl Actor {
                             self.counters.message_out(len);
                         }
                         if let Some(error) = answer(p.reply, r.map(Some).map_err(Error::Delivery)) {
-                            // A post the outbox refused (as `give_back`, on the fields it uses).
-                            lock(&self.ready).remove(node);
-                            bump(&self.counters.sends_refused);
-                            let (channel, payload) = (p.channel, p.payload);
-                            let e = NodeEvent::Refused { node: *node, channel, payload, error };
-                            emit_to(&mut self.out, &self.events_tx, e);
+                            refused.push((p.channel, p.payload, error));
                         }
                     }
                 }
@@ -2800,6 +2796,9 @@ impl Actor {
         self.counters.retransmissions.fetch_add(again, Ordering::Relaxed);
         self.counters.ack_requests.fetch_add(d.outbox.stats().probes - probes, Ordering::Relaxed);
         self.counters.window_peak.fetch_max(d.outbox.window_len(), Ordering::Relaxed);
+        for (channel, payload, error) in refused {
+            self.give_back(*node, channel, payload, error);
+        }
     }
 
     /// spec §17.5: a Data message from `node`, through its inbox. Messages come out in
